@@ -1,0 +1,27 @@
+"""prism-hf: PRISM and Ouroboros speculative decoding inside Hugging Face `generate()`."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_prism import PrismConfig
+from .generation_hooks import install_generation_hooks
+from .generation_prism import PrismCandidateGenerator, SpeculationStats
+from .modeling_prism import PrismDraftModel, PrismDraftOutput
+
+__version__ = "0.1.0"
+
+AutoConfig.register(PrismConfig.model_type, PrismConfig, exist_ok=True)
+AutoModel.register(PrismConfig, PrismDraftModel, exist_ok=True)
+# `save_pretrained` then copies our code next to the weights and writes `auto_map`, so the checkpoint loads with
+# `trust_remote_code=True` where prism_hf is not installed.
+PrismConfig.register_for_auto_class()
+PrismDraftModel.register_for_auto_class("AutoModel")
+install_generation_hooks()
+
+__all__ = [
+    "PrismCandidateGenerator",
+    "PrismConfig",
+    "PrismDraftModel",
+    "PrismDraftOutput",
+    "SpeculationStats",
+    "__version__",
+]

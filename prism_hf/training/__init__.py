@@ -1,0 +1,23 @@
+"""Training PRISM drafts: target features, the two-phase recipe and the loop."""
+
+from .loop import train_phase
+from .recipe import (
+    FINETUNE_PHASE,
+    WARMUP_PHASE,
+    PhaseConfig,
+    TargetFeatures,
+    compute_target_features,
+    expand_modules,
+    prism_loss,
+)
+
+__all__ = [
+    "FINETUNE_PHASE",
+    "WARMUP_PHASE",
+    "PhaseConfig",
+    "TargetFeatures",
+    "compute_target_features",
+    "expand_modules",
+    "prism_loss",
+    "train_phase",
+]

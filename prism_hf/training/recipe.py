@@ -1,0 +1,129 @@
+"""
+The PRISM training recipe (../design/prism.md): losses, the two phases and the module expansion between them.
+
+Phase 1 warms up one module with feature regression + soft cross-entropy against the target over several aligned
+draft steps that feed back the draft's own features (earlier steps detached). Phase 2 copies that module into
+`num_modules` modules and fine-tunes the unrolled steps with cross-entropy only, gradients through all steps.
+With `num_modules=1` the same code trains the EAGLE-style single-module baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..configuration_prism import PrismConfig
+from ..modeling_prism import PrismDraftModel
+
+
+@dataclass
+class PhaseConfig:
+    """Loss weights and optimisation settings of one training phase."""
+
+    num_steps: int = 3
+    regression_weight: float = 1.0
+    ce_weight: float = 0.1
+    detach_step_inputs: bool = True
+    learning_rate: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.5
+    warmup_ratio: float = 0.01
+
+
+WARMUP_PHASE = PhaseConfig()
+FINETUNE_PHASE = PhaseConfig(regression_weight=0.0, ce_weight=0.1, detach_step_inputs=False, learning_rate=1e-5)
+
+
+@dataclass
+class TargetFeatures:
+    """
+    What the draft learns from, for a batch of sequences: `hidden_states` holds the verifier states named by the
+    draft's `feature_layers` (in that order), `last_hidden_state` the post-norm last state (regression target and
+    source of the target's soft labels), `loss_mask` which tokens count (e.g. assistant turns only).
+    """
+
+    input_ids: torch.LongTensor
+    hidden_states: tuple[torch.Tensor, ...]
+    last_hidden_state: torch.Tensor
+    loss_mask: torch.Tensor
+
+
+@torch.no_grad()
+def compute_target_features(
+    target: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    feature_layers: list[int],
+    attention_mask: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
+) -> TargetFeatures:
+    """Runs the verifier once over `input_ids` and keeps the states the draft needs."""
+    outputs = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    hidden_states = tuple(outputs.hidden_states[i] for i in feature_layers)
+    if loss_mask is None:
+        loss_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    return TargetFeatures(input_ids, hidden_states, outputs.hidden_states[-1], loss_mask)
+
+
+def prism_loss(
+    draft: PrismDraftModel, batch: TargetFeatures, phase: PhaseConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """
+    Loss of the unrolled draft steps. Step k at pair `p` predicts token `p + 2` from context up to `p - k + 1`;
+    it is scored where that context exists (`p >= k - 1`) and token `p + 2` is in the loss mask.
+    """
+    features = draft.fuse_features(batch.hidden_states)
+    output = draft(batch.input_ids, features, num_steps=phase.num_steps, detach_step_inputs=phase.detach_step_inputs)
+    last = batch.last_hidden_state.to(draft.dtype)
+    with torch.no_grad():
+        target_logits = draft.verifier.lm_head(last[:, 1:-1].to(draft.verifier.lm_head.weight.dtype)).float()
+        if draft.draft_to_target is not None:
+            target_logits = target_logits[..., draft.draft_to_target]
+        target_probs = target_logits.softmax(-1)
+        target_top1 = target_logits.argmax(-1)
+    regression_target = last[:, 1:-1]
+    seq = regression_target.shape[1]
+    token_mask = batch.loss_mask[:, 2:].to(draft.device).bool()
+
+    total = torch.zeros((), device=draft.device)
+    metrics: dict[str, float] = {}
+    for k, (hidden, logits) in enumerate(zip(output.step_hidden_states, output.step_logits), start=1):
+        mask = token_mask.clone()
+        mask[:, : k - 1] = False
+        count = mask.sum().clamp(min=1)
+        hidden, logits = hidden[:, :seq], logits[:, :seq].float()
+        log_probs = logits.log_softmax(-1)
+        ce = -(target_probs * log_probs).sum(-1)
+        ce = (ce * mask).sum() / count
+        step_loss = phase.ce_weight * ce
+        if phase.regression_weight:
+            reg = F.smooth_l1_loss(hidden.float(), regression_target.float(), reduction="none").mean(-1)
+            step_loss = step_loss + phase.regression_weight * (reg * mask).sum() / count
+        total = total + step_loss
+        with torch.no_grad():
+            metrics[f"acc_step{k}"] = float(((logits.argmax(-1) == target_top1) & mask).sum() / count)
+            metrics[f"ce_step{k}"] = float(ce)
+    metrics["loss"] = float(total.detach())
+    return total, metrics
+
+
+def expand_modules(draft: PrismDraftModel, num_modules: int, step_module_map: list[int] | None = None):
+    """Phase 1 -> phase 2: a draft with `num_modules` modules, each a copy of the warmed-up module 0."""
+    if draft.config.num_modules != 1:
+        raise ValueError(f"expand_modules starts from a single-module draft, got {draft.config.num_modules} modules.")
+    config_dict = draft.config.to_dict()
+    config_dict.update(num_modules=num_modules, step_module_map=step_module_map or [0, min(1, num_modules - 1)])
+    for key in ("architectures", "auto_map", "transformers_version", "model_type"):
+        config_dict.pop(key, None)
+    expanded = type(draft)(PrismConfig(**config_dict)).to(dtype=draft.dtype, device=draft.device)
+    expanded_state = expanded.state_dict()
+    for name, value in draft.state_dict().items():
+        if name.startswith(("fc.0.", "layers.0.")):
+            for m in range(num_modules):
+                expanded_state[name.replace(".0.", f".{m}.", 1)].copy_(value)
+        else:
+            expanded_state[name].copy_(value)
+    expanded._verifier = copy.copy(draft._verifier)
+    return expanded

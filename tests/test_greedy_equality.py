@@ -1,0 +1,149 @@
+"""Greedy generation with a PRISM draft gives exactly the tokens of plain `generate` (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, training_prompts
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+import prism_hf
+
+
+def assert_same_as_plain(target, draft, input_ids, **kwargs):
+    plain = target.generate(input_ids, do_sample=False, **kwargs)
+    assisted = target.generate(input_ids, assistant_model=draft, do_sample=False, **kwargs)
+    assert torch.equal(plain, assisted), f"plain {plain.tolist()} != assisted {assisted.tolist()}"
+    return assisted
+
+
+@pytest.mark.parametrize("num_modules", [1, 2, 3])
+def test_random_draft_matches_plain_greedy(tiny_target, num_modules):
+    step_map = list(range(num_modules))
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, num_modules=num_modules, step_module_map=step_map)
+    generator = torch.Generator().manual_seed(7)
+    for prompt_length, new_tokens in [(1, 12), (4, 30), (9, 45), (23, 17)]:
+        prompt = torch.randint(3, VOCAB, (1, prompt_length), generator=generator)
+        assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=new_tokens)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3, 8])
+def test_trained_draft_accepts_tokens_and_matches(llama_target, trained_llama_draft, draft_tokens):
+    accepted = 0
+    for prompt in training_prompts():
+        assert_same_as_plain(llama_target, trained_llama_draft, prompt[None], max_new_tokens=40,
+                             num_assistant_tokens=draft_tokens)
+        stats = trained_llama_draft.last_generation_stats
+        assert stats.drafted_tokens > 0
+        accepted += stats.accepted_tokens
+    assert accepted > 0
+    assert trained_llama_draft.last_generation_stats.mean_accepted_tokens > 1.0
+
+
+def test_trained_draft_on_unseen_prompts_still_matches(llama_target, trained_llama_draft):
+    for prompt in training_prompts(num=6, length=7, seed=99):
+        assert_same_as_plain(llama_target, trained_llama_draft, prompt[None], max_new_tokens=33)
+
+
+def test_prism_beats_random_draft_acceptance(llama_target, trained_llama_draft):
+    random_draft = prism_hf.PrismDraftModel.from_target(llama_target)
+    taus = {}
+    for name, draft in [("random", random_draft), ("trained", trained_llama_draft)]:
+        prompt = training_prompts()[0][None]
+        assert_same_as_plain(llama_target, draft, prompt, max_new_tokens=40)
+        taus[name] = draft.last_generation_stats.mean_accepted_tokens
+    assert taus["trained"] > taus["random"] + 0.5, taus
+
+
+def test_heuristic_schedule_matches_and_adapts(llama_target, trained_llama_draft):
+    prompt = training_prompts()[1][None]
+    assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=40,
+                         num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic_transient")
+    stats = trained_llama_draft.last_generation_stats
+    # with a constant length of 2 no round could draft more than 2 tokens
+    assert stats.drafted_tokens > 2 * stats.verifications
+
+
+def test_eos_stops_generation_like_plain(llama_target, trained_llama_draft):
+    prompt = training_prompts()[2][None]
+    reference = llama_target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    eos = int(reference[0, prompt.shape[1] + 6])  # a token that appears mid-continuation
+    out = assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=40, eos_token_id=eos)
+    assert out[0, -1].item() == eos and out.shape[1] <= prompt.shape[1] + 7
+
+
+def test_max_new_tokens_is_respected(llama_target, trained_llama_draft):
+    prompt = training_prompts()[3][None]
+    for n in (1, 2, 5, 11):
+        out = assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=n, eos_token_id=None)
+        assert out.shape[1] == prompt.shape[1] + n
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_stopping_criteria_are_honoured(llama_target, trained_llama_draft):
+    prompt = training_prompts()[4][None]
+    stop_at = prompt.shape[1] + 9
+    out = llama_target.generate(prompt, assistant_model=trained_llama_draft, do_sample=False, max_new_tokens=40,
+                                eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAfter(stop_at)]))
+    plain = llama_target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    assert out.shape[1] >= stop_at
+    # criteria are checked once per verification round, so a round may overshoot by at most its accepted tokens
+    assert out.shape[1] <= stop_at + 8
+    assert torch.equal(out[0], plain[0, : out.shape[1]])
+
+
+class RecordingStreamer(TextStreamer):
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_every_token(llama_target, trained_llama_draft):
+    prompt = training_prompts()[5][None]
+    streamer = RecordingStreamer()
+    out = llama_target.generate(prompt, assistant_model=trained_llama_draft, do_sample=False, max_new_tokens=30,
+                                streamer=streamer)
+    streamed = [t for chunk in streamer.chunks for t in chunk]
+    assert streamer.ended
+    assert streamed == prompt[0].tolist() + out[0, prompt.shape[1] :].tolist()
+    assert any(len(chunk) > 1 for chunk in streamer.chunks[1:]), "expected multi-token accepted chunks"
+
+
+def test_return_dict_with_hidden_states_and_scores(llama_target, trained_llama_draft):
+    prompt = training_prompts()[6][None]
+    kwargs = dict(do_sample=False, max_new_tokens=20, return_dict_in_generate=True, output_scores=True,
+                  output_hidden_states=True)
+    plain = llama_target.generate(prompt, **kwargs)
+    assisted = llama_target.generate(prompt, assistant_model=trained_llama_draft, **kwargs)
+    assert torch.equal(plain.sequences, assisted.sequences)
+    assert len(assisted.scores) == 20
+    assert all(layer is not None for step in assisted.hidden_states for layer in step)
+
+
+def test_feature_fusion_draft_matches(tiny_target):
+    layers = tiny_target.config.num_hidden_layers
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, feature_layers=[1, layers - 1, layers])
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=25)
+
+
+def test_reduced_vocabulary_draft_matches(llama_target):
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, draft_vocab_size=64)
+    draft.draft_to_target.copy_(torch.arange(0, VOCAB, 4))
+    draft.bind_target(llama_target)
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    assert_same_as_plain(llama_target, draft, prompt, max_new_tokens=25)
+    assert draft.last_generation_stats.drafted_tokens > 0
