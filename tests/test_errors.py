@@ -1,0 +1,99 @@
+"""Every request a PRISM draft cannot serve fails with a clear error instead of a silent wrong answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_llama, make_qwen2
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prism_hf
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_llama()
+
+
+@pytest.fixture(scope="module")
+def draft(target):
+    return prism_hf.PrismDraftModel.from_target(target)
+
+
+PROMPT = torch.tensor([[5, 17, 42, 9]])
+
+
+def test_batch_larger_than_one(target, draft):
+    with pytest.raises(ValueError, match="batch size 1 only.*got a batch of 2"):
+        target.generate(PROMPT.repeat(2, 1), assistant_model=draft, max_new_tokens=4)
+
+
+def test_beam_search(target, draft):
+    with pytest.raises(ValueError, match="greedy decoding and sampling only.*beam_search"):
+        target.generate(PROMPT, assistant_model=draft, num_beams=2, max_new_tokens=4)
+
+
+def test_num_return_sequences(target, draft):
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        target.generate(PROMPT, assistant_model=draft, do_sample=True, num_return_sequences=2, max_new_tokens=4)
+
+
+def test_static_cache(target, draft):
+    with pytest.raises(ValueError, match="not supported with Static cache"):
+        target.generate(PROMPT, assistant_model=draft, cache_implementation="static", max_new_tokens=4)
+
+
+def test_prompt_lookup_together_with_draft(target, draft):
+    with pytest.raises(ValueError, match="`prompt_lookup_num_tokens` and a PrismDraftModel assistant"):
+        target.generate(PROMPT, assistant_model=draft, prompt_lookup_num_tokens=3, max_new_tokens=4)
+
+
+def test_draft_for_another_architecture(draft):
+    other = make_qwen2()
+    expected = "does not fit the target.*model_type: draft expects 'llama', target has 'qwen2'"
+    with pytest.raises(ValueError, match=expected):
+        other.generate(PROMPT, assistant_model=draft, max_new_tokens=4)
+
+
+def test_draft_for_another_size():
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    draft = prism_hf.PrismDraftModel.from_target(make_llama())
+    expected = r"hidden_size: draft expects 64, target has 96.*vocab_size: draft expects 256"
+    with pytest.raises(ValueError, match=expected):
+        wider.generate(PROMPT, assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(ValueError, match="does not fit the target"):
+        draft.bind_target(wider)
+
+
+def test_unbound_draft_has_clear_error():
+    config = prism_hf.PrismConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    draft = prism_hf.PrismDraftModel(config)
+    with pytest.raises(RuntimeError, match="not bound to a target"):
+        draft.embed(PROMPT)
+
+
+def test_feature_layer_out_of_range(target):
+    with pytest.raises(ValueError, match=r"feature_layers \[7\] are out of range"):
+        prism_hf.PrismDraftModel.from_target(target, feature_layers=[7])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"num_modules": 0}, "`num_modules` must be >= 1"),
+        ({"step_module_map": [1, 0], "num_modules": 2}, r"`step_module_map\[0\]` must be 0"),
+        ({"step_module_map": [0, 2], "num_modules": 2}, r"names modules \[2\]"),
+        ({"num_attention_heads": 4, "num_key_value_heads": 3}, "must be a multiple"),
+        ({"num_draft_tokens": 0}, "`num_draft_tokens` must be >= 1"),
+    ],
+)
+def test_invalid_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        prism_hf.PrismConfig(**fields)
+
+
+def test_unknown_schedule(target, draft):
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule='fancy' is not supported"):
+        target.generate(PROMPT, assistant_model=draft, num_assistant_tokens_schedule="fancy", max_new_tokens=4)

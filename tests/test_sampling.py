@@ -1,0 +1,71 @@
+"""Sampling with a PRISM draft draws from the same distribution as plain sampling."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prism_hf
+
+VOCAB = 12
+SAMPLES = 1500
+
+
+def chi2_two_sample(a: Counter, b: Counter) -> tuple[float, int]:
+    """Chi-square homogeneity statistic of two samples of equal size, and its degrees of freedom."""
+    cells = [k for k in set(a) | set(b) if a[k] + b[k] >= 5]
+    stat = sum((a[k] - b[k]) ** 2 / (a[k] + b[k]) for k in cells)
+    rest_a = sum(a[k] for k in a if k not in cells)
+    rest_b = sum(b[k] for k in b if k not in cells)
+    if rest_a + rest_b:
+        stat += (rest_a - rest_b) ** 2 / (rest_a + rest_b)
+        return stat, len(cells)
+    return stat, len(cells) - 1
+
+
+def chi2_quantile_999(df: int) -> float:
+    """Wilson-Hilferty approximation of the 99.9 % quantile of chi-square with `df` degrees of freedom."""
+    z = 3.090
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_sampled_tokens_follow_the_target_distribution():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    target = LlamaForCausalLM(config).eval()
+    # a random draft proposes from a distribution far from the target's: only exact rejection sampling fixes that
+    draft = prism_hf.PrismDraftModel.from_target(target, initializer_range=1.0)
+    prompt = torch.tensor([[3, 7, 1]])
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=3, pad_token_id=0)
+
+    torch.manual_seed(1)
+    plain = target.generate(prompt.repeat(SAMPLES, 1), **kwargs)[:, 3:]
+    assisted_rows, accepted = [], 0
+    for _ in range(SAMPLES):
+        assisted_rows.append(target.generate(prompt, assistant_model=draft, num_assistant_tokens=3, **kwargs)[0, 3:])
+        accepted += draft.last_generation_stats.accepted_tokens
+    assisted = torch.stack(assisted_rows)
+    assert accepted > SAMPLES // 4, "the draft must get tokens accepted for the test to mean anything"
+
+    for name, key in [("first token", lambda row: row[0]), ("second token", lambda row: row[1]),
+                      ("first three tokens", lambda row: tuple(row))]:
+        a = Counter(key(row) for row in plain.tolist())
+        b = Counter(key(row) for row in assisted.tolist())
+        stat, df = chi2_two_sample(a, b)
+        assert stat < chi2_quantile_999(df), f"{name}: chi2 {stat:.1f} with {df} dof"
+
+
+def test_sampling_with_a_skewed_draft_distribution_is_detected_by_the_statistic():
+    """The statistic above is sensitive: two samples from different distributions fail it."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    q = torch.tensor([0.34, 0.3, 0.23, 0.13])
+    a = Counter(torch.multinomial(p, SAMPLES, replacement=True, generator=generator).tolist())
+    b = Counter(torch.multinomial(q, SAMPLES, replacement=True, generator=generator).tolist())
+    stat, df = chi2_two_sample(a, b)
+    assert stat > chi2_quantile_999(df)

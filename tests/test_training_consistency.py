@@ -1,0 +1,56 @@
+"""Training and drafting compute the same thing: the unrolled training forward reproduces generate()'s drafts."""
+
+from __future__ import annotations
+
+import torch
+from conftest import train_tiny_draft, training_prompts
+from transformers import GenerationConfig
+
+import prism_hf
+from prism_hf.generation_prism import PrismCandidateGenerator
+from prism_hf.training import FINETUNE_PHASE, WARMUP_PHASE, compute_target_features, prism_loss
+
+
+def draft_from_generator(target, draft, prefix: torch.Tensor, num_tokens: int):
+    """Candidates the generator proposes after a verification pass over `prefix` (as in `generate`)."""
+    generator = PrismCandidateGenerator(
+        draft, target, prefix, GenerationConfig(num_assistant_tokens=num_tokens, do_sample=False, max_length=999),
+        None, {},
+    )
+    outputs = target(prefix, output_hidden_states=True)
+    candidates, logits = generator.get_candidates(prefix, model_outputs=outputs, is_first_iteration=False)
+    return candidates[0, prefix.shape[1] :], logits[0]
+
+
+def test_step_k_prediction_in_training_equals_step_k_candidate(llama_target, trained_llama_draft):
+    target, draft = llama_target, trained_llama_draft
+    sequence = target.generate(training_prompts()[0][None], do_sample=False, max_new_tokens=30)
+    steps = 4  # more steps than modules: steps past the map reuse its last module
+    for anchor in (3, 11, 20):
+        prefix = sequence[:, : anchor + 2]  # context up to pair `anchor`, i.e. tokens 0..anchor+1
+        candidates, candidate_logits = draft_from_generator(target, draft, prefix, steps)
+        # teacher forcing with the draft's own tokens reproduces the drafting trajectory exactly
+        drafted_sequence = torch.cat([prefix, candidates[None]], dim=1)
+        features = compute_target_features(target, drafted_sequence, draft.config.feature_layers)
+        with torch.no_grad():
+            output = draft(drafted_sequence, draft.fuse_features(features.hidden_states), num_steps=steps)
+        for k in range(1, steps + 1):
+            training_logits = output.step_logits[k - 1][0, anchor + k - 1]
+            assert training_logits.argmax().item() == candidates[k - 1].item()
+            torch.testing.assert_close(training_logits.log_softmax(-1), candidate_logits[k - 1].log_softmax(-1),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_losses_decrease_and_phases_differ(llama_target):
+    sequences = llama_target.generate(training_prompts(), do_sample=False, max_new_tokens=40, pad_token_id=0,
+                                      eos_token_id=None)
+    batch = compute_target_features(llama_target, sequences, [-1])
+    untrained = prism_hf.PrismDraftModel.from_target(llama_target)
+    trained = train_tiny_draft(llama_target, training_prompts())
+    with torch.no_grad():
+        before, metrics_before = prism_loss(untrained, batch, WARMUP_PHASE)
+        after, metrics_after = prism_loss(trained, batch, WARMUP_PHASE)
+        finetune_loss, _ = prism_loss(trained, batch, FINETUNE_PHASE)
+    assert after < before
+    assert metrics_after["acc_step1"] > metrics_before["acc_step1"] + 0.3
+    assert finetune_loss < after  # no regression term in phase 2
