@@ -18,6 +18,9 @@ def _add_train_parser(subparsers) -> None:
         if f.name == "feature_layers":
             parser.add_argument(name, type=int, nargs="+", default=[-1], help="verifier hidden-state indices")
             continue
+        if f.type == "bool":
+            parser.add_argument(name, action="store_true", help="(flag)")
+            continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
         default = None if required else f.default
         parser.add_argument(name, type=kind, required=required, default=default)
@@ -33,11 +36,15 @@ def _run_train(namespace: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.output_dir}))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism-hf", description=__doc__)
     subparsers = parser.add_subparsers(required=True)
     _add_train_parser(subparsers)
-    namespace = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    namespace = build_parser().parse_args(argv)
     namespace.handler(namespace)
 
 

@@ -170,13 +170,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.cache.crop(self.num_cached_pairs)
         total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
         new_pairs = total_pairs - self.num_cached_pairs
-        features = draft.fuse_features(hidden_states)
-        if features.shape[1] < new_pairs:
-            raise RuntimeError(
-                f"The verification pass returned hidden states for {features.shape[1]} positions, but {new_pairs} new "
-                "positions need draft features."
-            )
-        features = features[:, :new_pairs]
+        features = draft.fuse_features(hidden_states, length=new_pairs)
         tokens = input_ids[:, self.num_cached_pairs + 1 :]
         positions = torch.arange(self.num_cached_pairs, total_pairs, device=draft.device)[None]
         hidden, new_kv = draft.run_module(0, draft.embed(tokens), features, positions, self.cache.get())

@@ -31,17 +31,22 @@ class PrismRMSNorm(nn.Module):
 
 
 class PrismRotaryEmbedding(nn.Module):
-    """Plain rotary embedding; the draft has its own rope so it does not depend on the verifier's rope variant."""
+    """
+    Plain rotary embedding; the draft has its own rope so it does not depend on the verifier's rope variant.
+    The frequencies are computed per call (head_dim / 2 numbers) rather than kept in a non-persistent buffer,
+    which `from_pretrained`'s meta-device initialisation would leave uninitialised.
+    """
 
     def __init__(self, config: PrismConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = config.head_dim
+        self.rope_theta = config.rope_theta
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=position_ids.device).float() / self.dim
+        inv_freq = 1.0 / (self.rope_theta**exponents)
+        freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -342,13 +347,25 @@ class PrismDraftModel(PrismPreTrainedModel):
 
     # ---------------------------------------------------------------- building blocks shared by training and drafting
 
-    def fuse_features(self, hidden_states: tuple[torch.Tensor | None, ...] | list[torch.Tensor]) -> torch.Tensor:
-        """Selects the configured verifier states from a full `hidden_states` tuple and fuses them to one feature."""
+    def fuse_features(
+        self, hidden_states: tuple[torch.Tensor | None, ...] | list[torch.Tensor], length: int | None = None
+    ) -> torch.Tensor:
+        """
+        Selects the configured verifier states from a full `hidden_states` tuple (optionally only the first `length`
+        positions) and fuses them into one feature per position.
+        """
         selected = []
         for index in self.config.feature_layers:
             state = hidden_states[index]
             if state is None:
                 raise ValueError(f"The verifier did not return hidden state {index} needed by the PRISM draft.")
+            if length is not None:
+                if state.shape[1] < length:
+                    raise RuntimeError(
+                        f"The verifier returned hidden states for {state.shape[1]} positions, but {length} positions "
+                        "need draft features."
+                    )
+                state = state[:, :length]
             selected.append(state.to(device=self.device, dtype=self.dtype))
         if self.feature_fusion is None:
             return selected[0]

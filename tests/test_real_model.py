@@ -28,25 +28,29 @@ def smollm2():
         pytest.skip(f"SmolLM2-135M-Instruct is not available: {error}")
 
 
-def drafts(target):
-    yield "random", prism_hf.PrismDraftModel.from_target(target)
-    if (COMMITTED_DRAFT / "model.safetensors").exists():
-        yield "trained", prism_hf.PrismDraftModel.from_pretrained(COMMITTED_DRAFT).float()
+def check_equality(target, tokenizer, draft, prompts: list[str], max_new_tokens: int) -> int:
+    """Asserts greedy equality on each prompt; returns the number of accepted draft tokens."""
+    accepted = 0
+    for prompt in prompts:
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        plain = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        assisted = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=max_new_tokens)
+        assert torch.equal(plain, assisted), (prompt, tokenizer.decode(assisted[0]))
+        accepted += draft.last_generation_stats.accepted_tokens
+    return accepted
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equality(smollm2):
+def test_smollm2_greedy_equality_with_random_draft(smollm2):
     target, tokenizer = smollm2
-    accepted = {}
-    for name, draft in drafts(target):
-        accepted[name] = 0
-        for prompt in PROMPTS:
-            messages = [{"role": "user", "content": prompt}]
-            inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                   return_dict=True)
-            plain = target.generate(**inputs, do_sample=False, max_new_tokens=48)
-            assisted = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=48)
-            assert torch.equal(plain, assisted), (name, prompt, tokenizer.decode(assisted[0]))
-            accepted[name] += draft.last_generation_stats.accepted_tokens
-    if "trained" in accepted:
-        assert accepted["trained"] > accepted["random"]
+    check_equality(target, tokenizer, prism_hf.PrismDraftModel.from_target(target), PROMPTS[:2], max_new_tokens=24)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equality_with_committed_draft(smollm2):
+    target, tokenizer = smollm2
+    draft = prism_hf.PrismDraftModel.from_pretrained(COMMITTED_DRAFT).float()
+    accepted = check_equality(target, tokenizer, draft, PROMPTS, max_new_tokens=48)
+    assert accepted > len(PROMPTS) * 48 // 4, "the committed draft should get a good share of its tokens accepted"

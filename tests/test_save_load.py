@@ -45,11 +45,36 @@ def test_round_trip_is_identical(saved_draft, trained_llama_draft, llama_target)
         assert type(loaded) is prism_hf.PrismDraftModel
         for name, value in trained_llama_draft.state_dict().items():
             assert torch.equal(value, loaded.state_dict()[name]), name
-        prompt = training_prompts()[0][None]
-        a = llama_target.generate(prompt, assistant_model=trained_llama_draft, max_new_tokens=30, do_sample=False)
-        b = llama_target.generate(prompt, assistant_model=loaded, max_new_tokens=30, do_sample=False)
-        assert torch.equal(a, b)
+        # the loaded draft drafts exactly as the original (greedy output alone would hide a broken draft)
+        for prompt in training_prompts()[:3]:
+            original_stats = draft_candidates(llama_target, trained_llama_draft, prompt[None])
+            assert draft_candidates(llama_target, loaded, prompt[None]) == original_stats
     assert isinstance(AutoConfig.from_pretrained(saved_draft), prism_hf.PrismConfig)
+
+
+def draft_candidates(target, draft, prompt) -> list[list[int]]:
+    """Every candidate list the draft proposes during one greedy generation."""
+    proposals: list[list[int]] = []
+    original = draft.build_candidate_generator
+
+    def recording_builder(**kwargs):
+        generator = original(**kwargs)
+        get_candidates = generator.get_candidates
+
+        def recording_get_candidates(input_ids, **kw):
+            candidates, logits = get_candidates(input_ids, **kw)
+            proposals.append(candidates[0, input_ids.shape[1] :].tolist())
+            return candidates, logits
+
+        generator.get_candidates = recording_get_candidates
+        return generator
+
+    draft.build_candidate_generator = recording_builder
+    try:
+        target.generate(prompt, assistant_model=draft, max_new_tokens=30, do_sample=False)
+    finally:
+        del draft.build_candidate_generator
+    return proposals
 
 
 REMOTE_CODE_SCRIPT = textwrap.dedent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import string
 
 import pytest
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prism_hf
+from prism_hf.cli import build_parser
 from prism_hf.cli import main as cli_main
 from prism_hf.training import WARMUP_PHASE, prism_loss
 from prism_hf.training.data import build_examples, render_conversation, select_draft_vocabulary
@@ -108,6 +110,12 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
             "training_record.json"} <= files
     record = json.loads((out / "training_record.json").read_text())
     assert record["num_examples"] == 6 and record["num_tokens"] > 6 * 40
+    # the recorded command reproduces the saved arguments
+    saved_args = json.loads((out / "training_args.json").read_text())
+    command = shlex.split(record["command"])
+    assert command[:2] == ["prism-hf", "train"]
+    reparsed = vars(build_parser().parse_args(command[1:]))
+    assert {key: reparsed[key] for key in saved_args} == saved_args
 
     target = LlamaForCausalLM.from_pretrained(target_dir).eval()
     tokenizer = make_tokenizer()

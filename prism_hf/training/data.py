@@ -97,3 +97,44 @@ def select_draft_vocabulary(
     while len(chosen) < size:  # tiny corpora: pad with the lowest unused ids so the size matches the config
         chosen.add(next(filler))
     return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+@torch.no_grad()
+def regenerate_responses(
+    target: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Iterable[list[dict[str, str]]],
+    num_conversations: int,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[dict[str, str]]]:
+    """
+    Self-distillation data: the target answers the first user turn of each conversation itself (greedy, batched
+    with left padding). A draft trained on the target's own replies learns the text it will actually verify,
+    which matters most for small targets whose style differs from the dataset's answers.
+    """
+    from tqdm.auto import tqdm
+
+    prompts: list[list[dict[str, str]]] = []
+    for messages in conversations:
+        head = [m for m in messages[:2] if m["role"] == "system"] + [next(m for m in messages if m["role"] == "user")]
+        prompts.append(head)
+        if len(prompts) >= num_conversations:
+            break
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    results: list[list[dict[str, str]]] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="target replies", disable=not progress):
+            batch = prompts[start : start + batch_size]
+            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in batch]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(target.device)
+            output = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            results.extend(p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies,
+                                                                                              strict=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return results

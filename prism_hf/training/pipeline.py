@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling_prism import PrismDraftModel
 from ..reference_models import load_reference_model
-from .data import TrainingExample, build_examples, select_draft_vocabulary
+from .data import TrainingExample, build_examples, regenerate_responses, select_draft_vocabulary
 from .features import FeatureStore
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules
@@ -49,7 +48,29 @@ class DraftTrainingArguments:
     num_draft_tokens: int = 5
     target_dtype: str = "bfloat16"
     feature_cache_dir: str | None = None
+    regenerate_responses: bool = False
+    regenerate_max_new_tokens: int = 256
     seed: int = 0
+
+    def to_command(self) -> str:
+        """The `prism-hf train` command line that reproduces these arguments (defaults left out)."""
+        parts = ["prism-hf", "train"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.default is not MISSING:
+                default = f.default
+            elif f.default_factory is not MISSING:
+                default = f.default_factory()
+            else:
+                default = MISSING  # required: always written
+            if value == default:
+                continue
+            if isinstance(value, bool):
+                parts.append("--" + f.name.replace("_", "-"))
+                continue
+            values = value if isinstance(value, list) else [value]
+            parts += ["--" + f.name.replace("_", "-"), *(shlex.quote(str(v)) for v in values)]
+        return " ".join(parts)
 
 
 def load_conversations(data: str, split: str = "train") -> Iterable[list[dict[str, str]]]:
@@ -96,7 +117,11 @@ def train_draft(
         target, tokenizer = load_reference_model(args.target, dtype=getattr(torch, args.target_dtype))
     target.requires_grad_(False)
     if examples is None:
-        examples = build_examples(tokenizer, load_conversations(args.data), args.num_examples, args.max_length)
+        conversations = load_conversations(args.data)
+        if args.regenerate_responses:
+            conversations = regenerate_responses(target, tokenizer, conversations, args.num_examples,
+                                                 max_new_tokens=args.regenerate_max_new_tokens, progress=progress)
+        examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
     num_tokens = sum(len(e.input_ids) for e in examples)
@@ -134,8 +159,10 @@ def train_draft(
     warmup = PhaseConfig(num_steps=args.num_steps, learning_rate=args.warmup_learning_rate)
     history["warmup"] = train_phase(draft, batches(args.seed), warmup,
                                     epochs_to_updates(args.warmup_epochs), progress=progress)
-    if args.num_modules > 1:
-        draft = expand_modules(draft, args.num_modules)
+    if args.finetune_epochs > 0:
+        # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
+        if args.num_modules > 1:
+            draft = expand_modules(draft, args.num_modules)
         finetune = PhaseConfig(num_steps=args.num_steps, regression_weight=0.0, detach_step_inputs=False,
                                learning_rate=args.finetune_learning_rate)
         history["finetune"] = train_phase(draft, batches(args.seed + 1000), finetune,
@@ -145,7 +172,7 @@ def train_draft(
     draft.save_pretrained(out)
     (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     record = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": args.to_command(),
         "num_examples": len(examples),
         "num_tokens": num_tokens,
         "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
