@@ -107,21 +107,30 @@ def regenerate_responses(
     num_conversations: int,
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    max_prompt_length: int = 256,
     progress: bool = True,
 ) -> list[list[dict[str, str]]]:
     """
-    Self-distillation data: the target answers the first user turn of each conversation itself (greedy, batched
-    with left padding). A draft trained on the target's own replies learns the text it will actually verify,
-    which matters most for small targets whose style differs from the dataset's answers.
+    Self-distillation data: the target answers the first user turn of each conversation itself (greedy,
+    batched with left padding; prompts longer than `max_prompt_length` tokens are skipped). A draft trained on the
+    target's own replies learns the text it will actually verify, which matters most for small targets whose
+    style differs from the dataset's answers.
     """
     from tqdm.auto import tqdm
 
     prompts: list[list[dict[str, str]]] = []
+    lengths: list[int] = []
     for messages in conversations:
         head = [m for m in messages[:2] if m["role"] == "system"] + [next(m for m in messages if m["role"] == "user")]
+        length = len(_render(tokenizer, head, add_generation_prompt=True))
+        if length > max_prompt_length:  # long prompts would dominate the batched generation time
+            continue
         prompts.append(head)
+        lengths.append(length)
         if len(prompts) >= num_conversations:
             break
+    # similar lengths in one batch waste less compute on padding
+    prompts = [prompts[i] for i in sorted(range(len(prompts)), key=lengths.__getitem__)]
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     results: list[list[dict[str, str]]] = []
