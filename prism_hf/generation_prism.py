@@ -11,14 +11,15 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
+from .configuration_prism import DRAFT_LENGTH_SCHEDULES
 from .modeling_prism import PrismKeyValues
 
 if TYPE_CHECKING:
     from .modeling_prism import PrismDraftModel
 
-# `GenerationConfig` fills `num_assistant_tokens` with this when the caller leaves it unset.
+# `GenerationConfig` fills these in when the caller leaves them unset, so they mean "use the draft's default".
 _HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
-_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+_HF_DEFAULT_SCHEDULE = "constant"
 
 
 @dataclass
@@ -84,8 +85,11 @@ class PrismCandidateGenerator(CandidateGenerator):
     logits are returned, so speculative sampling stays exact.
 
     Draft length: `num_assistant_tokens` of the `generate()` call when set, else the draft config's
-    `num_draft_tokens`; `num_assistant_tokens_schedule="heuristic"` adapts it (+2 after a fully accepted round,
-    -1 otherwise), and carries it over to the next call, `"heuristic_transient"` does not.
+    `num_draft_tokens`; `num_assistant_tokens_schedule` (else the config's `num_draft_tokens_schedule`) set to
+    `"heuristic"` adapts it (+2 after a fully accepted round, -1 otherwise) and carries it over to the next call,
+    `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it. The generate-call values that
+    equal transformers' defaults (20 tokens, `"constant"`) cannot be told apart from "unset" and defer to the
+    draft config.
     """
 
     requires_model_outputs = True
@@ -106,9 +110,13 @@ class PrismCandidateGenerator(CandidateGenerator):
             )
         if generation_config.assistant_ensemble_weight is not None:
             raise ValueError("`assistant_ensemble_weight` is lossy; PRISM drafting keeps generation exact.")
-        schedule = generation_config.num_assistant_tokens_schedule or "constant"
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {_SCHEDULES}.")
+        schedule = generation_config.num_assistant_tokens_schedule
+        if schedule in (None, _HF_DEFAULT_SCHEDULE):
+            schedule = draft_model.config.num_draft_tokens_schedule
+        if schedule not in DRAFT_LENGTH_SCHEDULES:
+            raise ValueError(
+                f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
+            )
         draft_model.bind_target(target)
         self.draft = draft_model
         self.do_sample = bool(generation_config.do_sample)

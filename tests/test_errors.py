@@ -87,6 +87,7 @@ def test_feature_layer_out_of_range(target):
         ({"step_module_map": [0, 2], "num_modules": 2}, r"names modules \[2\]"),
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "must be a multiple"),
         ({"num_draft_tokens": 0}, "`num_draft_tokens` must be >= 1"),
+        ({"num_draft_tokens_schedule": "fast"}, "`num_draft_tokens_schedule` must be one of"),
     ],
 )
 def test_invalid_config(fields, message):

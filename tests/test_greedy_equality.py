@@ -64,6 +64,20 @@ def test_heuristic_schedule_matches_and_adapts(llama_target, trained_llama_draft
     assert stats.drafted_tokens > 2 * stats.verifications
 
 
+def test_constant_schedule_from_the_draft_config(llama_target, trained_llama_draft):
+    trained_llama_draft.config.num_draft_tokens_schedule = "constant"
+    try:
+        prompt = training_prompts()[1][None]
+        assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=40, eos_token_id=None,
+                             num_assistant_tokens=4)
+        stats = trained_llama_draft.last_generation_stats
+        # every round drafts 4 tokens, except near max_length where at most `budget - 1` are drafted
+        assert stats.drafted_tokens > 4 * (stats.verifications - 4)
+        assert stats.drafted_tokens <= 4 * stats.verifications
+    finally:
+        trained_llama_draft.config.num_draft_tokens_schedule = "heuristic_transient"
+
+
 def test_eos_stops_generation_like_plain(llama_target, trained_llama_draft):
     prompt = training_prompts()[2][None]
     reference = llama_target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)

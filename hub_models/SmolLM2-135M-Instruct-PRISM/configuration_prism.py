@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+DRAFT_LENGTH_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+
 
 class PrismConfig(PretrainedConfig):
     r"""
@@ -52,6 +54,10 @@ class PrismConfig(PretrainedConfig):
         num_draft_tokens (`int`, *optional*, defaults to 5):
             Default number of tokens drafted per verification when `generate()` does not set
             `num_assistant_tokens`.
+        num_draft_tokens_schedule (`str`, *optional*, defaults to `"heuristic_transient"`):
+            How the draft length adapts when `generate()` leaves `num_assistant_tokens_schedule` at its default:
+            `"constant"`, `"heuristic"` (+2 after a fully accepted round, -1 otherwise, carried over to the next
+            call) or `"heuristic_transient"` (the same, restarting from `num_draft_tokens` at every call).
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the SwiGLU MLP.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -86,6 +92,7 @@ class PrismConfig(PretrainedConfig):
         feature_layers: list[int] | None = None,
         draft_vocab_size: int | None = None,
         num_draft_tokens: int = 5,
+        num_draft_tokens_schedule: str = "heuristic_transient",
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
         verifier_name_or_path: str | None = None,
@@ -109,6 +116,7 @@ class PrismConfig(PretrainedConfig):
         self.feature_layers = list(feature_layers) if feature_layers is not None else [-1]
         self.draft_vocab_size = draft_vocab_size
         self.num_draft_tokens = num_draft_tokens
+        self.num_draft_tokens_schedule = num_draft_tokens_schedule
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.verifier_name_or_path = verifier_name_or_path
@@ -138,6 +146,11 @@ class PrismConfig(PretrainedConfig):
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
                 f"({self.num_key_value_heads})."
+            )
+        if self.num_draft_tokens_schedule not in DRAFT_LENGTH_SCHEDULES:
+            raise ValueError(
+                f"`num_draft_tokens_schedule` must be one of {DRAFT_LENGTH_SCHEDULES}, got "
+                f"{self.num_draft_tokens_schedule!r}."
             )
         if self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
