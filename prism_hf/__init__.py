@@ -6,6 +6,8 @@ from .configuration_prism import PrismConfig
 from .generation_hooks import install_generation_hooks
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
+from .reference_models import load_reference_model
+from .training.pipeline import DraftTrainingArguments, train_draft
 
 __version__ = "0.1.0"
 
@@ -18,10 +20,13 @@ PrismDraftModel.register_for_auto_class("AutoModel")
 install_generation_hooks()
 
 __all__ = [
+    "DraftTrainingArguments",
     "PrismCandidateGenerator",
     "PrismConfig",
     "PrismDraftModel",
     "PrismDraftOutput",
     "SpeculationStats",
     "__version__",
+    "load_reference_model",
+    "train_draft",
 ]
