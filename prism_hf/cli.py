@@ -36,10 +36,44 @@ def _run_train(namespace: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.output_dir}))
 
 
+def _add_bench_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmark strategies side by side (Spec-Bench style)")
+    parser.add_argument("--target", required=True, help="reference model name, local dir or Hub id")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="a PRISM draft (repeat)")
+    parser.add_argument("--assistant", help="small same-tokenizer model for HF assisted generation")
+    parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup decoding")
+    parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks (default: all six)")
+    parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench prompts per task")
+    parser.add_argument("--humaneval", type=int, default=3, help="HumanEval prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.set_defaults(handler=_run_bench)
+
+
+def _run_bench(namespace: argparse.Namespace) -> None:
+    from .benchmark.report import markdown_table
+    from .benchmark.suite import BenchArguments, run_suite
+
+    drafts = {}
+    for item in namespace.draft:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--draft expects NAME=DIR, got {item!r}")
+        drafts[name] = path
+    args = BenchArguments(
+        target=namespace.target, output_dir=namespace.output_dir, drafts=drafts, assistant=namespace.assistant,
+        prompt_lookup=namespace.prompt_lookup, categories=namespace.categories, per_category=namespace.per_category,
+        humaneval=namespace.humaneval, max_new_tokens=namespace.max_new_tokens, dtype=namespace.dtype,
+    )
+    print(markdown_table(run_suite(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism-hf", description=__doc__)
     subparsers = parser.add_subparsers(required=True)
     _add_train_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 
