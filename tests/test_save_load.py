@@ -113,10 +113,23 @@ def test_trust_remote_code_without_prism_hf(saved_draft, llama_target, tmp_path)
     assert equal == "True" and int(accepted) > 0
 
 
+def config_only_copy(saved_draft: Path, path: Path) -> Path:
+    """A checkpoint folder holding only the draft's config; each test writes its own (broken) weights."""
+    path.mkdir()
+    (path / "config.json").write_text((saved_draft / "config.json").read_text())
+    return path
+
+
+def with_edited_weights(saved_draft: Path, path: Path, edit) -> Path:
+    broken = config_only_copy(saved_draft, path)
+    weights = load_file(saved_draft / "model.safetensors")
+    edit(weights)
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
 def test_truncated_weights_are_reported(saved_draft, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text((saved_draft / "config.json").read_text())
+    broken = config_only_copy(saved_draft, tmp_path / "broken")
     data = (saved_draft / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="corrupt or truncated"):
@@ -124,31 +137,21 @@ def test_truncated_weights_are_reported(saved_draft, tmp_path):
 
 
 def test_missing_tensor_is_reported(saved_draft, tmp_path):
-    broken = tmp_path / "missing"
-    broken.mkdir()
-    (broken / "config.json").write_text((saved_draft / "config.json").read_text())
-    weights = load_file(saved_draft / "model.safetensors")
-    del weights["layers.1.mlp.down_proj.weight"]
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = with_edited_weights(saved_draft, tmp_path / "missing",
+                                 lambda weights: weights.pop("layers.1.mlp.down_proj.weight"))
     with pytest.raises(ValueError, match=r"does not match its config \(missing_keys: layers.1.mlp.down_proj.weight"):
         prism_hf.PrismDraftModel.from_pretrained(broken)
 
 
 def test_wrong_shape_is_reported(saved_draft, tmp_path):
-    broken = tmp_path / "shape"
-    broken.mkdir()
-    (broken / "config.json").write_text((saved_draft / "config.json").read_text())
-    weights = load_file(saved_draft / "model.safetensors")
-    weights["fc.0.weight"] = torch.zeros(3, 3)
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises((ValueError, RuntimeError), match="fc.0.weight"):
+    broken = with_edited_weights(saved_draft, tmp_path / "shape",
+                                 lambda weights: weights.update({"fc.0.weight": torch.zeros(3, 3)}))
+    with pytest.raises(ValueError, match=r"mismatched_keys: fc.0.weight \(checkpoint \[3, 3\], model \[64, 128\]\)"):
         prism_hf.PrismDraftModel.from_pretrained(broken)
 
 
 def test_missing_weights_file(saved_draft, tmp_path):
-    empty = tmp_path / "noweights"
-    empty.mkdir()
-    (empty / "config.json").write_text((saved_draft / "config.json").read_text())
+    empty = config_only_copy(saved_draft, tmp_path / "noweights")
     with pytest.raises(OSError, match="model.safetensors"):
         prism_hf.PrismDraftModel.from_pretrained(empty)
 

@@ -174,6 +174,14 @@ class _VerifierHeads:
         self.draft_lm_weight = draft_lm_weight
 
 
+def _describe_key(entry: Any) -> str:
+    """Loading-info entries are names, or `(name, checkpoint shape, model shape)` for mismatched tensors."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, found, expected = entry
+        return f"{name} (checkpoint {list(found)}, model {list(expected)})"
+    return str(entry)
+
+
 def _looks_like_corrupt_weights(error: Exception) -> bool:
     text = f"{type(error).__name__}: {error}".lower()
     return any(marker in text for marker in ("safetensor", "deserializ", "header", "incomplete metadata"))
@@ -277,7 +285,7 @@ class PrismDraftModel(PrismPreTrainedModel):
                 "Re-download or re-save the checkpoint."
             ) from error
         problems = {
-            kind: sorted(str(k) for k in info.get(kind) or ())
+            kind: sorted(_describe_key(k) for k in info.get(kind) or ())
             for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
         }
         problems = {kind: keys for kind, keys in problems.items() if keys}
