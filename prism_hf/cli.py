@@ -46,6 +46,7 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks (default: all six)")
     parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench prompts per task")
     parser.add_argument("--humaneval", type=int, default=3, help="HumanEval prompts")
+    parser.add_argument("--sharegpt", type=int, default=0, help="held-out ShareGPT first turns")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.set_defaults(handler=_run_bench)
@@ -64,7 +65,8 @@ def _run_bench(namespace: argparse.Namespace) -> None:
     args = BenchArguments(
         target=namespace.target, output_dir=namespace.output_dir, drafts=drafts, assistant=namespace.assistant,
         prompt_lookup=namespace.prompt_lookup, categories=namespace.categories, per_category=namespace.per_category,
-        humaneval=namespace.humaneval, max_new_tokens=namespace.max_new_tokens, dtype=namespace.dtype,
+        humaneval=namespace.humaneval, sharegpt=namespace.sharegpt, max_new_tokens=namespace.max_new_tokens,
+        dtype=namespace.dtype,
     )
     print(markdown_table(run_suite(args)))
 

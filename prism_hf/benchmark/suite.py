@@ -13,7 +13,7 @@ import transformers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from ..modeling_prism import PrismDraftModel
-from ..prompt_data import Prompt, load_human_eval, load_spec_bench
+from ..prompt_data import Prompt, iter_sharegpt, load_human_eval, load_spec_bench
 from ..reference_models import load_reference_model, resolve_model
 from .report import write_results
 from .runner import BenchPrompt, Strategy, run_benchmark
@@ -31,6 +31,7 @@ class BenchArguments:
     categories: list[str] | None = None
     per_category: int = 2
     humaneval: int = 3
+    sharegpt: int = 0
     max_new_tokens: int = 64
     dtype: str = "bfloat16"
 
@@ -44,10 +45,24 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> torch.L
     return tokenizer(prompt.turns[0], return_tensors="pt")["input_ids"][0]
 
 
+def heldout_sharegpt_prompts(limit: int) -> list[Prompt]:
+    """First user turns of ShareGPT conversations in the held-out split (never used by `prism-hf train`)."""
+    prompts = []
+    for index, messages in enumerate(iter_sharegpt(split="heldout")):
+        first = next((m["content"] for m in messages if m["role"] == "user"), None)
+        if first:
+            prompts.append(Prompt(id=f"sharegpt-heldout-{index}", category="sharegpt", turns=(first,)))
+        if len(prompts) >= limit:
+            break
+    return prompts
+
+
 def build_prompts(tokenizer: PreTrainedTokenizerBase, args: BenchArguments) -> list[BenchPrompt]:
     prompts = load_spec_bench(categories=args.categories, limit_per_category=args.per_category)
     if args.humaneval:
         prompts += load_human_eval(limit=args.humaneval)
+    if args.sharegpt:
+        prompts += heldout_sharegpt_prompts(args.sharegpt)
     return [BenchPrompt(p.id, p.category, render_prompt(tokenizer, p)) for p in prompts]
 
 
@@ -79,7 +94,8 @@ def run_suite(args: BenchArguments, progress: bool = True) -> dict[str, Any]:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or ''}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "prompts": f"{len(prompts)} (Spec-Bench {args.per_category}/category, HumanEval {args.humaneval})",
+        "prompts": f"{len(prompts)} (Spec-Bench {args.per_category}/category, HumanEval {args.humaneval}, "
+        f"held-out ShareGPT {args.sharegpt})",
         "max_new_tokens": args.max_new_tokens,
         "strategies": ["plain"] + [s.name for s in strategies],
         "drafts": args.drafts,
