@@ -15,7 +15,12 @@ import prism_hf
 from prism_hf.cli import build_parser
 from prism_hf.cli import main as cli_main
 from prism_hf.training import WARMUP_PHASE, prism_loss
-from prism_hf.training.data import build_examples, render_conversation, select_draft_vocabulary
+from prism_hf.training.data import (
+    build_examples,
+    regenerate_responses,
+    render_conversation,
+    select_draft_vocabulary,
+)
 from prism_hf.training.features import FeatureStore, collate
 
 SPECIALS = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>"]
@@ -147,3 +152,20 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
             taus[name].append(draft.last_generation_stats.mean_accepted_tokens)
     mean = {name: sum(v) / len(v) for name, v in taus.items()}
     assert mean["trained"] > mean["random"] + 0.5, mean
+
+
+def test_regenerated_replies_are_the_targets_own_greedy_answers(tiny_chat_model):
+    target_dir, _, questions = tiny_chat_model
+    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
+    tokenizer = make_tokenizer()
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": "dataset answer"}]
+                     for q in questions[:4]]
+    regenerated = regenerate_responses(target, tokenizer, conversations, num_conversations=3, max_new_tokens=12,
+                                       batch_size=2, progress=False)
+    assert len(regenerated) == 3
+    for conversation in regenerated:
+        prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        alone = target.generate(**prompt, do_sample=False, max_new_tokens=12)
+        expected = tokenizer.decode(alone[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        assert conversation[1] == {"role": "assistant", "content": expected}
