@@ -23,26 +23,18 @@ def _is_prism_hf_assistant(assistant_model: Any) -> bool:
 
 
 def _wrap_get_candidate_generator(original):
-    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
-                                 assistant_model=None, target_tokenizer=None, assistant_tokenizer=None):
-        if not _is_prism_hf_assistant(assistant_model):
-            return original(
-                self,
-                generation_config=generation_config,
-                input_ids=input_ids,
-                inputs_tensor=inputs_tensor,
-                logits_processor=logits_processor,
-                model_kwargs=model_kwargs,
-                assistant_model=assistant_model,
-                target_tokenizer=target_tokenizer,
-                assistant_tokenizer=assistant_tokenizer,
-            )
+    # transformers passes keyword arguments only; anything we do not use is forwarded untouched, so new
+    # arguments in later releases reach the original method.
+    def _get_candidate_generator(self, *args, **kwargs):
+        assistant_model = kwargs.get("assistant_model")
+        if args or not _is_prism_hf_assistant(assistant_model):
+            return original(self, *args, **kwargs)
         return assistant_model.build_candidate_generator(
             target=self,
-            input_ids=input_ids,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            model_kwargs=model_kwargs,
+            input_ids=kwargs["input_ids"],
+            generation_config=kwargs["generation_config"],
+            logits_processor=kwargs.get("logits_processor"),
+            model_kwargs=kwargs.get("model_kwargs", {}),
         )
 
     setattr(_get_candidate_generator, _HOOK_MARKER, True)
