@@ -36,6 +36,12 @@ def _run_train(namespace: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.output_dir}))
 
 
+BENCH_MODES = {
+    "quick": {"per_category": 2, "humaneval": 3, "sharegpt": 2, "max_new_tokens": 64},
+    "full": {"per_category": 80, "humaneval": 164, "sharegpt": 100, "max_new_tokens": 256},
+}
+
+
 def _add_bench_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark strategies side by side (Spec-Bench style)")
     parser.add_argument("--target", required=True, help="reference model name, local dir or Hub id")
@@ -44,10 +50,12 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--assistant", help="small same-tokenizer model for HF assisted generation")
     parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup decoding")
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks (default: all six)")
-    parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench prompts per task")
-    parser.add_argument("--humaneval", type=int, default=3, help="HumanEval prompts")
-    parser.add_argument("--sharegpt", type=int, default=0, help="held-out ShareGPT first turns")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--mode", choices=sorted(BENCH_MODES), default="quick",
+                        help="preset sizes: quick (~10 min for SmolLM2 on a 2-core CPU) or full (every prompt)")
+    parser.add_argument("--per-category", type=int, help="Spec-Bench prompts per task (overrides --mode)")
+    parser.add_argument("--humaneval", type=int, help="HumanEval prompts (overrides --mode)")
+    parser.add_argument("--sharegpt", type=int, help="held-out ShareGPT first turns (overrides --mode)")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (overrides --mode)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     parser.set_defaults(handler=_run_bench)
 
@@ -56,6 +64,9 @@ def _run_bench(namespace: argparse.Namespace) -> None:
     from .benchmark.report import markdown_table
     from .benchmark.suite import BenchArguments, run_suite
 
+    for key, value in BENCH_MODES[namespace.mode].items():
+        if getattr(namespace, key) is None:
+            setattr(namespace, key, value)
     drafts = {}
     for item in namespace.draft:
         name, sep, path = item.partition("=")
