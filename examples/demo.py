@@ -43,8 +43,7 @@ def main() -> None:
     target, tokenizer = load_reference_model(args.target, dtype=dtype)
     draft = prism_hf.PrismDraftModel.from_pretrained(args.draft).to(dtype)
     messages = [{"role": "user", "content": args.prompt}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     prompt_length = inputs["input_ids"].shape[1]
 
     # warm up both paths once so that the timings below measure steady-state decoding
@@ -66,10 +65,14 @@ def main() -> None:
     print()
     print(f"identical outputs:       {torch.equal(plain, prism)}")
     print(f"plain:                   {plain_tokens / plain_seconds:6.1f} tokens/s")
-    print(f"PRISM:                   {prism_tokens / prism_seconds:6.1f} tokens/s "
-          f"({plain_seconds / plain_tokens * prism_tokens / prism_seconds:.2f}x)")
-    print(f"mean accepted tokens:    {stats.mean_accepted_tokens:.2f} per verification "
-          f"({stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted)")
+    print(
+        f"PRISM:                   {prism_tokens / prism_seconds:6.1f} tokens/s "
+        f"({plain_seconds / plain_tokens * prism_tokens / prism_seconds:.2f}x)"
+    )
+    print(
+        f"mean accepted tokens:    {stats.mean_accepted_tokens:.2f} per verification "
+        f"({stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted)"
+    )
 
 
 if __name__ == "__main__":

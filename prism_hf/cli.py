@@ -36,50 +36,50 @@ def _run_train(namespace: argparse.Namespace) -> None:
     print(json.dumps({"saved": args.output_dir}))
 
 
-BENCH_MODES = {
-    "quick": {"per_category": 2, "humaneval": 3, "sharegpt": 2, "max_new_tokens": 64},
-    "full": {"per_category": 80, "humaneval": 164, "sharegpt": 100, "max_new_tokens": 256},
-}
-
-
 def _add_bench_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark strategies side by side (Spec-Bench style)")
+    from .benchmarking import PROMPT_SETS
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark generation strategies side by side (Spec-Bench style)",
+        description="Plain generate first, then each strategy, prompt by prompt (greedy, batch 1, after warm-up); "
+        "writes results.json, results.md and results.png.",
+    )
     parser.add_argument("--target", required=True, help="reference model name, local dir or Hub id")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--dtype", default="bfloat16", help="target dtype (drafts are cast to it)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="a PRISM draft (repeat)")
-    parser.add_argument("--assistant", help="small same-tokenizer model for HF assisted generation")
-    parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup decoding")
-    parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks (default: all six)")
-    parser.add_argument("--mode", choices=sorted(BENCH_MODES), default="quick",
-                        help="preset sizes: quick (~10 min for SmolLM2 on a 2-core CPU) or full (every prompt)")
-    parser.add_argument("--per-category", type=int, help="Spec-Bench prompts per task (overrides --mode)")
-    parser.add_argument("--humaneval", type=int, help="HumanEval prompts (overrides --mode)")
-    parser.add_argument("--sharegpt", type=int, help="held-out ShareGPT first turns (overrides --mode)")
-    parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (overrides --mode)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.set_defaults(handler=_run_bench)
+    parser.add_argument("--assistant", metavar="MODEL", help="same-tokenizer model for HF assisted generation")
+    parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup (10 tokens, 2-gram)")
+    parser.add_argument("--num-draft-tokens", type=int, help="initial draft length of PRISM drafts and --assistant")
+    parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["spec_bench", "humaneval"])
+    parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks or MT-Bench categories (default: all)")
+    size = parser.add_mutually_exclusive_group()
+    quick_help = "2 per Spec-Bench task, 3 HumanEval, 64 new tokens (default)"
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick", help=quick_help)
+    size.add_argument("--full", dest="mode", action="store_const", const="full", help="every prompt, 256 new tokens")
+    size.add_argument("--mode", choices=["quick", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--per-category", type=int, help="Spec-Bench prompts per task (overrides the mode)")
+    parser.add_argument("--limit", type=int, help="HumanEval / held-out ShareGPT prompts, each (overrides the mode)")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (overrides the mode)")
+    parser.add_argument("--output-dir", help="default: benchmarks/results/<target name>/")
+    parser.add_argument("--spec-bench-path", help="a Spec-Bench question.jsonl (default: shared/data/spec_bench)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up calls")
+    parser.set_defaults(handler=_run_bench, mode="quick")
 
 
 def _run_bench(namespace: argparse.Namespace) -> None:
-    from .benchmark.report import markdown_table
-    from .benchmark.suite import BenchArguments, run_suite
+    from .benchmarking import BenchmarkConfig, markdown_table, parse_draft_spec, run_suite
 
-    for key, value in BENCH_MODES[namespace.mode].items():
-        if getattr(namespace, key) is None:
-            setattr(namespace, key, value)
-    drafts = {}
-    for item in namespace.draft:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--draft expects NAME=DIR, got {item!r}")
-        drafts[name] = path
-    args = BenchArguments(
-        target=namespace.target, output_dir=namespace.output_dir, drafts=drafts, assistant=namespace.assistant,
-        prompt_lookup=namespace.prompt_lookup, categories=namespace.categories, per_category=namespace.per_category,
-        humaneval=namespace.humaneval, sharegpt=namespace.sharegpt, max_new_tokens=namespace.max_new_tokens,
-        dtype=namespace.dtype,
-    )
-    print(markdown_table(run_suite(args)))
+    try:
+        drafts = dict(parse_draft_spec(spec) for spec in namespace.draft)
+    except ValueError as error:
+        raise SystemExit(f"prism-hf bench: {error}") from None
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"drafts"}
+    config = BenchmarkConfig(drafts=drafts, **{k: v for k, v in vars(namespace).items() if k in fields})
+    results = run_suite(config)
+    print(markdown_table(results["aggregates"]))
+    print(json.dumps({"saved": config.resolved().output_dir}))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -225,4 +225,3 @@ class PrismCandidateGenerator(CandidateGenerator):
                 self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
             if self.schedule == "heuristic":
                 self.draft._heuristic_num_draft_tokens = self.num_draft_tokens
-

@@ -25,8 +25,18 @@ from prism_hf.training import PhaseConfig, compute_target_features, expand_modul
 VOCAB = 256
 # A larger init range than usual makes the random targets' next-token distributions peaked, like real models,
 # so that greedy continuations are not decided by near-ties and a draft can learn them.
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-              initializer_range=0.2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def make_llama(seed: int = 0) -> PreTrainedModel:
@@ -43,8 +53,11 @@ def make_gemma3(seed: int = 0) -> PreTrainedModel:
     """Gemma 3 with sliding-window layers whose window (6) is far shorter than the generated sequences."""
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        num_hidden_layers=3, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "sliding_attention",
-                                                                          "full_attention"], **COMMON
+        num_hidden_layers=3,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        **COMMON,
     )
     return Gemma3ForCausalLM(config).eval()
 

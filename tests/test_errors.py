@@ -57,8 +57,16 @@ def test_draft_for_another_architecture(draft):
 
 def test_draft_for_another_size():
     torch.manual_seed(0)
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     draft = prism_hf.PrismDraftModel.from_target(make_llama())
     expected = r"hidden_size: draft expects 64, target has 96.*vocab_size: draft expects 256"
     with pytest.raises(ValueError, match=expected):

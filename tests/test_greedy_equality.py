@@ -31,8 +31,9 @@ def test_random_draft_matches_plain_greedy(tiny_target, num_modules):
 def test_trained_draft_accepts_tokens_and_matches(llama_target, trained_llama_draft, draft_tokens):
     accepted = 0
     for prompt in training_prompts():
-        assert_same_as_plain(llama_target, trained_llama_draft, prompt[None], max_new_tokens=40,
-                             num_assistant_tokens=draft_tokens)
+        assert_same_as_plain(
+            llama_target, trained_llama_draft, prompt[None], max_new_tokens=40, num_assistant_tokens=draft_tokens
+        )
         stats = trained_llama_draft.last_generation_stats
         assert stats.drafted_tokens > 0
         accepted += stats.accepted_tokens
@@ -57,8 +58,14 @@ def test_prism_beats_random_draft_acceptance(llama_target, trained_llama_draft):
 
 def test_heuristic_schedule_matches_and_adapts(llama_target, trained_llama_draft):
     prompt = training_prompts()[1][None]
-    assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=40,
-                         num_assistant_tokens=2, num_assistant_tokens_schedule="heuristic_transient")
+    assert_same_as_plain(
+        llama_target,
+        trained_llama_draft,
+        prompt,
+        max_new_tokens=40,
+        num_assistant_tokens=2,
+        num_assistant_tokens_schedule="heuristic_transient",
+    )
     stats = trained_llama_draft.last_generation_stats
     # with a constant length of 2 no round could draft more than 2 tokens
     assert stats.drafted_tokens > 2 * stats.verifications
@@ -68,8 +75,9 @@ def test_constant_schedule_from_the_draft_config(llama_target, trained_llama_dra
     trained_llama_draft.config.num_draft_tokens_schedule = "constant"
     try:
         prompt = training_prompts()[1][None]
-        assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=40, eos_token_id=None,
-                             num_assistant_tokens=4)
+        assert_same_as_plain(
+            llama_target, trained_llama_draft, prompt, max_new_tokens=40, eos_token_id=None, num_assistant_tokens=4
+        )
         stats = trained_llama_draft.last_generation_stats
         # every round drafts 4 tokens, except near max_length where at most `budget - 1` are drafted
         assert stats.drafted_tokens > 4 * (stats.verifications - 4)
@@ -104,8 +112,14 @@ class StopAfter(StoppingCriteria):
 def test_stopping_criteria_are_honoured(llama_target, trained_llama_draft):
     prompt = training_prompts()[4][None]
     stop_at = prompt.shape[1] + 9
-    out = llama_target.generate(prompt, assistant_model=trained_llama_draft, do_sample=False, max_new_tokens=40,
-                                eos_token_id=None, stopping_criteria=StoppingCriteriaList([StopAfter(stop_at)]))
+    out = llama_target.generate(
+        prompt,
+        assistant_model=trained_llama_draft,
+        do_sample=False,
+        max_new_tokens=40,
+        eos_token_id=None,
+        stopping_criteria=StoppingCriteriaList([StopAfter(stop_at)]),
+    )
     plain = llama_target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)
     assert out.shape[1] >= stop_at
     # criteria are checked once per verification round, so a round may overshoot by at most its accepted tokens
@@ -128,8 +142,9 @@ class RecordingStreamer(TextStreamer):
 def test_streamer_receives_every_token(llama_target, trained_llama_draft):
     prompt = training_prompts()[5][None]
     streamer = RecordingStreamer()
-    out = llama_target.generate(prompt, assistant_model=trained_llama_draft, do_sample=False, max_new_tokens=30,
-                                streamer=streamer)
+    out = llama_target.generate(
+        prompt, assistant_model=trained_llama_draft, do_sample=False, max_new_tokens=30, streamer=streamer
+    )
     streamed = [t for chunk in streamer.chunks for t in chunk]
     assert streamer.ended
     assert streamed == prompt[0].tolist() + out[0, prompt.shape[1] :].tolist()
@@ -138,8 +153,9 @@ def test_streamer_receives_every_token(llama_target, trained_llama_draft):
 
 def test_return_dict_with_hidden_states_and_scores(llama_target, trained_llama_draft):
     prompt = training_prompts()[6][None]
-    kwargs = dict(do_sample=False, max_new_tokens=20, return_dict_in_generate=True, output_scores=True,
-                  output_hidden_states=True)
+    kwargs = dict(
+        do_sample=False, max_new_tokens=20, return_dict_in_generate=True, output_scores=True, output_hidden_states=True
+    )
     plain = llama_target.generate(prompt, **kwargs)
     assisted = llama_target.generate(prompt, assistant_model=trained_llama_draft, **kwargs)
     assert torch.equal(plain.sequences, assisted.sequences)

@@ -33,8 +33,9 @@ def check_equality(target, tokenizer, draft, prompts: list[str], max_new_tokens:
     accepted = 0
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         plain = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         assisted = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=max_new_tokens)
         assert torch.equal(plain, assisted), (prompt, tokenizer.decode(assisted[0]))

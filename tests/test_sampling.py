@@ -34,9 +34,18 @@ def chi2_quantile_999(df: int) -> float:
 
 def test_sampled_tokens_follow_the_target_distribution():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     target = LlamaForCausalLM(config).eval()
     # a random draft proposes from a distribution far from the target's: only exact rejection sampling fixes that
     draft = prism_hf.PrismDraftModel.from_target(target, initializer_range=1.0)
@@ -52,8 +61,11 @@ def test_sampled_tokens_follow_the_target_distribution():
     assisted = torch.stack(assisted_rows)
     assert accepted > SAMPLES // 4, "the draft must get tokens accepted for the test to mean anything"
 
-    for name, key in [("first token", lambda row: row[0]), ("second token", lambda row: row[1]),
-                      ("first three tokens", lambda row: tuple(row))]:
+    for name, key in [
+        ("first token", lambda row: row[0]),
+        ("second token", lambda row: row[1]),
+        ("first three tokens", lambda row: tuple(row)),
+    ]:
         a = Counter(key(row) for row in plain.tolist())
         b = Counter(key(row) for row in assisted.tolist())
         stat, df = chi2_two_sample(a, b)

@@ -27,12 +27,20 @@ def saved_draft(tmp_path_factory, trained_llama_draft) -> Path:
 
 def test_checkpoint_layout(saved_draft, trained_llama_draft):
     files = sorted(p.name for p in saved_draft.iterdir())
-    assert files == ["config.json", "configuration_prism.py", "generation_hooks.py", "generation_prism.py",
-                     "model.safetensors", "modeling_prism.py"]
+    assert files == [
+        "config.json",
+        "configuration_prism.py",
+        "generation_hooks.py",
+        "generation_prism.py",
+        "model.safetensors",
+        "modeling_prism.py",
+    ]
     config = json.loads((saved_draft / "config.json").read_text())
     assert config["model_type"] == "prism_draft"
-    assert config["auto_map"] == {"AutoConfig": "configuration_prism.PrismConfig",
-                                  "AutoModel": "modeling_prism.PrismDraftModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_prism.PrismConfig",
+        "AutoModel": "modeling_prism.PrismDraftModel",
+    }
     assert config["verifier_model_type"] == "llama" and config["verifier_vocab_size"] == 256
     weights = load_file(saved_draft / "model.safetensors")
     # the target's embedding and LM head are shared, never stored
@@ -101,11 +109,13 @@ def test_trust_remote_code_without_prism_hf(saved_draft, llama_target, tmp_path)
     target_dir = tmp_path / "target"
     llama_target.save_pretrained(target_dir)
     repo = str(Path(prism_hf.__file__).resolve().parents[1])
-    script = REMOTE_CODE_SCRIPT.format(repo=repo, target=str(target_dir), draft=str(saved_draft),
-                                       prompt=training_prompts()[0].tolist())
+    script = REMOTE_CODE_SCRIPT.format(
+        repo=repo, target=str(target_dir), draft=str(saved_draft), prompt=training_prompts()[0].tolist()
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MODULE transformers_modules" in result.stdout
     line = next(line for line in result.stdout.splitlines() if line.startswith("EQUAL"))
@@ -137,15 +147,17 @@ def test_truncated_weights_are_reported(saved_draft, tmp_path):
 
 
 def test_missing_tensor_is_reported(saved_draft, tmp_path):
-    broken = with_edited_weights(saved_draft, tmp_path / "missing",
-                                 lambda weights: weights.pop("layers.1.mlp.down_proj.weight"))
+    broken = with_edited_weights(
+        saved_draft, tmp_path / "missing", lambda weights: weights.pop("layers.1.mlp.down_proj.weight")
+    )
     with pytest.raises(ValueError, match=r"does not match its config \(missing_keys: layers.1.mlp.down_proj.weight"):
         prism_hf.PrismDraftModel.from_pretrained(broken)
 
 
 def test_wrong_shape_is_reported(saved_draft, tmp_path):
-    broken = with_edited_weights(saved_draft, tmp_path / "shape",
-                                 lambda weights: weights.update({"fc.0.weight": torch.zeros(3, 3)}))
+    broken = with_edited_weights(
+        saved_draft, tmp_path / "shape", lambda weights: weights.update({"fc.0.weight": torch.zeros(3, 3)})
+    )
     with pytest.raises(ValueError, match=r"mismatched_keys: fc.0.weight \(checkpoint \[3, 3\], model \[64, 128\]\)"):
         prism_hf.PrismDraftModel.from_pretrained(broken)
 

@@ -14,8 +14,12 @@ from prism_hf.training import FINETUNE_PHASE, WARMUP_PHASE, compute_target_featu
 def draft_from_generator(target, draft, prefix: torch.Tensor, num_tokens: int):
     """Candidates the generator proposes after a verification pass over `prefix` (as in `generate`)."""
     generator = PrismCandidateGenerator(
-        draft, target, prefix, GenerationConfig(num_assistant_tokens=num_tokens, do_sample=False, max_length=999),
-        None, {},
+        draft,
+        target,
+        prefix,
+        GenerationConfig(num_assistant_tokens=num_tokens, do_sample=False, max_length=999),
+        None,
+        {},
     )
     outputs = target(prefix, output_hidden_states=True)
     candidates, logits = generator.get_candidates(prefix, model_outputs=outputs, is_first_iteration=False)
@@ -37,13 +41,15 @@ def test_step_k_prediction_in_training_equals_step_k_candidate(llama_target, tra
         for k in range(1, steps + 1):
             training_logits = output.step_logits[k - 1][0, anchor + k - 1]
             assert training_logits.argmax().item() == candidates[k - 1].item()
-            torch.testing.assert_close(training_logits.log_softmax(-1), candidate_logits[k - 1].log_softmax(-1),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                training_logits.log_softmax(-1), candidate_logits[k - 1].log_softmax(-1), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_losses_decrease_and_phases_differ(llama_target):
-    sequences = llama_target.generate(training_prompts(), do_sample=False, max_new_tokens=40, pad_token_id=0,
-                                      eos_token_id=None)
+    sequences = llama_target.generate(
+        training_prompts(), do_sample=False, max_new_tokens=40, pad_token_id=0, eos_token_id=None
+    )
     batch = compute_target_features(llama_target, sequences, [-1])
     untrained = prism_hf.PrismDraftModel.from_target(llama_target)
     trained = train_tiny_draft(llama_target, training_prompts())

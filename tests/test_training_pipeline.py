@@ -35,8 +35,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()  # characters are joined back without spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="<|end|>", additional_special_tokens=SPECIALS[3:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|end|>",
+        additional_special_tokens=SPECIALS[3:],
+    )
     tokenizer.chat_template = TEMPLATE
     return tokenizer
 
@@ -46,9 +51,18 @@ def tiny_chat_model(tmp_path_factory):
     """A tiny target saved with its tokenizer, and chat data whose answers are the target's own greedy replies."""
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     target = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-chat")
     target.save_pretrained(path / "target")
@@ -57,8 +71,9 @@ def tiny_chat_model(tmp_path_factory):
     rows = []
     for question in questions:
         messages = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         reply = target.generate(prompt, do_sample=False, max_new_tokens=40, eos_token_id=None)
         content = tokenizer.decode(reply[0, prompt.shape[1] :], skip_special_tokens=True)
         rows.append({"messages": messages + [{"role": "assistant", "content": content}]})
@@ -69,8 +84,12 @@ def tiny_chat_model(tmp_path_factory):
 
 def test_render_conversation_masks_assistant_turns_only():
     tokenizer = make_tokenizer()
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                {"role": "user", "content": "ok"}, {"role": "assistant", "content": "bye"}]
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "bye"},
+    ]
     example = render_conversation(tokenizer, messages, max_length=100)
     masked = tokenizer.decode(example.input_ids[example.loss_mask.bool()])
     assert masked == "yo<|end|>bye<|end|>"
@@ -106,13 +125,43 @@ def test_feature_cache_resumes_and_refuses_other_settings(tiny_chat_model, tmp_p
 def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     target_dir, data, questions = tiny_chat_model
     out = tmp_path / "draft"
-    cli_main(["train", "--target", str(target_dir), "--data", str(data), "--output-dir", str(out),
-              "--num-examples", "6", "--max-length", "128", "--warmup-epochs", "60", "--finetune-epochs", "30",
-              "--batch-size", "2", "--warmup-learning-rate", "3e-3", "--finetune-learning-rate", "1e-3",
-              "--target-dtype", "float32", "--draft-vocab-size", "24"])
+    cli_main(
+        [
+            "train",
+            "--target",
+            str(target_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--num-examples",
+            "6",
+            "--max-length",
+            "128",
+            "--warmup-epochs",
+            "60",
+            "--finetune-epochs",
+            "30",
+            "--batch-size",
+            "2",
+            "--warmup-learning-rate",
+            "3e-3",
+            "--finetune-learning-rate",
+            "1e-3",
+            "--target-dtype",
+            "float32",
+            "--draft-vocab-size",
+            "24",
+        ]
+    )
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_prism.py", "training_args.json",
-            "training_record.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_prism.py",
+        "training_args.json",
+        "training_record.json",
+    } <= files
     record = json.loads((out / "training_record.json").read_text())
     assert record["num_examples"] == 6 and record["num_tokens"] > 6 * 40
     # the recorded command reproduces the saved arguments
@@ -142,12 +191,14 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     # and acceptance rose over a random draft, with output identical to plain greedy decoding
     taus = {"trained": [], "random": []}
     for question in questions:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         plain = target.generate(**inputs, do_sample=False, max_new_tokens=40, eos_token_id=None)
         for name, draft in (("trained", trained), ("random", random_draft)):
-            out_ids = target.generate(**inputs, do_sample=False, max_new_tokens=40, eos_token_id=None,
-                                      assistant_model=draft)
+            out_ids = target.generate(
+                **inputs, do_sample=False, max_new_tokens=40, eos_token_id=None, assistant_model=draft
+            )
             assert torch.equal(plain, out_ids)
             taus[name].append(draft.last_generation_stats.mean_accepted_tokens)
     mean = {name: sum(v) / len(v) for name, v in taus.items()}
@@ -158,14 +209,17 @@ def test_regenerated_replies_are_the_targets_own_greedy_answers(tiny_chat_model)
     target_dir, _, questions = tiny_chat_model
     target = LlamaForCausalLM.from_pretrained(target_dir).eval()
     tokenizer = make_tokenizer()
-    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": "dataset answer"}]
-                     for q in questions[:4]]
-    regenerated = regenerate_responses(target, tokenizer, conversations, num_conversations=3, max_new_tokens=12,
-                                       batch_size=2, progress=False)
+    conversations = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": "dataset answer"}] for q in questions[:4]
+    ]
+    regenerated = regenerate_responses(
+        target, tokenizer, conversations, num_conversations=3, max_new_tokens=12, batch_size=2, progress=False
+    )
     assert len(regenerated) == 3
     for conversation in regenerated:
-        prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
+        prompt = tokenizer.apply_chat_template(
+            conversation[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         alone = target.generate(**prompt, do_sample=False, max_new_tokens=12)
         expected = tokenizer.decode(alone[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         assert conversation[1] == {"role": "assistant", "content": expected}

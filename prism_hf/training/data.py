@@ -139,11 +139,16 @@ def regenerate_responses(
             batch = prompts[start : start + batch_size]
             texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in batch]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(target.device)
-            output = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            output = target.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
             replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            results.extend(p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies,
-                                                                                              strict=True))
+            results.extend(
+                p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies, strict=True)
+            )
     finally:
         tokenizer.padding_side = padding_side
     return results

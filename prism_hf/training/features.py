@@ -54,8 +54,9 @@ class FeatureStore:
                 continue
             computed = []
             for example in shard:
-                item = compute_target_features(target, example.input_ids[None].to(device), feature_layers,
-                                               loss_mask=example.loss_mask[None])
+                item = compute_target_features(
+                    target, example.input_ids[None].to(device), feature_layers, loss_mask=example.loss_mask[None]
+                )
                 last = item.last_hidden_state.to("cpu", storage_dtype)
                 states = tuple(
                     last if h is item.last_hidden_state else h.to("cpu", storage_dtype) for h in item.hidden_states

@@ -119,25 +119,38 @@ def train_draft(
     if examples is None:
         conversations = load_conversations(args.data)
         if args.regenerate_responses:
-            conversations = regenerate_responses(target, tokenizer, conversations, args.num_examples,
-                                                 max_new_tokens=args.regenerate_max_new_tokens, progress=progress)
+            conversations = regenerate_responses(
+                target,
+                tokenizer,
+                conversations,
+                args.num_examples,
+                max_new_tokens=args.regenerate_max_new_tokens,
+                progress=progress,
+            )
         examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
     num_tokens = sum(len(e.input_ids) for e in examples)
 
     feature_started = time.perf_counter()
-    store = FeatureStore.build(target, examples, args.feature_layers, cache_dir=args.feature_cache_dir,
-                               progress=progress)
+    store = FeatureStore.build(
+        target, examples, args.feature_layers, cache_dir=args.feature_cache_dir, progress=progress
+    )
     feature_seconds = time.perf_counter() - feature_started
 
     overrides = {}
     if args.intermediate_size is not None:
         overrides["intermediate_size"] = args.intermediate_size
     draft = PrismDraftModel.from_target(
-        target, num_modules=1, step_module_map=[0], feature_layers=args.feature_layers,
-        draft_vocab_size=args.draft_vocab_size, num_draft_tokens=args.num_draft_tokens, dtype=torch.float32,
-        verifier_name_or_path=args.target, **overrides,
+        target,
+        num_modules=1,
+        step_module_map=[0],
+        feature_layers=args.feature_layers,
+        draft_vocab_size=args.draft_vocab_size,
+        num_draft_tokens=args.num_draft_tokens,
+        dtype=torch.float32,
+        verifier_name_or_path=args.target,
+        **overrides,
     )
     if args.draft_vocab_size is not None:
         eos = tokenizer.eos_token_id
@@ -157,16 +170,22 @@ def train_draft(
 
     history: dict[str, list[dict[str, float]]] = {}
     warmup = PhaseConfig(num_steps=args.num_steps, learning_rate=args.warmup_learning_rate)
-    history["warmup"] = train_phase(draft, batches(args.seed), warmup,
-                                    epochs_to_updates(args.warmup_epochs), progress=progress)
+    history["warmup"] = train_phase(
+        draft, batches(args.seed), warmup, epochs_to_updates(args.warmup_epochs), progress=progress
+    )
     if args.finetune_epochs > 0:
         # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
         if args.num_modules > 1:
             draft = expand_modules(draft, args.num_modules)
-        finetune = PhaseConfig(num_steps=args.num_steps, regression_weight=0.0, detach_step_inputs=False,
-                               learning_rate=args.finetune_learning_rate)
-        history["finetune"] = train_phase(draft, batches(args.seed + 1000), finetune,
-                                          epochs_to_updates(args.finetune_epochs), progress=progress)
+        finetune = PhaseConfig(
+            num_steps=args.num_steps,
+            regression_weight=0.0,
+            detach_step_inputs=False,
+            learning_rate=args.finetune_learning_rate,
+        )
+        history["finetune"] = train_phase(
+            draft, batches(args.seed + 1000), finetune, epochs_to_updates(args.finetune_epochs), progress=progress
+        )
 
     out = Path(args.output_dir)
     draft.save_pretrained(out)

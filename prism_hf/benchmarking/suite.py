@@ -1,0 +1,146 @@
+"""The `prism-hf bench` run: load the target, its prompts and strategies, run them interleaved, write the results."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..reference_models import load_reference_model
+from .prompts import load_prompt_sets
+from .report import machine_metadata, write_results
+from .runner import run_benchmark
+from .strategies import (
+    Strategy,
+    check_draft_dir,
+    hf_assisted_strategy,
+    plain_strategy,
+    prism_strategy,
+    prompt_lookup_strategy,
+)
+
+# quick: about 10 minutes for SmolLM2-135M with a few strategies on a 2-core CPU; full: every prompt.
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {"per_category": 2, "limit": 3, "max_new_tokens": 64},
+    "full": {"per_category": None, "limit": None, "max_new_tokens": 256},
+}
+DEFAULT_RESULTS_ROOT = Path("benchmarks") / "results"
+
+
+def default_output_dir(target: str | os.PathLike) -> Path:
+    """`benchmarks/results/<target name>/`, relative to the working directory."""
+    return DEFAULT_RESULTS_ROOT / Path(target).name.lower()
+
+
+@dataclass
+class BenchmarkConfig:
+    """
+    What one benchmark run measures. Unset sizes (`per_category`, `limit`, `max_new_tokens`) come from `mode`.
+
+    Args:
+        target (`str`): reference-model name (see `prism_hf.reference_models`), local directory or Hub id.
+        drafts (`dict[str, str]`): PRISM drafts, `{name: saved draft directory}`.
+        assistant (`str`, *optional*): small same-tokenizer model for HF assisted generation.
+        prompt_lookup (`bool`): add HF prompt lookup decoding (10 tokens, 2-gram).
+        num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts and the HF assistant
+            (default: the draft config's; HF's own for the assistant).
+        prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
+        categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
+        mode (`str`): `"quick"` or `"full"`, see `MODES`.
+        per_category (`int`, *optional*): Spec-Bench prompts per task.
+        limit (`int`, *optional*): HumanEval and held-out ShareGPT prompts, each.
+        max_new_tokens (`int`, *optional*): new tokens per call.
+        dtype (`str`): target dtype; drafts and assistants are cast to it.
+        device (`str`, *optional*): default CUDA when available, else CPU.
+        output_dir (`str`, *optional*): default `benchmarks/results/<target name>/`.
+        warmup (`bool`): one short call per strategy before measuring.
+        spec_bench_path (`str`, *optional*): a Spec-Bench `question.jsonl` other than the default.
+    """
+
+    target: str
+    drafts: dict[str, str] = field(default_factory=dict)
+    assistant: str | None = None
+    prompt_lookup: bool = False
+    num_draft_tokens: int | None = None
+    prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
+    categories: list[str] | None = None
+    mode: str = "quick"
+    per_category: int | None = None
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    dtype: str = "bfloat16"
+    device: str | None = None
+    output_dir: str | None = None
+    warmup: bool = True
+    spec_bench_path: str | None = None
+
+    def resolved(self) -> BenchmarkConfig:
+        """A copy with the mode's sizes, the device and the output directory filled in."""
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown mode {self.mode!r}; choose from {sorted(MODES)}.")
+        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
+            raise ValueError(f"Unknown dtype {self.dtype!r} (e.g. bfloat16, float16, float32).")
+        values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
+        values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        values["output_dir"] = self.output_dir or str(default_output_dir(self.target))
+        return dataclasses.replace(self, **values)
+
+
+def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
+    """Plain generate, then the HF assistant, prompt lookup and the PRISM drafts the config names."""
+    strategies = [plain_strategy()]
+    if config.assistant is not None:
+        strategies.append(hf_assisted_strategy(config.assistant, target, config.num_draft_tokens))
+    if config.prompt_lookup:
+        strategies.append(prompt_lookup_strategy())
+    for name, path in config.drafts.items():
+        strategies.append(prism_strategy(name, path, target, config.num_draft_tokens))
+    # An Ouroboros strategy goes here once its assistant exists: `assistant_strategy("ouroboros", pool_drafter)`.
+    return strategies
+
+
+def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
+    """
+    Runs the benchmark `config` describes and writes `results.json`, `results.md` and `results.png` into its
+    output directory; returns what `results.json` holds. Prompts and draft directories are checked before the
+    target is loaded, so a typo fails in a second rather than after a model load.
+    """
+    config = config.resolved()
+    for name, path in config.drafts.items():
+        check_draft_dir(name, path)
+    prompt_sets = load_prompt_sets(
+        config.prompt_sets, config.categories, config.per_category, config.limit, config.spec_bench_path
+    )
+    prompts = [p for group in prompt_sets.values() for p in group]
+
+    target, tokenizer = load_reference_model(config.target, dtype=getattr(torch, config.dtype), device=config.device)
+    strategies = build_strategies(target, config)
+    records = run_benchmark(
+        target,
+        prompts,
+        strategies[1:],
+        config.max_new_tokens,
+        tokenizer=tokenizer,
+        warmup=config.warmup,
+        progress=progress,
+    )
+    metadata = {
+        "target": config.target,
+        "target_path": str(target.name_or_path),
+        "dtype": config.dtype,
+        "machine": machine_metadata(target.device),
+        "mode": config.mode,
+        "max_new_tokens": config.max_new_tokens,
+        "decoding": "greedy, batch 1, interleaved (each prompt: plain first, then each strategy), after warm-up",
+        "strategies": [s.metadata() for s in strategies],
+        "prompt_sets": {name: len(group) for name, group in prompt_sets.items()},
+        "categories": dict(Counter(p.category for p in prompts)),
+        "per_category": config.per_category,
+        "limit": config.limit,
+    }
+    return write_results(config.output_dir, records, metadata)

@@ -1,0 +1,127 @@
+"""The benchmark harness on a tiny target: exactness check, tau, result files, failures reported, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_llama, training_prompts
+
+from prism_hf.benchmarking import (
+    BenchmarkConfig,
+    BenchPrompt,
+    Strategy,
+    assistant_strategy,
+    encode_prompt,
+    hf_assisted_strategy,
+    load_prompts,
+    parse_draft_spec,
+    prism_strategy,
+    prompt_lookup_strategy,
+    run_benchmark,
+    run_suite,
+    write_results,
+)
+from prism_hf.benchmarking.report import AGGREGATE_KEYS
+from prism_hf.prompt_data import Prompt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine thread hand-offs make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _NotAnAssistant(torch.nn.Module):
+    """Something that is not a model `generate` can draft with."""
+
+
+def test_harness_measures_checks_and_reports(llama_target, trained_llama_draft, tmp_path):
+    prompts = [BenchPrompt(f"p{i}", "seen" if i < 2 else "other", p) for i, p in enumerate(training_prompts()[:4])]
+    strategies = [
+        assistant_strategy("prism", trained_llama_draft),
+        prompt_lookup_strategy(num_tokens=4),
+        hf_assisted_strategy(make_llama(seed=1), llama_target, num_assistant_tokens=3, name="hf-assisted"),
+        Strategy("short", {"max_new_tokens": 5}),  # wrong on purpose: stops early
+        assistant_strategy("broken", _NotAnAssistant()),  # wrong on purpose: generate raises
+    ]
+    records = run_benchmark(llama_target, prompts, strategies, max_new_tokens=24, progress=False)
+    assert len(records) == 4 * 6
+    by = {(r.strategy, r.prompt_id): r for r in records}
+    for prompt in prompts:
+        plain = by[("plain", prompt.id)]
+        assert plain.tau == 1.0 and plain.target_forwards == plain.new_tokens == 24
+        for name in ("prism", "hf-prompt-lookup", "hf-assisted"):
+            assert by[(name, prompt.id)].identical, name
+        assert by[("prism", prompt.id)].target_forwards < plain.target_forwards
+        assert not by[("short", prompt.id)].identical and by[("short", prompt.id)].first_difference == 5
+        broken = by[("broken", prompt.id)]
+        assert not broken.identical and broken.error
+
+    payload = write_results(tmp_path, records, {"target": "tiny llama"})
+    assert {"metadata", "aggregates", "records"} <= set(json.loads((tmp_path / "results.json").read_text()))
+    aggregates = payload["aggregates"]
+    assert list(aggregates) == ["plain", "prism", "hf-prompt-lookup", "hf-assisted", "short", "broken"]
+    assert set(aggregates["prism"]) == {"seen", "other", "all"}
+    assert set(aggregates["prism"]["all"]) == set(AGGREGATE_KEYS)
+    assert aggregates["plain"]["all"]["tau_mean"] == 1.0
+    assert aggregates["plain"]["all"]["speedup"] == pytest.approx(1.0)
+    assert aggregates["prism"]["all"]["tau_mean"] > 1.0
+    assert aggregates["prism"]["all"]["identical"] == 4 and not aggregates["prism"]["all"]["failures"]
+    assert [f["prompt_id"] for f in aggregates["short"]["all"]["failures"]] == ["p0", "p1", "p2", "p3"]
+    assert aggregates["broken"]["all"]["completed"] == 0 and aggregates["broken"]["all"]["speedup"] is None
+    assert len(payload["records"]) == 24
+    table = (tmp_path / "results.md").read_text()
+    assert "| prism | all |" in table and "| broken | all | n/a |" in table and "short / p0" in table
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _FakeTokenizer:
+    """Just enough tokenizer for the text-prompt path: characters as token ids."""
+
+    def __init__(self, chat_template: str | None):
+        self.chat_template = chat_template
+
+    def __call__(self, text):
+        return {"input_ids": [3 + ord(c) % 200 for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict):
+        return self(f"<user>{messages[0]['content']}<assistant>")
+
+
+def test_text_prompts_need_a_tokenizer(llama_target):
+    prompt = Prompt("t", "code", ("def f(x):",))
+    assert encode_prompt(_FakeTokenizer(None), prompt).input_ids.numel() == len("def f(x):")
+    assert encode_prompt(_FakeTokenizer("chat"), prompt).input_ids.numel() == len("<user>def f(x):<assistant>")
+    records = run_benchmark(
+        llama_target, [prompt], [], max_new_tokens=4, tokenizer=_FakeTokenizer(None), warmup=False, progress=False
+    )
+    assert records[0].prompt_tokens == 9 and records[0].new_tokens == 4
+    with pytest.raises(ValueError, match="is text: pass the target's tokenizer"):
+        run_benchmark(llama_target, [prompt], [], max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="'plain' is reserved"):
+        run_benchmark(llama_target, [prompt], [Strategy("plain")], max_new_tokens=4, progress=False)
+
+
+def test_clear_errors(llama_target, tmp_path):
+    with pytest.raises(FileNotFoundError, match="Draft 'm2': directory .* does not exist"):
+        prism_strategy("m2", tmp_path / "nope", llama_target)
+    with pytest.raises(FileNotFoundError, match="Draft 'm2': .* has no config.json"):
+        prism_strategy("m2", tmp_path, llama_target)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type 'llama', expected 'prism_draft'"):
+        prism_strategy("m2", tmp_path, llama_target)
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_draft_spec("just-a-dir")
+    with pytest.raises(ValueError, match="Unknown Spec-Bench categories"):
+        load_prompts(["spec_bench"], categories=["poetry"])
+    with pytest.raises(ValueError, match="Unknown or no prompt sets"):
+        load_prompts(["mmlu"])
+    # draft directories are checked before the target is loaded (the target here does not even exist)
+    config = BenchmarkConfig(target="no/such-model", drafts={"m1": str(tmp_path / "missing")})
+    with pytest.raises(FileNotFoundError, match="Draft 'm1'"):
+        run_suite(config, progress=False)
