@@ -24,6 +24,9 @@ def _add_train_parser(subparsers) -> None:
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
         default = None if required else f.default
         parser.add_argument(name, type=kind, required=required, default=default)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its checkpoints (same arguments)"
+    )
     parser.set_defaults(handler=_run_train)
 
 
@@ -32,7 +35,7 @@ def _run_train(namespace: argparse.Namespace) -> None:
 
     fields = {f.name for f in dataclasses.fields(DraftTrainingArguments)}
     args = DraftTrainingArguments(**{k: v for k, v in vars(namespace).items() if k in fields})
-    train_draft(args)
+    train_draft(args, resume=namespace.resume)
     print(json.dumps({"saved": args.output_dir}))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import string
+import subprocess
 
 import pytest
 import torch
@@ -223,3 +225,98 @@ def test_regenerated_replies_are_the_targets_own_greedy_answers(tiny_chat_model)
         alone = target.generate(**prompt, do_sample=False, max_new_tokens=12)
         expected = tokenizer.decode(alone[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         assert conversation[1] == {"role": "assistant", "content": expected}
+
+
+def test_interrupted_phase_resumes_exactly_from_its_checkpoint(llama_target, tmp_path):
+    """Model, optimizer and scheduler state come back and consumed batches are skipped: same weights at the end."""
+    from conftest import training_prompts
+
+    from prism_hf.training import PhaseConfig, compute_target_features, train_phase
+
+    sequences = llama_target.generate(
+        training_prompts(), do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=None
+    )
+    batches = [compute_target_features(llama_target, sequences[i : i + 4], [-1]) for i in range(0, 8, 4)]
+    phase = PhaseConfig(learning_rate=3e-3)
+
+    def fresh_draft() -> prism_hf.PrismDraftModel:
+        torch.manual_seed(0)
+        return prism_hf.PrismDraftModel.from_target(llama_target, num_modules=1, step_module_map=[0])
+
+    uninterrupted = fresh_draft()
+    train_phase(uninterrupted, batches, phase, num_updates=7, progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_step_4(step, metrics):
+        if step == 4:
+            raise Interrupted
+
+    checkpoint = tmp_path / "warmup"
+    with pytest.raises(Interrupted):
+        train_phase(
+            fresh_draft(),
+            batches,
+            phase,
+            7,
+            interrupt_after_step_4,
+            False,
+            checkpoint_dir=checkpoint,
+            checkpoint_every=3,
+        )
+    assert json.loads((checkpoint / "progress.json").read_text()) == {"step": 3}
+    steps_run = []
+    resumed = fresh_draft()
+    train_phase(
+        resumed,
+        batches,
+        phase,
+        7,
+        lambda step, metrics: steps_run.append(step),
+        False,
+        checkpoint_dir=checkpoint,
+        checkpoint_every=3,
+        resume=True,
+    )
+    assert steps_run == [3, 4, 5, 6]
+    for (name, expected), actual in zip(
+        uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(expected, actual), name
+
+
+def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model, tmp_path):
+    """`accelerate launch` with 2 CPU processes: features split between them, gradients averaged, one saved draft."""
+    target_dir, data, _ = tiny_chat_model
+    out = tmp_path / "draft"
+    command = [
+        *("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prism_hf.cli", "train"),
+        *("--target", str(target_dir), "--data", str(data), "--output-dir", str(out), "--num-examples", "6"),
+        *("--max-length", "128", "--warmup-epochs", "4", "--finetune-epochs", "2", "--batch-size", "1"),
+        *("--target-dtype", "float32", "--feature-cache-dir", str(tmp_path / "features"), "--checkpoint-every", "2"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # without ACCELERATE_USE_CPU, accelerate would leave each CPU process training alone: refused, not raced
+    del env["ACCELERATE_USE_CPU"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "set ACCELERATE_USE_CPU=true" in refused.stderr
+    record = json.loads((out / "training_record.json").read_text())
+    assert record["num_processes"] == 2
+    # 6 examples x 4 epochs / (batch 1 x 2 processes) = 12 warm-up updates, then 6 fine-tuning updates
+    assert record["num_examples"] == 6
+    first, second = record["parameter_checksums"]
+    assert first == second  # gradients were synchronised: both processes hold the same weights
+    # each process computed the features of its own half of the examples
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    for rank in range(2):
+        manifest = json.loads((tmp_path / "features" / f"rank{rank}-of-2" / "manifest.json").read_text())
+        assert manifest["num_examples"] == 3
+    assert not (out / "checkpoints").exists()
+    draft = prism_hf.PrismDraftModel.from_pretrained(out)
+    assert draft.config.num_modules == 2
+    checksum = sum(float(p.detach().double().sum()) for p in draft.parameters())
+    assert checksum == pytest.approx(first, rel=1e-6)

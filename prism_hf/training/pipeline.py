@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling_prism import PrismDraftModel
@@ -47,9 +50,11 @@ class DraftTrainingArguments:
     finetune_learning_rate: float = 3e-4
     num_draft_tokens: int = 5
     target_dtype: str = "bfloat16"
+    save_dtype: str = "float32"
     feature_cache_dir: str | None = None
     regenerate_responses: bool = False
     regenerate_max_new_tokens: int = 256
+    checkpoint_every: int = 200
     seed: int = 0
 
     def to_command(self) -> str:
@@ -109,13 +114,33 @@ def train_draft(
     tokenizer: PreTrainedTokenizerBase | None = None,
     examples: list[TrainingExample] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> PrismDraftModel:
-    """Runs the whole pipeline and saves the draft, its arguments and a training record under `args.output_dir`."""
+    """
+    Runs the whole pipeline and saves the draft, its arguments and a training record under `args.output_dir`.
+
+    Under `accelerate launch` with several processes, each process computes the target features of its share of the
+    examples and trains on them; gradients are averaged and the main process saves. Checkpoints go to
+    `output_dir/checkpoints` every `args.checkpoint_every` updates; `resume=True` continues an interrupted run from
+    them (same arguments and number of processes). They are removed once the draft is saved.
+    """
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    accelerator = Accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: every process would train alone
+        raise RuntimeError(
+            f"Launched as {launched} processes, but accelerate set up {world}. On CPU-only machines, set "
+            "ACCELERATE_USE_CPU=true for a multi-process run."
+        )
+    progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
         target, tokenizer = load_reference_model(args.target, dtype=getattr(torch, args.target_dtype))
     target.requires_grad_(False)
+    if not getattr(target, "hf_device_map", None):
+        target.to(accelerator.device)
     if examples is None:
         conversations = load_conversations(args.data)
         if args.regenerate_responses:
@@ -130,11 +155,16 @@ def train_draft(
         examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
+    if len(examples) < world:
+        raise ValueError(f"{len(examples)} training examples cannot be shared by {world} processes.")
     num_tokens = sum(len(e.input_ids) for e in examples)
 
     feature_started = time.perf_counter()
+    cache_dir = args.feature_cache_dir
+    if cache_dir is not None and world > 1:
+        cache_dir = str(Path(cache_dir) / f"rank{rank}-of-{world}")
     store = FeatureStore.build(
-        target, examples, args.feature_layers, cache_dir=args.feature_cache_dir, progress=progress
+        target, examples[rank::world], args.feature_layers, cache_dir=cache_dir, progress=progress
     )
     feature_seconds = time.perf_counter() - feature_started
 
@@ -160,7 +190,7 @@ def train_draft(
         draft.bind_target(target)
 
     def epochs_to_updates(epochs: float) -> int:
-        return max(1, math.ceil(epochs * len(store) / args.batch_size))
+        return max(1, math.ceil(epochs * len(examples) / (args.batch_size * world)))
 
     def batches(seed: int):
         epoch = 0
@@ -168,10 +198,19 @@ def train_draft(
             yield from store.batches(args.batch_size, seed=seed + epoch)
             epoch += 1
 
+    out = Path(args.output_dir)
+    checkpoints = out / "checkpoints"
+    checkpointing = {"checkpoint_every": args.checkpoint_every, "resume": resume}
     history: dict[str, list[dict[str, float]]] = {}
     warmup = PhaseConfig(num_steps=args.num_steps, learning_rate=args.warmup_learning_rate)
     history["warmup"] = train_phase(
-        draft, batches(args.seed), warmup, epochs_to_updates(args.warmup_epochs), progress=progress
+        draft,
+        batches(args.seed + rank),
+        warmup,
+        epochs_to_updates(args.warmup_epochs),
+        progress=progress,
+        checkpoint_dir=checkpoints / "warmup",
+        **checkpointing,
     )
     if args.finetune_epochs > 0:
         # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
@@ -184,23 +223,37 @@ def train_draft(
             learning_rate=args.finetune_learning_rate,
         )
         history["finetune"] = train_phase(
-            draft, batches(args.seed + 1000), finetune, epochs_to_updates(args.finetune_epochs), progress=progress
+            draft,
+            batches(args.seed + 1000 + rank),
+            finetune,
+            epochs_to_updates(args.finetune_epochs),
+            progress=progress,
+            checkpoint_dir=checkpoints / "finetune",
+            **checkpointing,
         )
 
-    out = Path(args.output_dir)
-    draft.save_pretrained(out)
-    (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    record = {
-        "command": args.to_command(),
-        "num_examples": len(examples),
-        "num_tokens": num_tokens,
-        "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
-        "feature_seconds": round(feature_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "device": str(target.device),
-        "final_metrics": {phase: _mean_tail(h) for phase, h in history.items()},
-    }
-    (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    # every process must hold the same weights; a checksum per process makes that visible in the record
+    checksum = torch.stack([p.detach().double().sum() for p in draft.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    if accelerator.is_main_process:
+        # e.g. bfloat16 halves the checkpoint of a large draft (the Hub's and our 100 MB-per-file budget)
+        draft.to(getattr(torch, args.save_dtype)).save_pretrained(out)
+        (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        record = {
+            "command": args.to_command(),
+            "num_examples": len(examples),
+            "num_tokens": num_tokens,
+            "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
+            "feature_seconds": round(feature_seconds, 1),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "device": str(accelerator.device),
+            "num_processes": world,
+            "parameter_checksums": checksums,
+            "final_metrics": {phase: _mean_tail(h) for phase, h in history.items()},
+        }
+        (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return draft
 
 

@@ -50,6 +50,14 @@ class TargetFeatures:
     last_hidden_state: torch.Tensor
     loss_mask: torch.Tensor
 
+    def to(self, device: torch.device | str) -> TargetFeatures:
+        return TargetFeatures(
+            self.input_ids.to(device),
+            tuple(state.to(device) for state in self.hidden_states),
+            self.last_hidden_state.to(device),
+            self.loss_mask.to(device),
+        )
+
 
 @torch.no_grad()
 def compute_target_features(
