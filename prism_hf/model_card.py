@@ -25,6 +25,8 @@ _BENCHMARK_METADATA = (
     "dtype",
     "device",
     "machine",
+    "device_name",
+    "torch_threads",
     "torch",
     "transformers",
     "prompts",
@@ -248,9 +250,10 @@ def benchmark_markdown(record: dict[str, Any]) -> str:
     """The card's "Measured" section from a `benchmark_record.json`."""
     meta = record["metadata"]
     strategy = record["strategy"]
+    machine = meta.get("machine") or f"{meta.get('device_name')}, {meta.get('torch_threads')} torch threads"
     lines = [
         f"`prism-hf bench` ({meta.get('date', 'date unknown')[:10]}; target {meta.get('target')} in "
-        f"{meta.get('dtype')} on {meta.get('device')}, {meta.get('machine', '').strip(', ')}; greedy, batch 1, "
+        f"{meta.get('dtype')} on {meta.get('device')}, {machine.strip(', ')}; greedy, batch 1, "
         f"{meta.get('max_new_tokens')} new tokens; prompts: {meta.get('prompts')}). This draft is `{strategy}`; "
         "speedup is total plain time over total strategy time in the same run, tau the tokens per target forward.",
         "",

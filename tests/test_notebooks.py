@@ -5,80 +5,17 @@ byte-level tokenizer with a chat template and a small random Llama) and a few tr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 from nbclient import NotebookClient
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prism_hf
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_target(tmp_path_factory) -> Path:
-    """A folder with a tiny random Llama and a byte-level tokenizer with a chat template, as from the Hub."""
-    path = tmp_path_factory.mktemp("tiny-chat")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,  # peaked next-token distributions, like a real model's
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_draft(tiny_chat_target, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-draft")
-    target = LlamaForCausalLM.from_pretrained(tiny_chat_target)
-    torch.manual_seed(0)
-    prism_hf.PrismDraftModel.from_target(target).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    topics = ["the sky", "rivers", "bread", "chess", "volcanoes", "owls", "trains", "tea", "maps", "bees"]
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"Tell me one fact about {topic}."},
-                {"role": "assistant", "content": f"Here is a fact about {topic}: it is older than you think."},
-            ]
-        }
-        for topic in topics
-    ]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def execute(name: str, settings: dict, workdir: Path, monkeypatch) -> nbformat.NotebookNode:
