@@ -1,9 +1,9 @@
 """
 Stand-ins for the Hugging Face Hub, which is unreachable where the tests run.
 
-`FakeHub` is a local HTTP server implementing the endpoints `huggingface_hub` calls for `create_repo` and
-`upload_folder` (without `hf_xet`: README metadata check, preupload, LFS batch + basic transfer, commit), and records
-what it receives.
+`FakeHub` is a local HTTP server implementing the endpoints `huggingface_hub` calls for `create_repo`,
+`create_branch` and `upload_folder` (without `hf_xet`: README metadata check, preupload, LFS batch + basic transfer,
+commit), and records what it receives.
 `write_hub_cache` lays out a model repository in the real Hub cache format (`models--org--name/blobs`,
 `snapshots/<commit>`, `refs/main`), so that offline loading by repo id goes through `huggingface_hub`'s own code.
 """
@@ -26,6 +26,7 @@ class HubRepo:
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
     private: bool | None = None
+    branches: set[str] = field(default_factory=lambda: {"main"})
 
 
 class FakeHub:
@@ -88,9 +89,11 @@ class FakeHub:
         if method == "POST" and path == "/api/repos/create":
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"
-            repo = self.repos.setdefault(repo_id, HubRepo())
-            repo.private = payload.get("visibility") == "private"
-            return self._reply(request, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id})
+            url = {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
+            if repo_id in self.repos:  # the Hub keeps the existing repo (and its visibility) and answers 409
+                return self._reply(request, {"error": "You already created this model repo", **url}, status=409)
+            self.repos[repo_id] = HubRepo(private=payload.get("visibility") == "private")
+            return self._reply(request, url)
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(request, json.loads(body)["content"])
         if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
@@ -114,10 +117,18 @@ class FakeHub:
                 return self._reply(request, {"error": "sha256 mismatch"}, status=400)
             self.lfs_objects[parts[1]] = body
             return self._reply(request, {})
+        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "branch":
+            repo = self.repos[f"{parts[2]}/{parts[3]}"]
+            if parts[5] in repo.branches:
+                return self._reply(request, {"error": "Reference already exists"}, status=409)
+            repo.branches.add(parts[5])
+            return self._reply(request, {})
         if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
             repo_id = f"{parts[2]}/{parts[3]}"
             if repo_id not in self.repos:
                 return self._reply(request, {"error": f"Repository {repo_id} not found"}, status=404)
+            if parts[5] not in self.repos[repo_id].branches:
+                return self._reply(request, {"error": f"Invalid rev id: {parts[5]}"}, status=404)
             return self._commit(request, repo_id, parts[5], body)
         self.unhandled.append((method, path))
         self._reply(request, {"error": f"FakeHub does not implement {method} {path}"}, status=404)

@@ -80,6 +80,16 @@ def test_push_uploads_exactly_the_dry_run(draft_copy):
     assert sum(method == "PUT" for method, _ in hub.requests) == 1
 
 
+def test_push_to_a_private_repo_and_branch(draft_copy):
+    with FakeHub() as hub:
+        push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url, private=True, revision="v1")
+        push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url, revision="v1")
+    repo = hub.repos["org/smol-draft"]
+    assert repo.private is True and repo.branches == {"main", "v1"}
+    assert [commit["revision"] for commit in repo.commits] == ["v1", "v1"]
+    assert hub.unhandled == []
+
+
 def test_cli_push_takes_token_and_endpoint_from_the_environment(draft_copy):
     with FakeHub() as hub:
         env = {
