@@ -185,6 +185,12 @@ def plan_upload(
     if benchmark_results is not None:
         record_benchmark(draft_dir, benchmark_results, benchmark_strategy)
     if refresh_card:
+        missing = [name for name in ("training_args.json", "training_record.json") if not (draft_dir / name).is_file()]
+        if missing:
+            raise ValueError(
+                f"{draft_dir} has no {' or '.join(missing)} (written by `prism-hf train`) to write the model card "
+                "from: write README.md with Hub metadata yourself and pass refresh_card=False (`--keep-card`)."
+            )
         write_model_card(draft_dir, repo_id=repo_id, base_model=base_model, license=license)
         metadata = card_metadata(draft_dir, base_model=base_model, license=license).to_dict()
     else:

@@ -192,6 +192,17 @@ def test_keep_card_checks_the_metadata(draft_copy):
         push_draft(draft_copy, "org/name", dry_run=True, refresh_card=False)
 
 
+def test_draft_without_training_records_needs_its_own_card(trained_llama_draft, tmp_path):
+    trained_llama_draft.save_pretrained(tmp_path / "draft")
+    with pytest.raises(ValueError, match="no training_args.json or training_record.json.*--keep-card"):
+        push_draft(tmp_path / "draft", "org/name", dry_run=True)
+    card = "---\nbase_model: me/tiny\nlibrary_name: transformers\nlicense: mit\npipeline_tag: text-generation\n"
+    (tmp_path / "draft" / "README.md").write_text(card + "tags:\n- prism\n---\n# My draft\n")
+    plan = push_draft(tmp_path / "draft", "org/name", dry_run=True, refresh_card=False)
+    assert plan.card_metadata["base_model"] == "me/tiny"
+    assert [f.path for f in plan.files] == sorted(p.name for p in (tmp_path / "draft").iterdir())
+
+
 def test_unknown_base_model_must_be_named(draft_copy):
     config = json.loads((draft_copy / "config.json").read_text())
     config["verifier_name_or_path"] = "my-local-target"
