@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, get_token
+from huggingface_hub import HfApi, ModelCard, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .model_card import card_metadata, record_benchmark, write_model_card
@@ -58,7 +58,7 @@ class UploadPlan:
     def describe(self) -> str:
         """A listing of the upload: target repository, commit message, every file, card metadata."""
         total = sum(f.size for f in self.files)
-        where = f"{self.endpoint or 'https://huggingface.co'}/{self.repo_id}"
+        where = f"{self.endpoint or constants.ENDPOINT}/{self.repo_id}"
         lines = [
             f"repository: {where} (model, {'private' if self.private else 'public'}, "
             f"branch {self.revision or 'main'})",
