@@ -47,7 +47,10 @@ def test_dry_run_of_committed_draft_is_complete_and_sends_nothing(draft_dir, tmp
         plan = push_draft(copy, f"{NAMESPACE}/{draft_dir.name}", dry_run=True, endpoint=hub.url)
     assert hub.requests == []
     # the committed card is exactly what the code writes from the folder's records (regenerate it, never edit it)
-    assert (copy / "README.md").read_text() == (draft_dir / "README.md").read_text()
+    assert (copy / "README.md").read_text() == (draft_dir / "README.md").read_text(), (
+        f"hub_models/{draft_dir.name}/README.md is stale: regenerate it with the `prism-hf push ... --dry-run` "
+        "command in hub_models/README.md"
+    )
     committed = sorted(p.name for p in draft_dir.iterdir() if p.is_file())
     assert [f.path for f in plan.files] == committed
     for name in ("config.json", "model.safetensors", "README.md", "modeling_prism.py", "configuration_prism.py"):
