@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_prism import PrismConfig
 from .generation_hooks import install_generation_hooks
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
+from .hub import push_draft
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
 from .reference_models import load_reference_model
 from .training.pipeline import DraftTrainingArguments, train_draft
@@ -28,5 +29,6 @@ __all__ = [
     "SpeculationStats",
     "__version__",
     "load_reference_model",
+    "push_draft",
     "train_draft",
 ]

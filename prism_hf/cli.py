@@ -1,4 +1,4 @@
-"""`prism-hf` command line: `prism-hf train ...` (more subcommands: see `prism-hf --help`)."""
+"""`prism-hf` command line: `prism-hf train|bench|push ...` (see `prism-hf --help`)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,66 @@ def _run_bench(namespace: argparse.Namespace) -> None:
     print(json.dumps({"saved": config.resolved().output_dir}))
 
 
+def _add_push_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="publish a draft folder on the Hugging Face Hub",
+        description="Validates the draft folder (config, safetensors weights, trust_remote_code files, model card), "
+        "rewrites its model card from the recorded training and benchmark numbers, then uploads it with "
+        "huggingface_hub. The token comes from --token, HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
+    )
+    parser.add_argument("draft_dir", help="the draft folder (as written by `prism-hf train` / save_pretrained)")
+    parser.add_argument("--repo-id", required=True, help="the Hub repository, org/name (created if missing)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate and refresh the card, print the upload, send nothing"
+    )
+    parser.add_argument(
+        "--benchmark",
+        dest="benchmark_results",
+        metavar="RESULTS_JSON",
+        help="a `prism-hf bench` results.json to record in the card",
+    )
+    parser.add_argument("--benchmark-strategy", help="this draft's strategy name in that run (default: found by path)")
+    parser.add_argument("--base-model", help="the target's Hub id (default: from the draft config)")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument(
+        "--keep-card",
+        dest="refresh_card",
+        action="store_false",
+        help="upload README.md as it is (after checking its metadata)",
+    )
+    parser.add_argument(
+        "--refresh-code", action="store_true", help="replace stale code files with the installed prism_hf's"
+    )
+    parser.add_argument("--commit-message")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to commit to (default: main)")
+    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.set_defaults(handler=_run_push)
+
+
+def _run_push(namespace: argparse.Namespace) -> None:
+    from .hub import push_draft
+
+    kwargs = {k: v for k, v in vars(namespace).items() if k not in ("handler", "draft_dir", "repo_id")}
+    try:
+        plan = push_draft(namespace.draft_dir, namespace.repo_id, **kwargs)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"prism-hf push: {error}") from None
+    if namespace.dry_run:
+        print("dry run: nothing was sent. The upload would be:")
+    print(plan.describe())
+    if plan.commit_url:
+        print(f"uploaded: {plan.commit_url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism-hf", description=__doc__)
     subparsers = parser.add_subparsers(required=True)
     _add_train_parser(subparsers)
     _add_bench_parser(subparsers)
+    _add_push_parser(subparsers)
     return parser
 
 

@@ -1,37 +1,77 @@
-"""Model cards for trained drafts, written from the draft's config and its recorded training and measurements."""
+"""
+Model cards for trained drafts, written from files in the draft folder only: `config.json`, `training_args.json`,
+`training_record.json` and, once a benchmark has been recorded, `benchmark_record.json`. Regenerating a card from
+the same folder therefore gives the same card.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-_TEMPLATE = """---
-library_name: prism-hf
-base_model: {base_model}
-pipeline_tag: text-generation
-tags:
-- speculative-decoding
-- prism
-- draft-model
-license: apache-2.0
----
+from huggingface_hub import ModelCardData
 
+BENCHMARK_RECORD = "benchmark_record.json"
+CARD_TAGS = ["speculative-decoding", "prism", "draft-model", "prism-hf"]
+# Training data names accepted by `prism-hf train --data`, and the Hub dataset each one comes from.
+TRAINING_DATASETS = {"sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered"}
+# The `custom_generate` repository under hub_models/prism-generate, as published.
+GENERATE_REPO = "prism-hf/prism-generate"
+_BENCHMARK_METADATA = (
+    "date",
+    "target",
+    "dtype",
+    "device",
+    "machine",
+    "device_name",
+    "torch_threads",
+    "torch",
+    "transformers",
+    "prompts",
+    "max_new_tokens",
+)
+
+_TEMPLATE = """
 # {name}
 
-A PRISM speculative-decoding draft (arXiv 2602.01762) for **{base_model}**, trained with
-prism-hf. It proposes tokens from the target's own hidden states; the
-target verifies them, so greedy output equals plain `generate` output and sampling stays exact.
+A PRISM speculative-decoding draft (arXiv 2602.01762) for **[{base_model}](https://huggingface.co/{base_model})**,
+trained with prism-hf. It proposes tokens from the target's own hidden
+states; the target verifies them, so greedy output equals plain `generate` output and sampling stays exact.
+The draft stores only its own layers: it borrows the target's token embedding and LM head at run time.
 
 ## Use
 
+With only `transformers` installed (the draft's code comes with it):
+
 ```python
-import prism_hf
-from transformers import AutoModelForCausalLM
-target = AutoModelForCausalLM.from_pretrained(TARGET)
-draft = prism_hf.PrismDraftModel.from_pretrained(DRAFT)  # or AutoModel.from_pretrained(DRAFT, trust_remote_code=True)
-out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+target = AutoModelForCausalLM.from_pretrained("{base_model}")
+tokenizer = AutoTokenizer.from_pretrained("{base_model}")
+draft = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
+inputs = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": "Hi!"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)  # same tokens, fewer target passes
+print(draft.last_generation_stats.mean_accepted_tokens)
 ```
+
+or through the `custom_generate` repository, which loads the draft itself:
+
+```python
+out = target.generate(
+    **inputs,
+    custom_generate="{generate_repo}",
+    trust_remote_code=True,
+    prism_draft="{repo}",
+    max_new_tokens=256,
+)
+```
+
+With `pip install prism-hf`: `draft = prism_hf.PrismDraftModel.from_pretrained("{repo}")` after `import prism_hf`.
+Pin a version with `revision=` (a commit id) in `from_pretrained`, or `prism_draft_revision=` with `custom_generate`.
 
 ## Architecture
 
@@ -39,9 +79,12 @@ out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)
 (hidden {hidden}, MLP {intermediate}, {heads} heads / {kv_heads} KV heads); draft vocabulary
 {draft_vocab}; features from target hidden states {feature_layers}; {params:.1f}M parameters of its own (the
 target's embedding and LM head are shared, not stored); {num_draft_tokens} draft tokens per round by default.
+The draft checks that a target fits before drafting: {verifier_model_type}, hidden size {verifier_hidden},
+vocabulary {verifier_vocab}, {verifier_layers} layers.
 
 ## Training
 
+- Target: {target_description}
 - Command: `{command}`
 - Data: {num_examples} conversations ({data}{regenerated}), {num_tokens} tokens ({num_loss_tokens} assistant
   tokens trained on), max length {max_length}.
@@ -57,12 +100,59 @@ target's embedding and LM head are shared, not stored); {num_draft_tokens} draft
 """
 
 
-def write_model_card(draft_dir: str | Path, measurements: str | None = None) -> Path:
-    """Writes `README.md` in `draft_dir` from `config.json`, `training_args.json` and `training_record.json`."""
+def resolve_base_model(config: dict[str, Any], base_model: str | None = None) -> str:
+    """
+    The Hub id of the target the draft was made for: `base_model` if given, else the upstream model of the reference
+    model named in the config, else the config's `verifier_name_or_path` when it is a Hub id.
+    """
+    from .reference_models import _HUB_ID_RE, REFERENCE_MODELS
+
+    verifier = config.get("verifier_name_or_path")
+    candidate = base_model
+    if candidate is None and verifier in REFERENCE_MODELS:
+        candidate = REFERENCE_MODELS[verifier].hub_id
+    if candidate is None and verifier and not os.path.isabs(verifier):
+        candidate = verifier
+    if not candidate or not _HUB_ID_RE.match(candidate):
+        raise ValueError(
+            f"Cannot tell the target's Hub id for the card's `base_model` (the draft config names {verifier!r}): "
+            "pass base_model='org/name' (`--base-model` on the command line)."
+        )
+    return candidate
+
+
+def card_metadata(draft_dir: str | Path, base_model: str | None = None, license: str = "apache-2.0") -> ModelCardData:
+    """The card's Hub metadata: what the Hub indexes, links and shows (base model, library, tags, datasets)."""
+    draft_dir = Path(draft_dir)
+    config = _read(draft_dir / "config.json")
+    args = _read_optional(draft_dir / "training_args.json")
+    dataset = TRAINING_DATASETS.get(args.get("data"))
+    return ModelCardData(
+        base_model=resolve_base_model(config, base_model),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=license,
+        tags=list(CARD_TAGS),
+        datasets=[dataset] if dataset else None,
+    )
+
+
+def write_model_card(
+    draft_dir: str | Path,
+    measurements: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+) -> Path:
+    """
+    Writes `README.md` in `draft_dir` from the draft's config, training record and (if present) benchmark record.
+    `measurements` replaces the text made from `benchmark_record.json`; `repo_id` is used in the usage snippets.
+    """
     draft_dir = Path(draft_dir)
     config = _read(draft_dir / "config.json")
     args = _read(draft_dir / "training_args.json")
     record = _read(draft_dir / "training_record.json")
+    metadata = card_metadata(draft_dir, base_model=base_model, license=license)
     from safetensors import safe_open
 
     with safe_open(draft_dir / "model.safetensors", "pt") as weights:
@@ -72,9 +162,14 @@ def write_model_card(draft_dir: str | Path, measurements: str | None = None) -> 
         f"{phase}: " + ", ".join(f"{k} {v}" for k, v in metrics.items() if k.startswith("acc"))
         for phase, metrics in final.items()
     )
-    text = _TEMPLATE.format(
+    if measurements is None:
+        benchmark = _read_optional(draft_dir / BENCHMARK_RECORD)
+        measurements = benchmark_markdown(benchmark) if benchmark else "No benchmark recorded yet."
+    body = _TEMPLATE.format(
         name=draft_dir.name,
-        base_model=config.get("verifier_name_or_path") or "unknown",
+        base_model=metadata.base_model,
+        repo=repo_id or f"path/to/{draft_dir.name}",
+        generate_repo=GENERATE_REPO,
         num_modules=config["num_modules"],
         step_module_map=config["step_module_map"],
         hidden=config["hidden_size"],
@@ -86,6 +181,11 @@ def write_model_card(draft_dir: str | Path, measurements: str | None = None) -> 
         feature_layers=config["feature_layers"],
         params=params / 1e6,
         num_draft_tokens=config["num_draft_tokens"],
+        verifier_model_type=config.get("verifier_model_type"),
+        verifier_hidden=config.get("verifier_hidden_size"),
+        verifier_vocab=config.get("verifier_vocab_size"),
+        verifier_layers=config.get("verifier_num_hidden_layers"),
+        target_description=_describe_target(args.get("target") or config.get("verifier_name_or_path")),
         command=record.get("command", "unknown"),
         num_examples=record.get("num_examples"),
         data=args.get("data"),
@@ -102,11 +202,114 @@ def write_model_card(draft_dir: str | Path, measurements: str | None = None) -> 
         feature_seconds=record.get("feature_seconds"),
         device=record.get("device"),
         final_metrics=final_text or "n/a",
-        measurements=measurements or "No benchmark recorded yet.",
+        measurements=measurements.strip(),
     )
     path = draft_dir / "README.md"
-    path.write_text(text)
+    path.write_text(f"---\n{metadata.to_yaml()}\n---\n{body}")
     return path
+
+
+def record_benchmark(draft_dir: str | Path, results_path: str | Path, strategy: str | None = None) -> Path:
+    """
+    Copies the numbers of one `prism-hf bench` run (`results.json`) that concern this draft into
+    `benchmark_record.json`: the run's metadata, every strategy's overall row and the draft's per-category rows.
+    `strategy` names the draft's strategy in that run; by default it is the one whose draft path is `draft_dir`.
+    """
+    draft_dir = Path(draft_dir)
+    results = _read(Path(results_path))
+    metadata = results.get("metadata", {})
+    # `aggregates` since the benchmarking package; `summary` in results written before it
+    aggregates = results.get("aggregates") or results.get("summary")
+    if not aggregates:
+        raise ValueError(f"{results_path} has no aggregates: is it a `prism-hf bench` results.json?")
+    if strategy is None:
+        drafts = metadata.get("drafts") or {}
+        matching = [name for name, path in drafts.items() if _same_dir(path, draft_dir, Path(results_path))]
+        if len(matching) != 1:
+            raise ValueError(
+                f"Cannot tell which strategy in {results_path} used {draft_dir} (drafts in that run: {drafts}); "
+                "pass the strategy name (`--benchmark-strategy`)."
+            )
+        strategy = matching[0]
+    if strategy not in aggregates:
+        raise ValueError(f"{results_path} has no strategy {strategy!r}; it has {sorted(aggregates)}.")
+    keep = ("prompts", "tokens_per_second_median", "speedup", "tau_mean", "identical")
+    record = {
+        "source": str(results_path),
+        "strategy": strategy,
+        "metadata": {k: metadata[k] for k in _BENCHMARK_METADATA if k in metadata},
+        "overall": {name: {k: rows["all"].get(k) for k in keep} for name, rows in aggregates.items() if "all" in rows},
+        "per_category": {c: {k: row.get(k) for k in keep} for c, row in aggregates[strategy].items() if c != "all"},
+    }
+    path = draft_dir / BENCHMARK_RECORD
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def benchmark_markdown(record: dict[str, Any]) -> str:
+    """The card's "Measured" section from a `benchmark_record.json`."""
+    meta = record["metadata"]
+    strategy = record["strategy"]
+    machine = meta.get("machine") or f"{meta.get('device_name')}, {meta.get('torch_threads')} torch threads"
+    lines = [
+        f"`prism-hf bench` ({meta.get('date', 'date unknown')[:10]}; target {meta.get('target')} in "
+        f"{meta.get('dtype')} on {meta.get('device')}, {machine.strip(', ')}; greedy, batch 1, "
+        f"{meta.get('max_new_tokens')} new tokens; prompts: {meta.get('prompts')}). This draft is `{strategy}`; "
+        "speedup is total plain time over total strategy time in the same run, tau the tokens per target forward.",
+        "",
+        "| strategy | tok/s (median) | speedup | tau | identical to plain |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    overall = record["overall"]
+    order = sorted(overall, key=lambda name: (name != "plain", name != strategy, name))
+    for name, row in ((name, overall[name]) for name in order):
+        label = f"**{name}** (this draft)" if name == strategy else name
+        lines.append(f"| {label} | {_row(row)} |")
+    if record.get("per_category"):
+        lines += ["", f"Per task, `{strategy}`:", "", "| task | tok/s (median) | speedup | tau | identical |"]
+        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        lines += [f"| {category} | {_row(row)} |" for category, row in record["per_category"].items()]
+    if meta.get("dtype") != "float32":
+        lines += [
+            "",
+            f"In {meta.get('dtype')}, verifying several tokens in one forward rounds differently from one-token "
+            "decoding, so near-ties flip and some outputs differ from plain greedy output in that dtype (for every "
+            "speculative strategy); in float32 the outputs are identical.",
+        ]
+    return "\n".join(lines)
+
+
+def _row(row: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str, suffix: str = "") -> str:
+        return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+    return " | ".join(
+        [
+            fmt(row.get("tokens_per_second_median"), ".1f"),
+            fmt(row.get("speedup"), ".2f", "x"),
+            fmt(row.get("tau_mean"), ".2f"),
+            f"{row.get('identical')}/{row.get('prompts')}",
+        ]
+    )
+
+
+def _describe_target(name: str | None) -> str:
+    from .reference_models import REFERENCE_MODELS
+
+    if name in REFERENCE_MODELS:
+        spec = REFERENCE_MODELS[name]
+        packages = spec.packages[0] + (f" and {len(spec.packages) - 1} more" if len(spec.packages) > 1 else "")
+        return f"`{name}`: {spec.description}, from PyPI ({packages}); upstream {spec.hub_id}"
+    return f"`{name}`"
+
+
+def _same_dir(path: str, draft_dir: Path, results_path: Path) -> bool:
+    """Whether a draft path recorded by a benchmark run (relative to where it ran) names `draft_dir`."""
+    if Path(path).is_absolute():
+        candidates = [Path(path)]
+    else:
+        candidates = [Path.cwd() / path, *(parent / path for parent in results_path.resolve().parents)]
+    return any(c.is_dir() and c.resolve() == draft_dir.resolve() for c in candidates)
 
 
 def _numel(shape: list[int]) -> int:
@@ -118,5 +321,9 @@ def _numel(shape: list[int]) -> int:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: a model card needs the draft's config and training record.")
+        raise FileNotFoundError(f"{path} is missing: a model card is written from the draft's config and records.")
     return json.loads(path.read_text())
+
+
+def _read_optional(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

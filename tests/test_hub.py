@@ -1,0 +1,229 @@
+"""`prism-hf push`: validation, model card, and the exact upload, against a local server standing in for the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+from hub_testing import FakeHub
+from safetensors.torch import load_file, save_file
+
+import prism_hf.hub
+from prism_hf.cli import main as cli_main
+from prism_hf.hub import push_draft
+
+REPO = Path(__file__).resolve().parents[1]
+DRAFT_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/config.json"))
+# Published drafts live under this namespace (hub_models/README.md).
+NAMESPACE = "prism-hf"
+
+
+@pytest.fixture(autouse=True)
+def _local_hub_settings(monkeypatch):
+    # hf_xet uploads large files to a separate storage service that the local stand-in does not implement; without
+    # it huggingface_hub uses the Hub's LFS batch API, which FakeHub does. The tests run with HF_HUB_OFFLINE=1,
+    # which would block requests to the stand-in too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def draft_copy(tmp_path) -> Path:
+    """A copy of the committed SmolLM2 draft (tests may break it)."""
+    source = REPO / "hub_models" / "SmolLM2-135M-Instruct-PRISM"
+    return Path(shutil.copytree(source, tmp_path / source.name))
+
+
+@pytest.mark.parametrize("draft_dir", DRAFT_DIRS, ids=[p.name for p in DRAFT_DIRS])
+def test_dry_run_of_committed_draft_is_complete_and_sends_nothing(draft_dir, tmp_path):
+    copy = Path(shutil.copytree(draft_dir, tmp_path / draft_dir.name))
+    with FakeHub() as hub:
+        plan = push_draft(copy, f"{NAMESPACE}/{draft_dir.name}", dry_run=True, endpoint=hub.url)
+    assert hub.requests == []
+    # the committed card is exactly what the code writes from the folder's records (regenerate it, never edit it)
+    assert (copy / "README.md").read_text() == (draft_dir / "README.md").read_text(), (
+        f"hub_models/{draft_dir.name}/README.md is stale: regenerate it with the `prism-hf push ... --dry-run` "
+        "command in hub_models/README.md"
+    )
+    committed = sorted(p.name for p in draft_dir.iterdir() if p.is_file())
+    assert [f.path for f in plan.files] == committed
+    for name in ("config.json", "model.safetensors", "README.md", "modeling_prism.py", "configuration_prism.py"):
+        assert name in committed
+    assert plan.card_metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert plan.card_metadata["library_name"] == "transformers"
+    assert {"license", "pipeline_tag", "tags", "datasets"} <= set(plan.card_metadata)
+    listing = plan.describe()
+    for entry in plan.files:
+        assert f"{entry.path}" in listing and entry.sha256 in listing
+
+
+def test_push_uploads_exactly_the_dry_run(draft_copy):
+    dry = push_draft(draft_copy, "org/smol-draft", dry_run=True)
+    with FakeHub() as hub:
+        pushed = push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url)
+        again = push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url)
+    assert pushed.files == dry.files
+    assert hub.unhandled == []
+    assert hub.tokens == {"hf_test_token"}
+    repo = hub.repos["org/smol-draft"]
+    assert repo.private is False
+    assert repo.files == {f.path: (draft_copy / f.path).read_bytes() for f in dry.files}
+    assert repo.commits[0]["lfs"] == {"model.safetensors"}
+    assert repo.commits[0]["summary"] == dry.commit_message
+    assert hub.card_metadata[0] == dry.card_metadata
+    assert pushed.commit_url.startswith(f"{hub.url}/org/smol-draft/commit/")
+    # a second push re-commits, but the weights already stored are not sent again
+    assert len(repo.commits) == 2 and again.files == dry.files
+    assert sum(method == "PUT" for method, _ in hub.requests) == 1
+
+
+def test_push_to_a_private_repo_and_branch(draft_copy):
+    with FakeHub() as hub:
+        push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url, private=True, revision="v1")
+        push_draft(draft_copy, "org/smol-draft", token="hf_test_token", endpoint=hub.url, revision="v1")
+    repo = hub.repos["org/smol-draft"]
+    assert repo.private is True and repo.branches == {"main", "v1"}
+    assert [commit["revision"] for commit in repo.commits] == ["v1", "v1"]
+    assert hub.unhandled == []
+
+
+def test_cli_push_takes_token_and_endpoint_from_the_environment(draft_copy):
+    with FakeHub() as hub:
+        env = {
+            **os.environ,
+            "HF_TOKEN": "hf_env_token",
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "PYTHONPATH": str(REPO),
+        }
+        command = [sys.executable, "-m", "prism_hf.cli", "push", str(draft_copy), "--repo-id", "org/cli-draft"]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"uploaded: {hub.url}/org/cli-draft/commit/" in result.stdout
+    assert hub.tokens == {"hf_env_token"}, hub.request_tokens
+    assert set(hub.repos["org/cli-draft"].files) == {p.name for p in draft_copy.iterdir()}
+
+
+def test_cli_dry_run_prints_every_file(draft_copy, capsys):
+    cli_main(["push", str(draft_copy), "--repo-id", "org/name", "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: nothing was sent.")
+    for path in draft_copy.iterdir():
+        assert f"  {path.name} " in out
+    assert "https://huggingface.co/org/name" in out and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in out
+
+
+def test_card_records_benchmark_and_uses_repo_id(draft_copy):
+    (draft_copy / "benchmark_record.json").unlink()
+    results = REPO / "benchmarks" / "results" / "smollm2-135m-instruct" / "results.json"
+    with pytest.raises(ValueError, match="Cannot tell which strategy"):
+        push_draft(draft_copy, "org/name", dry_run=True, benchmark_results=results)
+    push_draft(draft_copy, "org/name", dry_run=True, benchmark_results=results, benchmark_strategy="prism-m2")
+    record = json.loads((draft_copy / "benchmark_record.json").read_text())
+    aggregates = json.loads(results.read_text())
+    aggregates = aggregates.get("aggregates") or aggregates["summary"]
+    assert record["overall"]["prism-m2"]["speedup"] == aggregates["prism-m2"]["all"]["speedup"]
+    card = (draft_copy / "README.md").read_text()
+    assert 'AutoModel.from_pretrained("org/name", trust_remote_code=True)' in card
+    assert f"| **prism-m2** (this draft) | {aggregates['prism-m2']['all']['tokens_per_second_median']:.1f} |" in card
+
+
+def _stale_code(path: Path) -> None:
+    with (path / "modeling_prism.py").open("a") as handle:
+        handle.write("# an older copy\n")
+
+
+def _missing_code(path: Path) -> None:
+    (path / "generation_prism.py").unlink()
+
+
+def _pickle_weights(path: Path) -> None:
+    (path / "pytorch_model.bin").write_bytes(b"not uploaded")
+
+
+def _missing_tensor(path: Path) -> None:
+    weights = load_file(path / "model.safetensors")
+    del weights[sorted(weights)[0]]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _wrong_model_type(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (_stale_code, "modeling_prism.py differs from the installed prism_hf's"),
+        (_missing_code, "generation_prism.py is missing"),
+        (_pickle_weights, "pickle files are not published.*pytorch_model.bin"),
+        (_missing_tensor, "does not match its config"),
+        (_wrong_model_type, "model_type 'llama', expected 'prism_draft'"),
+    ],
+    ids=lambda value: value.__name__.strip("_") if callable(value) else "",
+)
+def test_broken_draft_is_refused_before_any_request(draft_copy, breakage, message):
+    breakage(draft_copy)
+    with FakeHub() as hub, pytest.raises(ValueError, match=message):
+        push_draft(draft_copy, "org/name", token="hf_test_token", endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_refresh_code_replaces_stale_copies(draft_copy):
+    _stale_code(draft_copy)
+    _missing_code(draft_copy)
+    push_draft(draft_copy, "org/name", dry_run=True, refresh_code=True)
+    for name in ("modeling_prism.py", "generation_prism.py"):
+        assert (draft_copy / name).read_bytes() == (REPO / "prism_hf" / name).read_bytes()
+
+
+def test_keep_card_checks_the_metadata(draft_copy):
+    (draft_copy / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a hand-written card\n")
+    with pytest.raises(ValueError, match="lacks Hub metadata: base_model, library_name, pipeline_tag, tags"):
+        push_draft(draft_copy, "org/name", dry_run=True, refresh_card=False)
+    (draft_copy / "README.md").unlink()
+    with pytest.raises(ValueError, match="README.md is missing"):
+        push_draft(draft_copy, "org/name", dry_run=True, refresh_card=False)
+
+
+def test_draft_without_training_records_needs_its_own_card(trained_llama_draft, tmp_path):
+    trained_llama_draft.save_pretrained(tmp_path / "draft")
+    with pytest.raises(ValueError, match="no training_args.json or training_record.json.*--keep-card"):
+        push_draft(tmp_path / "draft", "org/name", dry_run=True)
+    card = "---\nbase_model: me/tiny\nlibrary_name: transformers\nlicense: mit\npipeline_tag: text-generation\n"
+    (tmp_path / "draft" / "README.md").write_text(card + "tags:\n- prism\n---\n# My draft\n")
+    plan = push_draft(tmp_path / "draft", "org/name", dry_run=True, refresh_card=False)
+    assert plan.card_metadata["base_model"] == "me/tiny"
+    assert [f.path for f in plan.files] == sorted(p.name for p in (tmp_path / "draft").iterdir())
+
+
+def test_unknown_base_model_must_be_named(draft_copy):
+    config = json.loads((draft_copy / "config.json").read_text())
+    config["verifier_name_or_path"] = "my-local-target"
+    (draft_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pass base_model='org/name'"):
+        push_draft(draft_copy, "org/name", dry_run=True)
+    plan = push_draft(draft_copy, "org/name", dry_run=True, base_model="me/my-target")
+    assert plan.card_metadata["base_model"] == "me/my-target"
+
+
+@pytest.mark.parametrize("repo_id", ["just-a-name", "org/bad name", "a/b/c"])
+def test_repo_id_must_be_org_and_name(draft_copy, repo_id):
+    with pytest.raises(ValueError, match="repo id"):
+        push_draft(draft_copy, repo_id, dry_run=True)
+
+
+def test_push_without_token_says_how_to_log_in(draft_copy, monkeypatch):
+    monkeypatch.setattr(prism_hf.hub, "get_token", lambda: None)
+    with FakeHub() as hub, pytest.raises(ValueError, match="hf auth login"):
+        push_draft(draft_copy, "org/name", endpoint=hub.url)
+    assert hub.requests == []
