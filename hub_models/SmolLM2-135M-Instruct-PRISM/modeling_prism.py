@@ -312,6 +312,8 @@ class PrismDraftModel(PrismPreTrainedModel):
         (default: the target's) sets the draft's parameter dtype.
         """
         dtype = overrides.pop("dtype", target.dtype)  # a quantized target's float (compute) dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"The PRISM draft must have floating-point parameters, got dtype={dtype}.")
         text = target.config.get_text_config()
         num_heads = text.num_attention_heads
         rope_parameters = getattr(text, "rope_parameters", None) or {}
@@ -406,8 +408,6 @@ class PrismDraftModel(PrismPreTrainedModel):
         embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
         if embed_tokens is None or lm_head is None:
             raise ValueError(f"{type(target).__name__} has no input embeddings or LM head to share with the draft.")
-        if not self.dtype.is_floating_point:
-            raise ValueError(f"The PRISM draft must have floating-point parameters, got {self.dtype}.")
         weight = getattr(lm_head, "weight", None)
         head_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else target.dtype
         if self.draft_to_target is None:
