@@ -40,7 +40,7 @@ def _run_train(namespace: argparse.Namespace) -> None:
 
 
 def _add_bench_parser(subparsers) -> None:
-    from .benchmarking import PROMPT_SETS
+    from .benchmarking import PROMPT_SETS, TARGET_QUANTIZATIONS
 
     parser = subparsers.add_parser(
         "bench",
@@ -51,6 +51,11 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--target", required=True, help="reference model name, local dir or Hub id")
     parser.add_argument("--dtype", default="bfloat16", help="target dtype (drafts are cast to it)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--target-quantization",
+        choices=TARGET_QUANTIZATIONS,
+        help="load the target with bitsandbytes (8-bit LLM.int8 or 4-bit NF4 computing in --dtype)",
+    )
     parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="a PRISM draft (repeat)")
     parser.add_argument("--assistant", metavar="MODEL", help="same-tokenizer model for HF assisted generation")
     parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup (10 tokens, 2-gram)")

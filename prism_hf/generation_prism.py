@@ -108,6 +108,12 @@ class PrismCandidateGenerator(CandidateGenerator):
                 f"PRISM drafting supports batch size 1 only (as does transformers' assisted generation), got a batch "
                 f"of {input_ids.shape[0]}. Generate the sequences one at a time."
             )
+        if target.device.type == "meta":
+            raise ValueError(
+                "The target's first parameter (usually its input embedding) is offloaded to disk, so `target.device` "
+                "is 'meta', and transformers' assisted generation moves every candidate there. Keep that module on "
+                "an execution device, e.g. `device_map={'model.embed_tokens': 'cpu', ...}`."
+            )
         if generation_config.assistant_ensemble_weight is not None:
             raise ValueError("`assistant_ensemble_weight` is lossy; PRISM drafting keeps generation exact.")
         schedule = generation_config.num_assistant_tokens_schedule

@@ -22,6 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -208,11 +209,18 @@ def load_reference_model(
     name_or_path: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    **from_pretrained_kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer by reference-model name, local directory or Hub id, in eval mode."""
+    """
+    Load a causal LM and its tokenizer by reference-model name, local directory or Hub id, in eval mode.
+
+    Other keyword arguments go to `from_pretrained`; with a `quantization_config` or a `device_map` the model is
+    placed by `from_pretrained` (and accelerate) instead of being moved to `device`.
+    """
     path = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+    if from_pretrained_kwargs.get("quantization_config") is None and from_pretrained_kwargs.get("device_map") is None:
+        model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

@@ -166,12 +166,82 @@ class PrismDraftOutput(ModelOutput):
 
 
 class _VerifierHeads:
-    """The verifier's embedding and LM head, held by reference: never saved with, nor trained in, the draft."""
+    """
+    The verifier's embedding and LM head, held by reference: never saved with, nor trained in, the draft.
 
-    def __init__(self, embed_tokens: nn.Module, lm_head: nn.Module, draft_lm_weight: torch.Tensor | None):
+    `head_dtype` is the dtype the LM head takes as input (a quantized head stores integers but computes in the
+    target's float dtype). `draft_lm_weight` is the dense slice of the LM head over the reduced draft vocabulary;
+    `slice_key` records what it was read from, so that binding the same target again reuses it.
+    """
+
+    def __init__(
+        self,
+        embed_tokens: nn.Module,
+        lm_head: nn.Module,
+        head_dtype: torch.dtype,
+        draft_lm_weight: torch.Tensor | None = None,
+        slice_key: tuple | None = None,
+    ):
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
+        self.head_dtype = head_dtype
         self.draft_lm_weight = draft_lm_weight
+        self.slice_key = slice_key
+
+
+def _slice_key(weight: Any, ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
+    """What an LM-head slice was read from: the tensors themselves (kept alive by the key), then plain values."""
+    version = weight._version if isinstance(weight, torch.Tensor) else None
+    return (weight, ids), (version, ids._version, dtype, device)
+
+
+def _same_key(cached: tuple | None, key: tuple) -> bool:
+    """Same tensor objects, unchanged in place since, and the same cast."""
+    if cached is None:
+        return False
+    return all(a is b for a, b in zip(cached[0], key[0], strict=True)) and cached[1] == key[1]
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's hook device for a dispatched (possibly offloaded) module."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(module.parameters()).device
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """
+    The 2-D floating-point weight of a linear module, on its execution device: bitsandbytes 4/8-bit weights are
+    dequantized, disk/CPU-offloaded weights loaded. Raises a `ValueError` for a weight it cannot read.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return _dense_weight_in_place(module)
+    hook.pre_forward(module)  # accelerate loads offloaded weights here, as `align_module_device` does
+    try:
+        return _dense_weight_in_place(module)
+    finally:
+        hook.post_forward(module, None)
+
+
+def _dense_weight_in_place(module: nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+        weight = dequantize_bnb_weight(weight, getattr(module, "state", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        kind = f"a {weight.dtype} weight" if isinstance(weight, torch.Tensor) else "no weight"
+        raise ValueError(
+            f"The target's LM head ({type(module).__name__}) has {kind}, which the PRISM draft cannot read as a dense "
+            "matrix. Only plain and bitsandbytes 4/8-bit LM heads are supported with a reduced draft vocabulary: "
+            "keep the LM head unquantized (e.g. `BitsAndBytesConfig(llm_int8_skip_modules=['lm_head'])`)."
+        )
+    if weight.device.type == "meta":
+        raise ValueError(f"The target's LM head ({type(module).__name__}) has no weights loaded (meta device).")
+    return weight.detach()
 
 
 def _describe_key(entry: Any) -> str:
@@ -241,7 +311,9 @@ class PrismDraftModel(PrismPreTrainedModel):
         the config records the target's identity. Keyword arguments override [`PrismConfig`] fields; `dtype`
         (default: the target's) sets the draft's parameter dtype.
         """
-        dtype = overrides.pop("dtype", target.dtype)
+        dtype = overrides.pop("dtype", target.dtype)  # a quantized target's float (compute) dtype
+        if not dtype.is_floating_point:
+            raise ValueError(f"The PRISM draft must have floating-point parameters, got dtype={dtype}.")
         text = target.config.get_text_config()
         num_heads = text.num_attention_heads
         rope_parameters = getattr(text, "rope_parameters", None) or {}
@@ -261,7 +333,9 @@ class PrismDraftModel(PrismPreTrainedModel):
             "verifier_num_hidden_layers": text.num_hidden_layers,
         }
         fields.update(overrides)
-        draft = cls(PrismConfig(**fields)).to(dtype=dtype, device=target.device)
+        lm_head = target.get_output_embeddings()
+        device = _execution_device(lm_head if lm_head is not None else target)
+        draft = cls(PrismConfig(**fields)).to(dtype=dtype, device=device)
         draft.bind_target(target)
         return draft
 
@@ -325,18 +399,29 @@ class PrismDraftModel(PrismPreTrainedModel):
             raise ValueError(f"feature_layers {out_of_range} are out of range for a target with {num_states} states.")
 
     def bind_target(self, target: PreTrainedModel) -> None:
-        """Checks `target` and takes its token embedding and LM head (by reference) for drafting."""
+        """
+        Checks `target` and takes its token embedding and LM head (by reference) for drafting. The target may be
+        quantized (bitsandbytes 4/8-bit) or dispatched with a `device_map` (layers offloaded to CPU or disk): a
+        reduced draft vocabulary reads the LM head once, dequantized, and keeps its slice in the draft's dtype.
+        """
         self.check_target(target)
         embed_tokens, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
         if embed_tokens is None or lm_head is None:
             raise ValueError(f"{type(target).__name__} has no input embeddings or LM head to share with the draft.")
-        draft_lm_weight = None
-        if self.draft_to_target is not None:
-            if not hasattr(lm_head, "weight") or lm_head.weight.dim() != 2:
-                raise ValueError("A reduced draft vocabulary needs a target LM head with a plain 2-D weight.")
-            ids = self.draft_to_target.to(lm_head.weight.device)
-            draft_lm_weight = lm_head.weight.detach()[ids].to(device=self.device, dtype=self.dtype)
-        self._verifier = _VerifierHeads(embed_tokens, lm_head, draft_lm_weight)
+        weight = getattr(lm_head, "weight", None)
+        head_dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else target.dtype
+        if self.draft_to_target is None:
+            self._verifier = _VerifierHeads(embed_tokens, lm_head, head_dtype)
+            return
+        key = _slice_key(weight, self.draft_to_target, self.dtype, self.device)
+        previous = self._verifier
+        if previous is not None and _same_key(previous.slice_key, key):
+            draft_lm_weight = previous.draft_lm_weight
+        else:
+            dense = _dense_weight(lm_head)
+            rows = dense[self.draft_to_target.to(dense.device)]
+            draft_lm_weight = rows.to(device=self.device, dtype=self.dtype)
+        self._verifier = _VerifierHeads(embed_tokens, lm_head, head_dtype, draft_lm_weight, key)
 
     @property
     def verifier(self) -> _VerifierHeads:
@@ -381,7 +466,7 @@ class PrismDraftModel(PrismPreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed_tokens = self.verifier.embed_tokens
-        input_ids = input_ids.to(embed_tokens.weight.device)
+        input_ids = input_ids.to(_execution_device(embed_tokens))
         return embed_tokens(input_ids).to(device=self.device, dtype=self.dtype)
 
     def run_module(
@@ -403,8 +488,9 @@ class PrismDraftModel(PrismPreTrainedModel):
         normed = self.norm(draft_hidden)
         if self.verifier.draft_lm_weight is not None:
             return F.linear(normed, self.verifier.draft_lm_weight)
-        lm_head = self.verifier.lm_head
-        return lm_head(normed.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)).to(self.device)
+        verifier = self.verifier
+        normed = normed.to(device=_execution_device(verifier.lm_head), dtype=verifier.head_dtype)
+        return verifier.lm_head(normed).to(self.device)
 
     def to_target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Scatters draft-vocabulary logits into the target vocabulary (tokens outside it get `-inf`)."""

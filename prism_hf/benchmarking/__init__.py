@@ -18,12 +18,13 @@ from .strategies import (
     prism_strategy,
     prompt_lookup_strategy,
 )
-from .suite import MODES, BenchmarkConfig, run_suite
+from .suite import MODES, TARGET_QUANTIZATIONS, BenchmarkConfig, run_suite, target_quantization_config
 
 __all__ = [
     "MODES",
     "PLAIN",
     "PROMPT_SETS",
+    "TARGET_QUANTIZATIONS",
     "BenchPrompt",
     "BenchmarkConfig",
     "RunRecord",
@@ -41,5 +42,6 @@ __all__ = [
     "run_benchmark",
     "run_suite",
     "summarize",
+    "target_quantization_config",
     "write_results",
 ]

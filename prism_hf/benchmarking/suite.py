@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,11 +31,42 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {"per_category": None, "limit": None, "max_new_tokens": 256},
 }
 DEFAULT_RESULTS_ROOT = Path("benchmarks") / "results"
+TARGET_QUANTIZATIONS = ("8bit", "4bit")
 
 
-def default_output_dir(target: str | os.PathLike) -> Path:
-    """`benchmarks/results/<target name>/`, relative to the working directory."""
-    return DEFAULT_RESULTS_ROOT / Path(target).name.lower()
+def default_output_dir(target: str | os.PathLike, quantization: str | None = None) -> Path:
+    """`benchmarks/results/<target name>[-<quantization>]/`, relative to the working directory."""
+    name = Path(target).name.lower()
+    return DEFAULT_RESULTS_ROOT / (f"{name}-{quantization}" if quantization else name)
+
+
+class _OnceFilter(logging.Filter):
+    """Lets each distinct message through once (bitsandbytes logs its 8-bit input cast on every matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def target_quantization_config(quantization: str, dtype: torch.dtype):
+    """
+    The bitsandbytes config of `--target-quantization`: LLM.int8 (`"8bit"`, default outlier threshold) or NF4
+    (`"4bit"`, computing in `dtype`). Non-quantized parameters and the draft stay in `dtype`.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    raise ValueError(f"Unknown target quantization {quantization!r}; choose from {TARGET_QUANTIZATIONS}.")
 
 
 @dataclass
@@ -55,7 +87,8 @@ class BenchmarkConfig:
         per_category (`int`, *optional*): Spec-Bench prompts per task.
         limit (`int`, *optional*): HumanEval and held-out ShareGPT prompts, each.
         max_new_tokens (`int`, *optional*): new tokens per call.
-        dtype (`str`): target dtype; drafts and assistants are cast to it.
+        dtype (`str`): target dtype (a quantized target's compute dtype); drafts and assistants are cast to it.
+        target_quantization (`str`, *optional*): load the target with bitsandbytes, `"8bit"` or `"4bit"`.
         device (`str`, *optional*): default CUDA when available, else CPU.
         output_dir (`str`, *optional*): default `benchmarks/results/<target name>/`.
         warmup (`bool`): one short call per strategy before measuring.
@@ -74,6 +107,7 @@ class BenchmarkConfig:
     limit: int | None = None
     max_new_tokens: int | None = None
     dtype: str = "bfloat16"
+    target_quantization: str | None = None
     device: str | None = None
     output_dir: str | None = None
     warmup: bool = True
@@ -85,9 +119,13 @@ class BenchmarkConfig:
             raise ValueError(f"Unknown mode {self.mode!r}; choose from {sorted(MODES)}.")
         if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
             raise ValueError(f"Unknown dtype {self.dtype!r} (e.g. bfloat16, float16, float32).")
+        if self.target_quantization not in (None, *TARGET_QUANTIZATIONS):
+            raise ValueError(
+                f"Unknown target quantization {self.target_quantization!r}; choose from {TARGET_QUANTIZATIONS}."
+            )
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        values["output_dir"] = self.output_dir or str(default_output_dir(self.target))
+        values["output_dir"] = self.output_dir or str(default_output_dir(self.target, self.target_quantization))
         return dataclasses.replace(self, **values)
 
 
@@ -118,7 +156,15 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
     )
     prompts = [p for group in prompt_sets.values() for p in group]
 
-    target, tokenizer = load_reference_model(config.target, dtype=getattr(torch, config.dtype), device=config.device)
+    dtype = getattr(torch, config.dtype)
+    load_kwargs = {}
+    if config.target_quantization is not None:
+        load_kwargs["quantization_config"] = target_quantization_config(config.target_quantization, dtype)
+        load_kwargs["device_map"] = config.device
+        bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
+            bnb_logger.addFilter(_OnceFilter())
+    target, tokenizer = load_reference_model(config.target, dtype=dtype, device=config.device, **load_kwargs)
     strategies = build_strategies(target, config)
     records = run_benchmark(
         target,
@@ -133,6 +179,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "target": config.target,
         "target_path": str(target.name_or_path),
         "dtype": config.dtype,
+        "target_quantization": config.target_quantization,
         "machine": machine_metadata(target.device),
         "mode": config.mode,
         "max_new_tokens": config.max_new_tokens,
