@@ -157,7 +157,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             self.small_cache.crop(-(self.small_cached - self.small_valid))
         self.small_cached = self.small_valid
         rows: list[torch.Tensor | None] = []
-        fed, proposal = self.tokens[self.small_valid :], []
+        # the first forward also checks a pool phrase after the context, like every later one after a drafted token
+        proposal = self.pool.draft(self.tokens, budget - 1)
+        fed = self.tokens[self.small_valid :] + proposal
         while True:
             # logits[j] predicts the token after the draft extended by proposal[:j]
             logits = self._small_forward(fed, keep=len(proposal) + 1, device=input_ids.device)

@@ -146,9 +146,10 @@ class PhrasePool:
         Adds the phrases of the token sequence `tokens` whose window changed since it was `start` tokens long: call
         it with the whole sequence and the previous length after new tokens arrive (`start=0` for a new text).
         """
-        tokens = list(tokens)
         first = max(0, start - self.phrase_length)
-        for end in range(first + 1, len(tokens)):  # key ends before `end`, the phrase starts at `end`
+        offset = max(0, first + 1 - self.ngram_sizes[0])
+        tokens = list(tokens[offset:])  # only the part whose phrases change
+        for end in range(first + 1 - offset, len(tokens)):  # key ends before `end`, the phrase starts at `end`
             self.add_after(tokens[max(0, end - self.ngram_sizes[0]) : end], tokens[end : end + self.phrase_length])
 
     # ------------------------------------------------------------------------------------------------- drafting
