@@ -84,6 +84,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.pool = assistant.pool
         self.small_model = assistant.small_model
         self.confidence_threshold = assistant.confidence_threshold
+        self.unchecked_min_key_length = assistant.unchecked_min_key_length
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
@@ -129,7 +130,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         logits = None
         if budget >= 1:
             if self.small_model is None:
-                self._draft = self.pool.draft(self.tokens, budget)
+                self._draft = self.pool.draft(self.tokens, budget, self.unchecked_min_key_length)
                 self._from_pool = [True] * len(self._draft)
             else:
                 logits = self._draft_with_small_model(input_ids, budget)
@@ -182,7 +183,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             proposal = self.pool.draft(self.tokens + self._draft, budget - len(self._draft))
             fed = [self._draft[-1], *proposal]
         if self.assistant.pool_suffix and len(self._draft) < budget:
-            suffix = self.pool.draft(self.tokens + self._draft, budget - len(self._draft))
+            room = budget - len(self._draft)
+            suffix = self.pool.draft(self.tokens + self._draft, room, self.unchecked_min_key_length)
             self._draft.extend(suffix)
             self._from_pool.extend([True] * len(suffix))
             rows.extend([None] * len(suffix))
@@ -286,6 +288,11 @@ class Ouroboros:
         pool_suffix (`bool`, *optional*, defaults to `False`):
             With a small model: after it stops, append the pool's phrase (unchecked by the small model, as the
             paper's candidate suffixes) while the budget allows.
+        unchecked_min_key_length (`int`, *optional*, defaults to 2):
+            Shortest key (in tokens) for phrases that go to the target unchecked (pool-only drafts, pool suffixes).
+            A wrong draft token costs a target verification position, and single-token keys match almost
+            everywhere; phrases the small model checks use every key length (a wrong one only costs a position in
+            the small model's forward).
     """
 
     def __init__(
@@ -296,6 +303,7 @@ class Ouroboros:
         draft_length_schedule: str = "heuristic_transient",
         confidence_threshold: float = 0.3,
         pool_suffix: bool = False,
+        unchecked_min_key_length: int = 2,
     ):
         if small_model is not None and not isinstance(small_model, PreTrainedModel):
             raise TypeError(
@@ -317,6 +325,7 @@ class Ouroboros:
         self.draft_length_schedule = draft_length_schedule
         self.confidence_threshold = float(confidence_threshold)
         self.pool_suffix = pool_suffix
+        self.unchecked_min_key_length = unchecked_min_key_length
         self.last_generation_stats: OuroborosStats | None = None
         self._heuristic_num_draft_tokens: int | None = None
 

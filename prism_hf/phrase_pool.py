@@ -154,10 +154,10 @@ class PhrasePool:
 
     # ------------------------------------------------------------------------------------------------- drafting
 
-    def lookup(self, context: Sequence[int]) -> Phrase:
-        """The newest phrase under the longest key ending `context`, or `()` when no key matches."""
+    def lookup(self, context: Sequence[int], min_key_length: int = 1) -> Phrase:
+        """The newest phrase under the longest key ending `context` (of at least `min_key_length` tokens), or `()`."""
         for n in self.ngram_sizes:
-            if len(context) < n:
+            if len(context) < n or n < min_key_length:
                 continue
             key = tuple(context[len(context) - n :])
             bucket = self._keys.get(key)
@@ -166,12 +166,12 @@ class PhrasePool:
                 return next(reversed(bucket))
         return ()
 
-    def draft(self, context: Sequence[int], max_tokens: int) -> list[int]:
+    def draft(self, context: Sequence[int], max_tokens: int, min_key_length: int = 1) -> list[int]:
         """Up to `max_tokens` tokens continuing `context`, phrase after phrase (each lookup sees the previous one)."""
         drafted: list[int] = []
         tail = list(context[len(context) - self.ngram_sizes[0] :])
         while len(drafted) < max_tokens:
-            phrase = self.lookup(tail)
+            phrase = self.lookup(tail, min_key_length)
             if not phrase:
                 break
             phrase = phrase[: max_tokens - len(drafted)]

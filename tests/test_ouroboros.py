@@ -163,7 +163,10 @@ def test_sampled_tokens_follow_the_target_distribution(small):
     target = _tiny_vocab_model(0)
     small_model = _tiny_vocab_model(3) if small else None
     # the small model stops after each of its tokens (q), leaving room for unchecked pool suffixes (one-hot q)
-    assistant = Ouroboros(small_model, pool=PhrasePool(ngram_sizes=(1,)), confidence_threshold=1.01, pool_suffix=True)
+    pool = PhrasePool(ngram_sizes=(1,))
+    assistant = Ouroboros(
+        small_model, pool=pool, confidence_threshold=1.01, pool_suffix=True, unchecked_min_key_length=1
+    )
     prompt = torch.tensor([[3, 7, 1, 3, 7]])
     kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=5, pad_token_id=0)
 
@@ -199,7 +202,9 @@ def test_sampling_proposals_carry_their_own_distributions():
     for token in range(12):
         pool.add([token], [5, 6])
     prompt = torch.tensor([[3, 7, 1, 3, 7]])
-    assistant = Ouroboros(small, pool=pool, num_draft_tokens=3, confidence_threshold=1.01, pool_suffix=True)
+    assistant = Ouroboros(
+        small, pool=pool, num_draft_tokens=3, confidence_threshold=1.01, pool_suffix=True, unchecked_min_key_length=1
+    )
     generator = assistant.build_candidate_generator(
         target=target,
         input_ids=prompt,
@@ -236,6 +241,7 @@ def test_pool_keeps_the_longest_newest_phrases_and_chains_them():
     assert pool.draft([3, 5], max_tokens=8) == [6, 7, 8, 1, 5, 4]  # (5)->678, (8)->15, (1,5)->4, then no key
     assert pool.draft([3, 5], max_tokens=2) == [6, 7]
     assert pool.lookup([42]) == () and pool.draft([], 5) == []
+    assert pool.lookup([3, 5], min_key_length=2) == () and pool.draft([1, 5], 2, min_key_length=2) == [4]
 
 
 def test_add_text_step_by_step_equals_all_at_once():
@@ -307,7 +313,7 @@ def test_target_predictions_after_a_rejection_enter_the_pool(llama_target):
     pool = PhrasePool(phrase_length=4, ngram_sizes=(1, 2))
     prompt = torch.tensor([[10, 11, 12]])
     pool.add([12], [20, 21, 22])  # what the pool will draft
-    generator = Ouroboros(pool=pool).build_candidate_generator(
+    generator = Ouroboros(pool=pool, unchecked_min_key_length=1).build_candidate_generator(
         target=llama_target,
         input_ids=prompt,
         generation_config=GenerationConfig(max_length=30, do_sample=False),
