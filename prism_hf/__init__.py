@@ -4,9 +4,11 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_prism import PrismConfig
 from .generation_hooks import install_generation_hooks
+from .generation_ouroboros import Ouroboros, OuroborosCandidateGenerator, OuroborosStats
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .hub import push_draft
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
+from .phrase_pool import PhrasePool
 from .reference_models import load_reference_model
 from .training.pipeline import DraftTrainingArguments, train_draft
 
@@ -22,6 +24,10 @@ install_generation_hooks()
 
 __all__ = [
     "DraftTrainingArguments",
+    "Ouroboros",
+    "OuroborosCandidateGenerator",
+    "OuroborosStats",
+    "PhrasePool",
     "PrismCandidateGenerator",
     "PrismConfig",
     "PrismDraftModel",

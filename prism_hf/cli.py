@@ -59,7 +59,16 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="a PRISM draft (repeat)")
     parser.add_argument("--assistant", metavar="MODEL", help="same-tokenizer model for HF assisted generation")
     parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup (10 tokens, 2-gram)")
-    parser.add_argument("--num-draft-tokens", type=int, help="initial draft length of PRISM drafts and --assistant")
+    parser.add_argument("--ouroboros", action="store_true", help="include Ouroboros (phrase pool alone)")
+    parser.add_argument("--ouroboros-assistant", metavar="MODEL", help="include Ouroboros with this small model")
+    parser.add_argument(
+        "--ouroboros-warm",
+        action="store_true",
+        help="also run each Ouroboros strategy with one phrase pool kept across prompts (warm start)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens", type=int, help="initial draft length of PRISM drafts, --assistant and Ouroboros"
+    )
     parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["spec_bench", "humaneval"])
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks or MT-Bench categories (default: all)")
     size = parser.add_mutually_exclusive_group()

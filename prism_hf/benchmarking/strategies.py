@@ -2,7 +2,7 @@
 Generation strategies compared by the benchmark: each is one way of calling the target's `generate`.
 
 A strategy is only a name plus the keyword arguments it adds to a greedy `generate` call, so any drafting method that
-plugs into `generate` (HF assisted generation, prompt lookup, PRISM, later Ouroboros) is benchmarked the same way.
+plugs into `generate` (HF assisted generation, prompt lookup, PRISM, Ouroboros) is benchmarked the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..configuration_prism import PrismConfig
+from ..generation_ouroboros import Ouroboros
 from ..modeling_prism import PrismDraftModel
+from ..phrase_pool import PhrasePool
 from ..reference_models import resolve_model
 
 PLAIN = "plain"
@@ -66,6 +68,12 @@ def assistant_strategy(name: str, assistant: Any, description: str = "", **gener
     return Strategy(name, {"assistant_model": assistant, **generate_kwargs}, description or type(assistant).__name__)
 
 
+def load_small_model(name: str | os.PathLike, target: PreTrainedModel) -> PreTrainedModel:
+    """A same-tokenizer causal LM (reference-model name, directory or Hub id) in the target's dtype and device."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=target.dtype)
+    return model.to(target.device).eval()
+
+
 def hf_assisted_strategy(
     assistant: str | os.PathLike | PreTrainedModel,
     target: PreTrainedModel,
@@ -78,8 +86,7 @@ def hf_assisted_strategy(
     """
     label = assistant if isinstance(assistant, (str, os.PathLike)) else assistant.name_or_path
     if not isinstance(assistant, PreTrainedModel):
-        assistant = AutoModelForCausalLM.from_pretrained(resolve_model(assistant), dtype=target.dtype)
-        assistant = assistant.to(target.device).eval()
+        assistant = load_small_model(assistant, target)
     kwargs = {} if num_assistant_tokens is None else {"num_assistant_tokens": num_assistant_tokens}
     return assistant_strategy(
         name or f"hf-assisted-{Path(os.fspath(label)).name.lower()}",
@@ -95,6 +102,48 @@ def prompt_lookup_strategy(num_tokens: int = 10, max_ngram_size: int = 2, name: 
         name,
         {"prompt_lookup_num_tokens": num_tokens, "max_matching_ngram_size": max_ngram_size},
         f"HF prompt lookup ({num_tokens} tokens, {max_ngram_size}-gram)",
+    )
+
+
+class _ColdOuroboros(Ouroboros):
+    """Ouroboros that forgets its pool at every call: it drafts from the prompt and the call's own text only."""
+
+    def build_candidate_generator(self, **kwargs: Any):
+        self.pool.clear()
+        return super().build_candidate_generator(**kwargs)
+
+
+def ouroboros_strategy(
+    small_model: str | os.PathLike | PreTrainedModel | None = None,
+    target: PreTrainedModel | None = None,
+    warm: bool = False,
+    pool: PhrasePool | None = None,
+    num_draft_tokens: int | None = None,
+    name: str | None = None,
+) -> Strategy:
+    """
+    Ouroboros phrase-pool drafting, with a small same-tokenizer model (name, directory, Hub id or model; names are
+    loaded in the target's dtype and device) or from the pool alone (`small_model=None`).
+
+    Cold (default), the pool is emptied before every call. `warm=True` keeps one pool across all calls of the run
+    (starting from `pool` when given): prompts come grouped by category, so each prompt drafts from the earlier
+    prompts of its category too, the paper's warm-start ("second pass") setting.
+    """
+    label = "pool"
+    if small_model is not None:
+        if not isinstance(small_model, PreTrainedModel):
+            if target is None:
+                raise ValueError("ouroboros_strategy needs the target to load a small model by name.")
+            label = Path(os.fspath(small_model)).name.lower()
+            small_model = load_small_model(small_model, target)
+        else:
+            label = Path(small_model.name_or_path or "small").name.lower()
+    kwargs = {} if num_draft_tokens is None else {"num_draft_tokens": num_draft_tokens}
+    assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)
+    temperature = "warm pool across calls" if warm else "fresh pool per call"
+    drafter = "pool only" if small_model is None else f"small model {label} + pool"
+    return assistant_strategy(
+        name or f"ouroboros-{label}{'-warm' if warm else ''}", assistant, f"Ouroboros ({drafter}, {temperature})"
     )
 
 

@@ -20,6 +20,8 @@ from .strategies import (
     Strategy,
     check_draft_dir,
     hf_assisted_strategy,
+    load_small_model,
+    ouroboros_strategy,
     plain_strategy,
     prism_strategy,
     prompt_lookup_strategy,
@@ -79,8 +81,12 @@ class BenchmarkConfig:
         drafts (`dict[str, str]`): PRISM drafts, `{name: saved draft directory}`.
         assistant (`str`, *optional*): small same-tokenizer model for HF assisted generation.
         prompt_lookup (`bool`): add HF prompt lookup decoding (10 tokens, 2-gram).
-        num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts and the HF assistant
-            (default: the draft config's; HF's own for the assistant).
+        ouroboros (`bool`): add Ouroboros drafting from the phrase pool alone.
+        ouroboros_assistant (`str`, *optional*): add Ouroboros drafting with this small same-tokenizer model.
+        ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
+            start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
+        num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
+            (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
         prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
@@ -99,6 +105,9 @@ class BenchmarkConfig:
     drafts: dict[str, str] = field(default_factory=dict)
     assistant: str | None = None
     prompt_lookup: bool = False
+    ouroboros: bool = False
+    ouroboros_assistant: str | None = None
+    ouroboros_warm: bool = False
     num_draft_tokens: int | None = None
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
@@ -130,15 +139,31 @@ class BenchmarkConfig:
 
 
 def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
-    """Plain generate, then the HF assistant, prompt lookup and the PRISM drafts the config names."""
+    """Plain generate, then the HF assistant, prompt lookup, the PRISM drafts and the Ouroboros strategies."""
     strategies = [plain_strategy()]
+    small_models = {}  # one copy of a small model shared by HF assisted generation and Ouroboros
+    for name in {config.assistant, config.ouroboros_assistant} - {None}:
+        small_models[name] = load_small_model(name, target)
     if config.assistant is not None:
-        strategies.append(hf_assisted_strategy(config.assistant, target, config.num_draft_tokens))
+        name = f"hf-assisted-{Path(config.assistant).name.lower()}"
+        strategies.append(
+            hf_assisted_strategy(small_models[config.assistant], target, config.num_draft_tokens, name=name)
+        )
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
         strategies.append(prism_strategy(name, path, target, config.num_draft_tokens))
-    # An Ouroboros strategy goes here once its assistant exists: `assistant_strategy("ouroboros", pool_drafter)`.
+    ouroboros = [None] if config.ouroboros else []
+    if config.ouroboros_assistant is not None:
+        ouroboros.append(config.ouroboros_assistant)
+    for small in ouroboros:
+        model = None if small is None else small_models[small]
+        label = "pool" if small is None else Path(small).name.lower()
+        for warm in (False, True) if config.ouroboros_warm else (False,):
+            name = f"ouroboros-{label}{'-warm' if warm else ''}"
+            strategies.append(
+                ouroboros_strategy(model, target, warm=warm, num_draft_tokens=config.num_draft_tokens, name=name)
+            )
     return strategies
 
 

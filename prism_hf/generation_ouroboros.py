@@ -1,0 +1,361 @@
+"""
+Ouroboros drafting inside `generate()` (arXiv 2402.13720): a small model drafts phrase by phrase with a phrase pool.
+
+`target.generate(**inputs, assistant_model=Ouroboros(small_model, pool=pool))` drafts with the small model and, after
+every token it proposes, extends the draft with a phrase from the pool; `Ouroboros(pool=pool)` drafts from the pool
+alone. The target verifies every token, so greedy output equals plain `generate` and sampling stays exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .configuration_prism import DRAFT_LENGTH_SCHEDULES
+from .generation_prism import SpeculationStats
+from .phrase_pool import PhrasePool
+
+# `GenerationConfig` fills these in when the caller leaves them unset, so they mean "use the assistant's default".
+_HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
+_HF_DEFAULT_SCHEDULE = "constant"
+
+
+@dataclass
+class OuroborosStats(SpeculationStats):
+    """`SpeculationStats` plus where drafted tokens came from (`verifications` counts every target forward)."""
+
+    pool_drafted_tokens: int = 0
+    pool_accepted_tokens: int = 0
+    small_model_forwards: int = 0
+
+
+class OuroborosCandidateGenerator(CandidateGenerator):
+    """
+    Proposes tokens phrase by phrase: one small-model step proposes a token, then the [`PhrasePool`] appends the
+    newest phrase stored under the longest n-gram ending the draft (phrases chain), so one small-model forward can
+    yield several draft tokens. Without a small model the pool drafts alone (prompt lookup over all earlier text).
+
+    The pool learns from (a) the prompt and every accepted token, (b) the target's own predictions at the verified
+    positions that follow a rejected draft token (phrases keyed by the rejected context, so drafts that drift the
+    same way are corrected next time) and (c) earlier calls, since the pool outlives the generator.
+
+    Draft length: at most `num_draft_tokens` per round; the `"heuristic"` schedules add 2 after a round whose full
+    budget was accepted and remove 1 after a rejection. The small model also stops at its first token whose
+    probability is below `confidence_threshold`.
+
+    Sampling: small-model tokens are sampled from the small model's processed distribution q and returned with it;
+    pool tokens are deterministic proposals and get a one-hot q (logits `-inf` except the proposed token), so
+    transformers' speculative sampling accepts them with probability p(token) and otherwise resamples from p without
+    that token, which is exact. A pool-only draft returns no logits: transformers then accepts a token iff the
+    target's own sample equals it, the same rule. Greedy rounds return no logits (they are not needed).
+    """
+
+    requires_model_outputs = False
+
+    def __init__(
+        self,
+        assistant: Ouroboros,
+        target: PreTrainedModel,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        model_kwargs: dict[str, Any],
+    ):
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"Ouroboros drafting supports batch size 1 only (as does transformers' assisted generation), got a "
+                f"batch of {input_ids.shape[0]}. Generate the sequences one at a time."
+            )
+        if generation_config.assistant_ensemble_weight is not None:
+            raise ValueError("`assistant_ensemble_weight` is lossy; Ouroboros drafting keeps generation exact.")
+        schedule = generation_config.num_assistant_tokens_schedule
+        if schedule in (None, _HF_DEFAULT_SCHEDULE):
+            schedule = assistant.draft_length_schedule
+        if schedule not in DRAFT_LENGTH_SCHEDULES:
+            raise ValueError(
+                f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
+            )
+        self.assistant = assistant
+        self.pool = assistant.pool
+        self.small_model = assistant.small_model
+        self.confidence_threshold = assistant.confidence_threshold
+        self.unchecked_min_key_length = assistant.unchecked_min_key_length
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.max_length = generation_config.max_length
+        self.schedule = schedule
+        self.num_draft_tokens = self._initial_draft_length(generation_config)
+        self.stats = OuroborosStats()
+        assistant.last_generation_stats = self.stats
+
+        # (a) the prompt goes into the pool before the first draft
+        self.tokens: list[int] = input_ids[0].tolist()
+        self.pool.add_text(self.tokens)
+        self._draft: list[int] = []
+        self._from_pool: list[bool] = []
+
+        if self.small_model is not None:
+            self.small_cache = DynamicCache(config=self.small_model.config)
+            self.small_cache.activate_past_recording()  # sliding-window layers must be croppable past their window
+            self.small_cached = 0  # tokens whose keys and values are in the small model's cache
+            self.small_valid = 0  # of those, the ones still on the accepted path
+            self._small_keeps_logits = self.small_model._supports_logits_to_keep()
+
+    def _initial_draft_length(self, generation_config: GenerationConfig) -> int:
+        requested = generation_config.num_assistant_tokens
+        if requested is not None and requested != _HF_DEFAULT_NUM_ASSISTANT_TOKENS:
+            if requested < 1:
+                raise ValueError(f"num_assistant_tokens must be >= 1, got {requested}.")
+            return int(requested)
+        carried = self.assistant._heuristic_num_draft_tokens
+        if self.schedule == "heuristic" and carried is not None:
+            return carried
+        return self.assistant.num_draft_tokens
+
+    # ------------------------------------------------------------------------------------------------- drafting
+
+    @torch.no_grad()
+    def get_candidates(
+        self, input_ids: torch.LongTensor, **kwargs: Any
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        began = time.perf_counter()
+        self._sync(input_ids)
+        budget = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        self._draft, self._from_pool = [], []
+        logits = None
+        if budget >= 1:
+            if self.small_model is None:
+                self._draft = self.pool.draft(self.tokens, budget, self.unchecked_min_key_length)
+                self._from_pool = [True] * len(self._draft)
+            else:
+                logits = self._draft_with_small_model(input_ids, budget)
+        self.stats.draft_seconds += time.perf_counter() - began
+        if not self._draft:
+            return input_ids, None
+        draft = torch.tensor([self._draft], dtype=input_ids.dtype, device=input_ids.device)
+        return torch.cat([input_ids, draft], dim=-1), logits
+
+    def _sync(self, input_ids: torch.LongTensor) -> None:
+        """Keeps `self.tokens` equal to `input_ids` (normally already done by `update_candidate_strategy`)."""
+        if len(self.tokens) != input_ids.shape[1]:
+            start = min(len(self.tokens), input_ids.shape[1])
+            self.tokens = input_ids[0].tolist()
+            self.pool.add_text(self.tokens, start)
+
+    def _draft_with_small_model(self, input_ids: torch.LongTensor, budget: int) -> torch.Tensor | None:
+        """
+        Fills `self._draft` with the small model's own tokens, phrase by phrase: every forward feeds the last drafted
+        token together with the pool's phrase after it, and keeps the phrase tokens the small model itself picks at
+        their positions (plus its next token), so one forward can draft several tokens. Returns the candidate
+        logits when sampling (the small model's processed q; one-hot rows for an unverified pool suffix).
+        """
+        if self.small_cached > 0:  # (crop(0) also trims sliding-window layers back to their window)
+            self.small_cache.crop(-(self.small_cached - self.small_valid))
+        self.small_cached = self.small_valid
+        rows: list[torch.Tensor | None] = []
+        # the first forward also checks a pool phrase after the context, like every later one after a drafted token
+        proposal = self.pool.draft(self.tokens, budget - 1)
+        fed = self.tokens[self.small_valid :] + proposal
+        while True:
+            # logits[j] predicts the token after the draft extended by proposal[:j]
+            logits = self._small_forward(fed, keep=len(proposal) + 1, device=input_ids.device)
+            stop, taken = False, 0
+            for j in range(len(proposal) + 1):
+                token, confident = self._pick(logits[j], rows, input_ids.device)
+                from_pool = j < len(proposal) and token == proposal[j]
+                self._draft.append(token)
+                self._from_pool.append(from_pool)
+                taken += from_pool
+                stop = len(self._draft) >= budget or not confident
+                if stop or not from_pool:
+                    break
+            unused = len(proposal) - taken  # fed phrase tokens off the drafted path
+            if unused:
+                self.small_cache.crop(-unused)
+                self.small_cached -= unused
+            if stop:
+                break
+            proposal = self.pool.draft(self.tokens + self._draft, budget - len(self._draft))
+            fed = [self._draft[-1], *proposal]
+        if self.assistant.pool_suffix and len(self._draft) < budget:
+            room = budget - len(self._draft)
+            suffix = self.pool.draft(self.tokens + self._draft, room, self.unchecked_min_key_length)
+            self._draft.extend(suffix)
+            self._from_pool.extend([True] * len(suffix))
+            rows.extend([None] * len(suffix))
+        if not self.do_sample:
+            return None
+        vocab = rows[0].shape[-1]
+        candidate_logits = torch.full((1, len(rows), vocab), float("-inf"), device=input_ids.device)
+        for i, (row, token) in enumerate(zip(rows, self._draft, strict=True)):
+            if row is None:
+                candidate_logits[0, i, token] = 0.0
+            else:
+                candidate_logits[0, i] = row
+        return candidate_logits
+
+    def _small_forward(self, tokens: list[int], keep: int, device: torch.device) -> torch.Tensor:
+        """Runs the small model over `tokens` on its cache; returns the float logits of the last `keep` positions."""
+        small = self.small_model
+        extra = {"logits_to_keep": keep} if self._small_keeps_logits else {}
+        step_inputs = torch.tensor([tokens], dtype=torch.long, device=small.device)
+        outputs = small(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True, **extra)
+        self.small_cached += len(tokens)
+        self.stats.small_model_forwards += 1
+        return outputs.logits[0, -keep:].float().to(device)
+
+    def _pick(self, logits: torch.Tensor, rows: list[torch.Tensor | None], device: torch.device) -> tuple[int, bool]:
+        """Chooses the small model's token after the current draft; records its processed logits in `rows`."""
+        logits = logits[None]
+        if len(self.logits_processor) > 0:
+            candidates = torch.tensor([self.tokens + self._draft], dtype=torch.long, device=device)
+            logits = self.logits_processor(candidates, logits)
+        probs = logits.softmax(dim=-1)
+        if self.do_sample:
+            token = int(torch.multinomial(probs, num_samples=1))
+        else:
+            token = int(logits.argmax(dim=-1))
+        rows.append(logits[0])
+        return token, float(probs[0, token]) >= self.confidence_threshold
+
+    # ------------------------------------------------------------------------------------------------- feedback
+
+    @torch.no_grad()
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        began = time.perf_counter()
+        num_matches = int(num_matches)
+        drafted = scores.shape[1] - 1
+        draft = self._draft[:drafted]
+        prefix = self.tokens
+        stats = self.stats
+        stats.verifications += 1
+        stats.drafted_tokens += drafted
+        stats.accepted_tokens += num_matches
+        stats.pool_drafted_tokens += sum(self._from_pool[:drafted])
+        stats.pool_accepted_tokens += sum(self._from_pool[:num_matches])
+
+        # (b) the target's predictions after a rejected draft token, keyed by the rejected context
+        if num_matches < drafted:
+            predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()  # after draft[: num_matches + 1] ...
+            for i in range(num_matches + 1, drafted + 1):
+                phrase = [predictions[i - num_matches - 1]]
+                j = i
+                while j < drafted and draft[j] == phrase[-1] and len(phrase) < self.pool.phrase_length:
+                    j += 1
+                    phrase.append(predictions[j - num_matches - 1])
+                self.pool.add_after((prefix + draft[:i])[-self.pool.ngram_sizes[0] :], phrase)
+
+        # (a) the accepted tokens and the target's bonus token
+        start = len(prefix)
+        self.tokens = input_ids[0].tolist()
+        self.pool.add_text(self.tokens, start)
+        if self.small_model is not None:
+            self.small_valid = min(self.small_cached, start + num_matches)
+
+        if self.schedule != "constant" and drafted > 0:
+            if num_matches == drafted and drafted >= self.num_draft_tokens:
+                self.num_draft_tokens += 2
+            elif num_matches < drafted:
+                self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
+            if self.schedule == "heuristic":
+                self.assistant._heuristic_num_draft_tokens = self.num_draft_tokens
+        stats.draft_seconds += time.perf_counter() - began
+
+
+class Ouroboros:
+    """
+    The `assistant_model` of Ouroboros drafting: `target.generate(**inputs, assistant_model=Ouroboros(small, pool))`.
+
+    Args:
+        small_model (`PreTrainedModel`, *optional*):
+            Any causal LM sharing the target's tokenizer (same vocabulary). Without it the pool drafts alone.
+        pool (`PhrasePool`, *optional*):
+            The phrase pool; reuse one (or `PhrasePool.load(path)`) to warm-start later calls. Default: a new pool.
+        num_draft_tokens (`int`, *optional*, defaults to 8):
+            Initial draft budget per verification. `num_assistant_tokens` in the `generate` call overrides it
+            (except transformers' default value 20, which cannot be told apart from "unset").
+        draft_length_schedule (`str`, *optional*, defaults to `"heuristic_transient"`):
+            `"constant"`, `"heuristic"` (+2 after a fully accepted full-budget round, -1 after a rejection, carried
+            over to the next call) or `"heuristic_transient"` (the same within one call).
+            `num_assistant_tokens_schedule` in the `generate` call overrides it (except the default `"constant"`).
+        confidence_threshold (`float`, *optional*, defaults to 0.3):
+            The small model stops drafting after a token it gives a lower probability than this.
+        pool_suffix (`bool`, *optional*, defaults to `False`):
+            With a small model: after it stops, append the pool's phrase (unchecked by the small model, as the
+            paper's candidate suffixes) while the budget allows.
+        unchecked_min_key_length (`int`, *optional*, defaults to 2):
+            Shortest key (in tokens) for phrases that go to the target unchecked (pool-only drafts, pool suffixes).
+            A wrong draft token costs a target verification position, and single-token keys match almost
+            everywhere; phrases the small model checks use every key length (a wrong one only costs a position in
+            the small model's forward).
+    """
+
+    def __init__(
+        self,
+        small_model: PreTrainedModel | None = None,
+        pool: PhrasePool | None = None,
+        num_draft_tokens: int = 8,
+        draft_length_schedule: str = "heuristic_transient",
+        confidence_threshold: float = 0.3,
+        pool_suffix: bool = False,
+        unchecked_min_key_length: int = 2,
+    ):
+        if small_model is not None and not isinstance(small_model, PreTrainedModel):
+            raise TypeError(
+                f"Ouroboros needs a transformers causal LM as small model, got {type(small_model).__name__}."
+            )
+        if small_model is not None and small_model.config.is_encoder_decoder:
+            raise ValueError("Ouroboros drafts with decoder-only small models; this one is an encoder-decoder.")
+        if pool is not None and not isinstance(pool, PhrasePool):
+            raise TypeError(f"pool must be a prism_hf.PhrasePool, got {type(pool).__name__}.")
+        if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}.")
+        if draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:
+            raise ValueError(
+                f"draft_length_schedule must be one of {DRAFT_LENGTH_SCHEDULES}, got {draft_length_schedule!r}."
+            )
+        self.small_model = small_model.eval() if small_model is not None else None
+        self.pool = pool if pool is not None else PhrasePool()
+        self.num_draft_tokens = num_draft_tokens
+        self.draft_length_schedule = draft_length_schedule
+        self.confidence_threshold = float(confidence_threshold)
+        self.pool_suffix = pool_suffix
+        self.unchecked_min_key_length = unchecked_min_key_length
+        self.last_generation_stats: OuroborosStats | None = None
+        self._heuristic_num_draft_tokens: int | None = None
+
+    def __repr__(self) -> str:
+        small = "pool only" if self.small_model is None else (self.small_model.name_or_path or "small model")
+        return f"Ouroboros({small}, {self.pool!r})"
+
+    def check_target(self, target: PreTrainedModel) -> None:
+        """Raises a `ValueError` when the small model or the pool does not share the target's vocabulary."""
+        vocab_size = target.config.get_text_config().vocab_size
+        if self.small_model is not None:
+            small_vocab = self.small_model.config.get_text_config().vocab_size
+            if small_vocab != vocab_size:
+                raise ValueError(
+                    f"The Ouroboros small model has a vocabulary of {small_vocab} tokens but the target has "
+                    f"{vocab_size}: the small model must share the target's tokenizer (different tokenizers are not "
+                    "supported)."
+                )
+        if self.pool.vocab_size is not None and self.pool.vocab_size != vocab_size:
+            self.pool.bind_vocab_size(vocab_size)  # raises with the explanation
+
+    def build_candidate_generator(
+        self,
+        target: PreTrainedModel,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        model_kwargs: dict[str, Any],
+    ) -> OuroborosCandidateGenerator:
+        """Entry point of the generation hook (see `generation_hooks`)."""
+        self.check_target(target)
+        self.pool.bind_vocab_size(target.config.get_text_config().vocab_size)
+        return OuroborosCandidateGenerator(self, target, input_ids, generation_config, logits_processor, model_kwargs)

