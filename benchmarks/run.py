@@ -14,13 +14,14 @@ from prism_hf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-# The committed tables (float32: measured on an AVX2-only CPU, where bfloat16 is ~100x slower; one thread per run).
+# The committed tables (float32: measured on an AVX2-only CPU, where bfloat16 is ~100x slower).
 PRESETS = {
     "smollm2": [
         "--target", "smollm2-135m-instruct", "--dtype", "float32",
         "--draft", f"prism-m2={REPO / 'hub_models' / 'SmolLM2-135M-Instruct-PRISM'}",
         "--draft", f"prism-m1-baseline={REPO / 'benchmarks' / 'drafts' / 'SmolLM2-135M-Instruct-M1-baseline'}",
-        "--prompt-lookup", "--ouroboros", "--ouroboros-warm", "--per-category", "2", "--limit", "3", "--max-new-tokens", "64",
+        "--prompt-lookup", "--ouroboros", "--ouroboros-warm",
+        "--per-category", "2", "--limit", "3", "--max-new-tokens", "64",
         "--output-dir", str(RESULTS / "smollm2-135m-instruct"),
     ],
     "qwen-1.5b": [

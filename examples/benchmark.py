@@ -39,12 +39,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt of your own (repeat)")
     parser.add_argument("--limit", type=int, default=5, help="HumanEval prompts when no --prompt is given")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 where the hardware runs it natively, else float32",
+    )
     parser.add_argument("--output-dir", default="bench-out")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    target, tokenizer = prism_hf.load_reference_model(args.target, dtype=getattr(torch, args.dtype), device=device)
+    dtype = prism_hf.resolve_dtype(args.dtype, device)
+    target, tokenizer = prism_hf.load_reference_model(args.target, dtype=dtype, device=device)
     drafts = dict(parse_draft_spec(spec) for spec in args.draft)
     strategies = [prism_strategy(name, path, target) for name, path in drafts.items()]
     if args.prompt_lookup:
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     metadata = {
         **machine_metadata(device),
         "target": args.target,
-        "dtype": args.dtype,
+        "dtype": str(dtype).removeprefix("torch."),
         "prompts": f"{len(prompts)} ({'custom' if args.prompt else 'HumanEval'})",
         "max_new_tokens": args.max_new_tokens,
         "strategies": ["plain", *(s.name for s in strategies)],

@@ -9,7 +9,7 @@ from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .hub import push_draft
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
 from .phrase_pool import PhrasePool
-from .reference_models import load_reference_model
+from .reference_models import load_reference_model, resolve_dtype
 from .training.pipeline import DraftTrainingArguments, train_draft
 
 __version__ = "0.1.0"
@@ -36,5 +36,6 @@ __all__ = [
     "__version__",
     "load_reference_model",
     "push_draft",
+    "resolve_dtype",
     "train_draft",
 ]

