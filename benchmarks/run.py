@@ -26,9 +26,11 @@ PRESETS = {
     ],
     "qwen-1.5b": [
         "--target", "qwen2.5-coder-1.5b-instruct", "--dtype", "float32",
+        "--draft", f"prism-m2={REPO / 'hub_models' / 'Qwen2.5-Coder-1.5B-Instruct-PRISM'}",
+        "--draft", f"prism-m1-baseline={REPO / 'benchmarks' / 'drafts' / 'Qwen2.5-Coder-1.5B-Instruct-M1-baseline'}",
         "--assistant", "qwen2.5-coder-0.5b-instruct",
         "--ouroboros", "--ouroboros-assistant", "qwen2.5-coder-0.5b-instruct", "--ouroboros-warm",
-        "--prompt-lookup", "--per-category", "1", "--limit", "2", "--max-new-tokens", "48",
+        "--prompt-lookup", "--per-category", "1", "--limit", "4", "--max-new-tokens", "48",
         "--output-dir", str(RESULTS / "qwen2.5-coder-1.5b-instruct"),
     ],
 }  # fmt: skip

@@ -17,12 +17,8 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, Pr
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
-from .generation_prism import SpeculationStats
+from .generation_prism import SpeculationStats, check_exact_drafting, resolve_draft_length
 from .phrase_pool import PhrasePool
-
-# `GenerationConfig` fills these in when the caller leaves them unset, so they mean "use the assistant's default".
-_HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
-_HF_DEFAULT_SCHEDULE = "constant"
 
 
 @dataclass
@@ -66,20 +62,13 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
     ):
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"Ouroboros drafting supports batch size 1 only (as does transformers' assisted generation), got a "
-                f"batch of {input_ids.shape[0]}. Generate the sequences one at a time."
-            )
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError("`assistant_ensemble_weight` is lossy; Ouroboros drafting keeps generation exact.")
-        schedule = generation_config.num_assistant_tokens_schedule
-        if schedule in (None, _HF_DEFAULT_SCHEDULE):
-            schedule = assistant.draft_length_schedule
-        if schedule not in DRAFT_LENGTH_SCHEDULES:
-            raise ValueError(
-                f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
-            )
+        check_exact_drafting("Ouroboros", target, input_ids, generation_config)
+        self.schedule, self.num_draft_tokens = resolve_draft_length(
+            generation_config,
+            assistant.draft_length_schedule,
+            assistant.num_draft_tokens,
+            assistant._heuristic_num_draft_tokens,
+        )
         self.assistant = assistant
         self.pool = assistant.pool
         self.small_model = assistant.small_model
@@ -88,8 +77,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
-        self.schedule = schedule
-        self.num_draft_tokens = self._initial_draft_length(generation_config)
         self.stats = OuroborosStats()
         assistant.last_generation_stats = self.stats
 
@@ -105,17 +92,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             self.small_cached = 0  # tokens whose keys and values are in the small model's cache
             self.small_valid = 0  # of those, the ones still on the accepted path
             self._small_keeps_logits = self.small_model._supports_logits_to_keep()
-
-    def _initial_draft_length(self, generation_config: GenerationConfig) -> int:
-        requested = generation_config.num_assistant_tokens
-        if requested is not None and requested != _HF_DEFAULT_NUM_ASSISTANT_TOKENS:
-            if requested < 1:
-                raise ValueError(f"num_assistant_tokens must be >= 1, got {requested}.")
-            return int(requested)
-        carried = self.assistant._heuristic_num_draft_tokens
-        if self.schedule == "heuristic" and carried is not None:
-            return carried
-        return self.assistant.num_draft_tokens
 
     # ------------------------------------------------------------------------------------------------- drafting
 

@@ -22,6 +22,50 @@ _HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
 _HF_DEFAULT_SCHEDULE = "constant"
 
 
+def check_exact_drafting(
+    strategy: str, target: PreTrainedModel, input_ids: torch.LongTensor, generation_config: GenerationConfig
+) -> None:
+    """The requests every exact drafting strategy here refuses, with what to do instead."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"{strategy} drafting supports batch size 1 only (as does transformers' assisted generation), got a batch "
+            f"of {input_ids.shape[0]}. Generate the sequences one at a time."
+        )
+    if target.device.type == "meta":
+        raise ValueError(
+            "The target's first parameter (usually its input embedding) is offloaded to disk, so `target.device` "
+            "is 'meta', and transformers' assisted generation moves every candidate there. Keep that module on "
+            "an execution device, e.g. `device_map={'model.embed_tokens': 'cpu', ...}`."
+        )
+    if generation_config.assistant_ensemble_weight is not None:
+        raise ValueError(f"`assistant_ensemble_weight` is lossy; {strategy} drafting keeps generation exact.")
+
+
+def resolve_draft_length(
+    generation_config: GenerationConfig, default_schedule: str, default_length: int, carried_length: int | None
+) -> tuple[str, int]:
+    """
+    The draft-length schedule and initial length of one `generate` call: the call's `num_assistant_tokens(_schedule)`
+    unless they hold transformers' defaults (then the drafter's), and under `"heuristic"` the length the drafter's
+    previous call ended with (`carried_length`).
+    """
+    schedule = generation_config.num_assistant_tokens_schedule
+    if schedule in (None, _HF_DEFAULT_SCHEDULE):
+        schedule = default_schedule
+    if schedule not in DRAFT_LENGTH_SCHEDULES:
+        raise ValueError(
+            f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
+        )
+    requested = generation_config.num_assistant_tokens
+    if requested is not None and requested != _HF_DEFAULT_NUM_ASSISTANT_TOKENS:
+        if requested < 1:
+            raise ValueError(f"num_assistant_tokens must be >= 1, got {requested}.")
+        return schedule, int(requested)
+    if schedule == "heuristic" and carried_length is not None:
+        return schedule, carried_length
+    return schedule, default_length
+
+
 @dataclass
 class SpeculationStats:
     """Counts of one `generate()` call; `mean_accepted_tokens` is tau (accepted drafts + 1 bonus per verification)."""
@@ -103,33 +147,18 @@ class PrismCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
     ):
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"PRISM drafting supports batch size 1 only (as does transformers' assisted generation), got a batch "
-                f"of {input_ids.shape[0]}. Generate the sequences one at a time."
-            )
-        if target.device.type == "meta":
-            raise ValueError(
-                "The target's first parameter (usually its input embedding) is offloaded to disk, so `target.device` "
-                "is 'meta', and transformers' assisted generation moves every candidate there. Keep that module on "
-                "an execution device, e.g. `device_map={'model.embed_tokens': 'cpu', ...}`."
-            )
-        if generation_config.assistant_ensemble_weight is not None:
-            raise ValueError("`assistant_ensemble_weight` is lossy; PRISM drafting keeps generation exact.")
-        schedule = generation_config.num_assistant_tokens_schedule
-        if schedule in (None, _HF_DEFAULT_SCHEDULE):
-            schedule = draft_model.config.num_draft_tokens_schedule
-        if schedule not in DRAFT_LENGTH_SCHEDULES:
-            raise ValueError(
-                f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
-            )
+        check_exact_drafting("PRISM", target, input_ids, generation_config)
+        self.schedule, self.num_draft_tokens = resolve_draft_length(
+            generation_config,
+            draft_model.config.num_draft_tokens_schedule,
+            draft_model.config.num_draft_tokens,
+            getattr(draft_model, "_heuristic_num_draft_tokens", None),
+        )
         draft_model.bind_target(target)
         self.draft = draft_model
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
-        self.schedule = schedule
-        self.num_draft_tokens = self._initial_draft_length(generation_config)
         self.cache = PrismDraftCache()
         self.num_cached_pairs = 0
         self.stats = SpeculationStats()
@@ -141,17 +170,6 @@ class PrismCandidateGenerator(CandidateGenerator):
             self.model_kwargs_overrides = {"output_hidden_states": True}
         else:
             self.model_kwargs_overrides = {"output_hidden_states": list(draft_model.config.feature_layers)}
-
-    def _initial_draft_length(self, generation_config: GenerationConfig) -> int:
-        requested = generation_config.num_assistant_tokens
-        if requested is not None and requested != _HF_DEFAULT_NUM_ASSISTANT_TOKENS:
-            if requested < 1:
-                raise ValueError(f"num_assistant_tokens must be >= 1, got {requested}.")
-            return int(requested)
-        carried = getattr(self.draft, "_heuristic_num_draft_tokens", None)
-        if self.schedule == "heuristic" and carried is not None:
-            return carried
-        return self.draft.config.num_draft_tokens
 
     @torch.no_grad()
     def get_candidates(

@@ -40,7 +40,7 @@ A PRISM speculative-decoding draft (arXiv 2602.01762) for **[{base_model}](https
 trained with prism-hf. It proposes tokens from the target's own hidden
 states; the target verifies them, so greedy output equals plain `generate` output and sampling stays exact.
 The draft stores only its own layers: it borrows the target's token embedding and LM head at run time.
-
+{status}
 ## Use
 
 With only `transformers` installed (the draft's code comes with it):
@@ -186,6 +186,7 @@ def write_model_card(
         verifier_vocab=config.get("verifier_vocab_size"),
         verifier_layers=config.get("verifier_num_hidden_layers"),
         target_description=_describe_target(args.get("target") or config.get("verifier_name_or_path")),
+        status=f"\n**Status:** {record['status']}\n" if record.get("status") else "",
         command=record.get("command", "unknown"),
         num_examples=record.get("num_examples"),
         data=args.get("data"),

@@ -1,0 +1,251 @@
+"""The PRISM candidate generator: drafts from the verifier's own hidden states inside `generate()`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.utils import ModelOutput
+
+from .configuration_prism import DRAFT_LENGTH_SCHEDULES
+from .modeling_prism import PrismKeyValues
+
+if TYPE_CHECKING:
+    from .modeling_prism import PrismDraftModel
+
+# `GenerationConfig` fills these in when the caller leaves them unset, so they mean "use the draft's default".
+_HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
+_HF_DEFAULT_SCHEDULE = "constant"
+
+
+def check_exact_drafting(
+    strategy: str, target: PreTrainedModel, input_ids: torch.LongTensor, generation_config: GenerationConfig
+) -> None:
+    """The requests every exact drafting strategy here refuses, with what to do instead."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"{strategy} drafting supports batch size 1 only (as does transformers' assisted generation), got a batch "
+            f"of {input_ids.shape[0]}. Generate the sequences one at a time."
+        )
+    if target.device.type == "meta":
+        raise ValueError(
+            "The target's first parameter (usually its input embedding) is offloaded to disk, so `target.device` "
+            "is 'meta', and transformers' assisted generation moves every candidate there. Keep that module on "
+            "an execution device, e.g. `device_map={'model.embed_tokens': 'cpu', ...}`."
+        )
+    if generation_config.assistant_ensemble_weight is not None:
+        raise ValueError(f"`assistant_ensemble_weight` is lossy; {strategy} drafting keeps generation exact.")
+
+
+def resolve_draft_length(
+    generation_config: GenerationConfig, default_schedule: str, default_length: int, carried_length: int | None
+) -> tuple[str, int]:
+    """
+    The draft-length schedule and initial length of one `generate` call: the call's `num_assistant_tokens(_schedule)`
+    unless they hold transformers' defaults (then the drafter's), and under `"heuristic"` the length the drafter's
+    previous call ended with (`carried_length`).
+    """
+    schedule = generation_config.num_assistant_tokens_schedule
+    if schedule in (None, _HF_DEFAULT_SCHEDULE):
+        schedule = default_schedule
+    if schedule not in DRAFT_LENGTH_SCHEDULES:
+        raise ValueError(
+            f"num_assistant_tokens_schedule={schedule!r} is not supported; use one of {DRAFT_LENGTH_SCHEDULES}."
+        )
+    requested = generation_config.num_assistant_tokens
+    if requested is not None and requested != _HF_DEFAULT_NUM_ASSISTANT_TOKENS:
+        if requested < 1:
+            raise ValueError(f"num_assistant_tokens must be >= 1, got {requested}.")
+        return schedule, int(requested)
+    if schedule == "heuristic" and carried_length is not None:
+        return schedule, carried_length
+    return schedule, default_length
+
+
+@dataclass
+class SpeculationStats:
+    """Counts of one `generate()` call; `mean_accepted_tokens` is tau (accepted drafts + 1 bonus per verification)."""
+
+    verifications: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_seconds: float = 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        if self.verifications == 0:
+            return 0.0
+        return (self.accepted_tokens + self.verifications) / self.verifications
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+
+class PrismDraftCache:
+    """
+    The single draft KV cache shared by all modules: later steps attend to the keys and values that module 0 wrote
+    for the accepted context. Entries past `num_accepted` are speculative and are dropped before the next round.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get(self) -> PrismKeyValues | None:
+        if self.keys is None or self.values is None:
+            return None
+        return PrismKeyValues(self.keys, self.values)
+
+    def append(self, new: PrismKeyValues) -> None:
+        if self.keys is None or self.values is None:
+            self.keys, self.values = new.keys, new.values
+        else:
+            self.keys = torch.cat([self.keys, new.keys], dim=-2)
+            self.values = torch.cat([self.values, new.values], dim=-2)
+
+    def crop(self, length: int) -> None:
+        """Keeps the first `length` positions."""
+        if self.keys is not None and self.values is not None and length < len(self):
+            self.keys = self.keys[..., :length, :]
+            self.values = self.values[..., :length, :]
+
+
+class PrismCandidateGenerator(CandidateGenerator):
+    """
+    Proposes tokens with a [`PrismDraftModel`] fed by the target's hidden states.
+
+    It uses the `requires_model_outputs` protocol of `_assisted_decoding`: each verification pass also returns the
+    configured hidden states, the first iteration returns no candidates so the target's prefill produces them, and
+    the draft KV cache keeps exactly one module-0 entry per accepted position (speculative entries are cropped).
+    Candidates are picked from the draft logits after the same logits processors as the target, and those processed
+    logits are returned, so speculative sampling stays exact.
+
+    Draft length: `num_assistant_tokens` of the `generate()` call when set, else the draft config's
+    `num_draft_tokens`; `num_assistant_tokens_schedule` (else the config's `num_draft_tokens_schedule`) set to
+    `"heuristic"` adapts it (+2 after a fully accepted round, -1 otherwise) and carries it over to the next call,
+    `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it. The generate-call values that
+    equal transformers' defaults (20 tokens, `"constant"`) cannot be told apart from "unset" and defer to the
+    draft config.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        draft_model: PrismDraftModel,
+        target: PreTrainedModel,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        model_kwargs: dict[str, Any],
+    ):
+        check_exact_drafting("PRISM", target, input_ids, generation_config)
+        self.schedule, self.num_draft_tokens = resolve_draft_length(
+            generation_config,
+            draft_model.config.num_draft_tokens_schedule,
+            draft_model.config.num_draft_tokens,
+            getattr(draft_model, "_heuristic_num_draft_tokens", None),
+        )
+        draft_model.bind_target(target)
+        self.draft = draft_model
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.max_length = generation_config.max_length
+        self.cache = PrismDraftCache()
+        self.num_cached_pairs = 0
+        self.stats = SpeculationStats()
+        self._round_is_prefill = True
+        draft_model.last_generation_stats = self.stats
+
+        # Ask the verification passes for the draft's feature layers only (all of them if the user wants them).
+        if generation_config.output_hidden_states:
+            self.model_kwargs_overrides = {"output_hidden_states": True}
+        else:
+            self.model_kwargs_overrides = {"output_hidden_states": list(draft_model.config.feature_layers)}
+
+    @torch.no_grad()
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict[str, Any] | None = None,
+        model_outputs: ModelOutput | None = None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs: Any,
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        self._round_is_prefill = is_first_iteration
+        if is_first_iteration:
+            return input_ids, None
+        if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
+            raise ValueError("PRISM drafting needs the target's hidden states; the verification pass returned none.")
+        began = time.perf_counter()
+        draft_hidden = self._extend(input_ids, model_outputs.hidden_states)
+        length = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        if length < 1:
+            self.stats.draft_seconds += time.perf_counter() - began
+            return input_ids, None
+        candidate_ids, candidate_logits = self._draft(input_ids, draft_hidden, length)
+        self.stats.draft_seconds += time.perf_counter() - began
+        return candidate_ids, candidate_logits
+
+    def _extend(self, input_ids: torch.LongTensor, hidden_states: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """Runs module 0 over the newly verified positions; returns the draft feature of the last one."""
+        draft = self.draft
+        self.cache.crop(self.num_cached_pairs)
+        total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
+        new_pairs = total_pairs - self.num_cached_pairs
+        features = draft.fuse_features(hidden_states, length=new_pairs)
+        tokens = input_ids[:, self.num_cached_pairs + 1 :]
+        positions = torch.arange(self.num_cached_pairs, total_pairs, device=draft.device)[None]
+        hidden, new_kv = draft.run_module(0, draft.embed(tokens), features, positions, self.cache.get())
+        self.cache.append(new_kv)
+        self.num_cached_pairs = total_pairs
+        return hidden[:, -1:]
+
+    def _draft(
+        self, input_ids: torch.LongTensor, draft_hidden: torch.Tensor, length: int
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        draft = self.draft
+        candidate_ids = input_ids
+        step_logits = []
+        for step in range(1, length + 1):
+            if step > 1:
+                position = torch.tensor([[self.num_cached_pairs + step - 2]], device=draft.device)
+                module = draft.config.module_for_step(step)
+                draft_hidden, new_kv = draft.run_module(
+                    module, draft.embed(candidate_ids[:, -1:]), draft_hidden, position, self.cache.get()
+                )
+                self.cache.append(new_kv)
+            logits = draft.to_target_logits(draft.compute_logits(draft_hidden)[:, -1].float())
+            logits = self.logits_processor(candidate_ids, logits.to(input_ids.device))
+            if self.do_sample:
+                token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+            else:
+                token = logits.argmax(dim=-1, keepdim=True)
+            candidate_ids = torch.cat([candidate_ids, token], dim=-1)
+            step_logits.append(logits)
+        return candidate_ids, torch.stack(step_logits, dim=1)
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        if self._round_is_prefill:
+            return
+        drafted = scores.shape[1] - 1
+        num_matches = int(num_matches)
+        self.stats.verifications += 1
+        self.stats.drafted_tokens += drafted
+        self.stats.accepted_tokens += num_matches
+        if self.schedule != "constant" and drafted > 0:
+            if num_matches == drafted:
+                self.num_draft_tokens += 2
+            else:
+                self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
+            if self.schedule == "heuristic":
+                self.draft._heuristic_num_draft_tokens = self.num_draft_tokens
