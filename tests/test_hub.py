@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import prism_hf.hub
 from prism_hf.cli import main as cli_main
 from prism_hf.hub import push_draft
+from prism_hf.reference_models import REFERENCE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 DRAFT_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/config.json"))
@@ -55,7 +56,8 @@ def test_dry_run_of_committed_draft_is_complete_and_sends_nothing(draft_dir, tmp
     assert [f.path for f in plan.files] == committed
     for name in ("config.json", "model.safetensors", "README.md", "modeling_prism.py", "configuration_prism.py"):
         assert name in committed
-    assert plan.card_metadata["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    verifier = json.loads((draft_dir / "config.json").read_text())["verifier_name_or_path"]
+    assert plan.card_metadata["base_model"] == REFERENCE_MODELS[verifier].hub_id  # e.g. HuggingFaceTB/SmolLM2-...
     assert plan.card_metadata["library_name"] == "transformers"
     assert {"license", "pipeline_tag", "tags", "datasets"} <= set(plan.card_metadata)
     listing = plan.describe()
