@@ -41,6 +41,26 @@ COMMON = dict(
 )
 
 
+def make_peaked_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama over a handful of tokens, with peaked but not one-hot distributions (for sampling tests)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **COMMON
+        | dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, initializer_range=0.3)
+        | dict(bos_token_id=None, eos_token_id=None, pad_token_id=None, max_position_embeddings=2048)
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy machine thread hand-offs make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_llama(seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **COMMON)).eval()

@@ -26,14 +26,7 @@ from prism_hf.benchmarking import (
 from prism_hf.benchmarking.report import AGGREGATE_KEYS
 from prism_hf.prompt_data import Prompt
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread hand-offs make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _NotAnAssistant(torch.nn.Module):

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import VOCAB, make_llama, make_qwen2, training_prompts
+from conftest import VOCAB, make_llama, make_peaked_llama, make_qwen2, training_prompts
 from test_sampling import chi2_quantile_999, chi2_two_sample
 from transformers import (
     GenerationConfig,
@@ -28,13 +28,7 @@ from prism_hf.reference_models import load_reference_model
 GREEDY = dict(do_sample=False, max_new_tokens=40, pad_token_id=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine thread hand-offs make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts_with_repeats(num: int = 3) -> torch.Tensor:
@@ -135,23 +129,6 @@ def test_generate_features(llama_target):
 # ------------------------------------------------------------------------------------------------- sampling
 
 
-def _tiny_vocab_model(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=12,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("small", [False, True])
 def test_sampled_tokens_follow_the_target_distribution(small):
     """
@@ -160,8 +137,8 @@ def test_sampled_tokens_follow_the_target_distribution(small):
     earlier samples taught it.
     """
     samples = 1200
-    target = _tiny_vocab_model(0)
-    small_model = _tiny_vocab_model(3) if small else None
+    target = make_peaked_llama(12, seed=0)
+    small_model = make_peaked_llama(12, seed=3) if small else None
     # the small model stops after each of its tokens (q), leaving room for unchecked pool suffixes (one-hot q)
     pool = PhrasePool(ngram_sizes=(1,))
     assistant = Ouroboros(
@@ -197,7 +174,7 @@ def test_sampled_tokens_follow_the_target_distribution(small):
 
 def test_sampling_proposals_carry_their_own_distributions():
     """Small-model tokens come with the small model's processed logits, unchecked pool tokens with one-hot logits."""
-    target, small = _tiny_vocab_model(0), _tiny_vocab_model(3)
+    target, small = make_peaked_llama(12, seed=0), make_peaked_llama(12, seed=3)
     pool = PhrasePool(ngram_sizes=(1,))
     for token in range(12):
         pool.add([token], [5, 6])

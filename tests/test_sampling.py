@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_peaked_llama
 
 import prism_hf
 
@@ -33,20 +33,7 @@ def chi2_quantile_999(df: int) -> float:
 
 
 def test_sampled_tokens_follow_the_target_distribution():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    target = LlamaForCausalLM(config).eval()
+    target = make_peaked_llama(VOCAB, seed=0)
     # a random draft proposes from a distribution far from the target's: only exact rejection sampling fixes that
     draft = prism_hf.PrismDraftModel.from_target(target, initializer_range=1.0)
     prompt = torch.tensor([[3, 7, 1]])
