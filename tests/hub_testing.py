@@ -14,6 +14,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -211,3 +213,22 @@ def folder_files(folder: Path) -> dict[str, bytes]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and "__pycache__" not in p.parts
     }
+
+
+def run_offline_script(script: str, hub_cache: Path, workdir: Path) -> dict[str, Any]:
+    """
+    Runs `script` in a fresh interpreter that cannot import prism_hf from the checkout and reads the Hub only from
+    `hub_cache` (offline); returns the JSON it printed after `REPORT `.
+    """
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_MODULES_CACHE": str(workdir / "modules"),
+        "PYTHONPATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=workdir, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))[7:])

@@ -5,17 +5,13 @@ transformers importable (prism_hf blocked), from the local folder and from a Hub
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import training_prompts
-from hub_testing import folder_files, write_hub_cache
+from hub_testing import folder_files, run_offline_script, write_hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATE_DIR = REPO / "hub_models" / "prism-generate"
@@ -87,18 +83,7 @@ def report(tmp_path_factory, llama_target, trained_llama_draft) -> dict:
         draft_repo=DRAFT_REPO,
         commit=COMMIT,
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(cache),
-        "HF_MODULES_CACHE": str(root / "modules"),
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))[7:])
+    return run_offline_script(script, cache, root)
 
 
 @pytest.mark.parametrize("call", ["local_dir", "local_dir_again", "hub_repo", "loaded_draft"])

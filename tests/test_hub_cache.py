@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import training_prompts
-from hub_testing import folder_files, write_hub_cache
+from hub_testing import folder_files, run_offline_script, write_hub_cache
 from transformers import AutoModel
 
 import prism_hf
@@ -104,18 +100,7 @@ def test_trust_remote_code_from_the_hub_cache_without_prism_hf(hub_cache, llama_
         commit_v1=COMMIT_V1,
         repo_id=REPO_ID,
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(hub_cache),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT"))[7:])
+    report = run_offline_script(script, hub_cache, tmp_path)
     main, pinned = report["None"], report[COMMIT_V1]
     for loaded in (main, pinned):
         assert loaded["module"].startswith("transformers_modules"), loaded["module"]

@@ -10,8 +10,9 @@ import subprocess
 
 import pytest
 import torch
+from tiny_chat import tiny_chat_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prism_hf
 from prism_hf.cli import build_parser
@@ -52,20 +53,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_chat_model(tmp_path_factory):
     """A tiny target saved with its tokenizer, and chat data whose answers are the target's own greedy replies."""
     tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    target = LlamaForCausalLM(config).eval()
+    target = tiny_chat_llama(tokenizer)
     path = tmp_path_factory.mktemp("tiny-chat")
     target.save_pretrained(path / "target")
     tokenizer.save_pretrained(path / "target")

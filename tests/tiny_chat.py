@@ -24,7 +24,13 @@ def save_tiny_chat_target(path: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
+    tiny_chat_llama(tokenizer).save_pretrained(path)
+    return path
+
+
+def tiny_chat_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer random Llama over `tokenizer`'s vocabulary, with its special tokens."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -38,8 +44,7 @@ def save_tiny_chat_target(path: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return LlamaForCausalLM(config).eval()
 
 
 def write_chat_data(path: Path) -> Path:
