@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_prism import PrismConfig
 from .generation_hooks import install_generation_hooks
-from .generation_ouroboros import Ouroboros, OuroborosCandidateGenerator, OuroborosStats
+from .generation_ouroboros import Ouroboros, OuroborosCandidateGenerator, OuroborosStats, PooledPrismCandidateGenerator
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .hub import push_draft
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
@@ -28,6 +28,7 @@ __all__ = [
     "OuroborosCandidateGenerator",
     "OuroborosStats",
     "PhrasePool",
+    "PooledPrismCandidateGenerator",
     "PrismCandidateGenerator",
     "PrismConfig",
     "PrismDraftModel",

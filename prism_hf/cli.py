@@ -64,11 +64,28 @@ def _add_bench_parser(subparsers) -> None:
         choices=TARGET_QUANTIZATIONS,
         help="load the target with bitsandbytes (8-bit LLM.int8 or 4-bit NF4 computing in --dtype)",
     )
+    parser.add_argument(
+        "--target-device-map",
+        metavar="MAP",
+        help="dispatch the target with accelerate: auto, balanced, balanced_low_0, sequential, or a JSON object / "
+        'file {module: device} ("disk" offloads)',
+    )
+    parser.add_argument(
+        "--target-max-memory",
+        nargs="+",
+        metavar="DEVICE=SIZE",
+        help="budgets for a --target-device-map strategy, e.g. cpu=200MB (the rest is offloaded to disk)",
+    )
     parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR", help="a PRISM draft (repeat)")
     parser.add_argument("--assistant", metavar="MODEL", help="same-tokenizer model for HF assisted generation")
     parser.add_argument("--prompt-lookup", action="store_true", help="include HF prompt lookup (10 tokens, 2-gram)")
     parser.add_argument("--ouroboros", action="store_true", help="include Ouroboros (phrase pool alone)")
     parser.add_argument("--ouroboros-assistant", metavar="MODEL", help="include Ouroboros with this small model")
+    parser.add_argument(
+        "--ouroboros-prism",
+        action="store_true",
+        help="include Ouroboros with each --draft (the phrase pool leads, the PRISM draft fills the gaps)",
+    )
     parser.add_argument(
         "--ouroboros-warm",
         action="store_true",
@@ -100,8 +117,16 @@ def _run_bench(namespace: argparse.Namespace) -> None:
         drafts = dict(parse_draft_spec(spec) for spec in namespace.draft)
     except ValueError as error:
         raise SystemExit(f"prism-hf bench: {error}") from None
-    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"drafts"}
-    config = BenchmarkConfig(drafts=drafts, **{k: v for k, v in vars(namespace).items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(BenchmarkConfig)} - {"drafts", "target_max_memory"}
+    max_memory = None
+    if namespace.target_max_memory:
+        pairs = [spec.partition("=") for spec in namespace.target_max_memory]
+        if any(not sep or not key or not value for key, sep, value in pairs):
+            raise SystemExit("prism-hf bench: --target-max-memory takes DEVICE=SIZE pairs, e.g. cpu=200MB.")
+        max_memory = {int(key) if key.isdigit() else key: value for key, _, value in pairs}
+    config = BenchmarkConfig(
+        drafts=drafts, target_max_memory=max_memory, **{k: v for k, v in vars(namespace).items() if k in fields}
+    )
     results = run_suite(config)
     print(markdown_table(results["aggregates"]))
     print(json.dumps({"saved": config.resolved().output_dir}))

@@ -17,7 +17,12 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, Pr
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
-from .generation_prism import SpeculationStats, check_exact_drafting, resolve_draft_length
+from .generation_prism import (
+    PrismCandidateGenerator,
+    SpeculationStats,
+    check_exact_drafting,
+    resolve_draft_length,
+)
 from .phrase_pool import PhrasePool
 
 
@@ -218,13 +223,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         # (b) the target's predictions after a rejected draft token, keyed by the rejected context
         if num_matches < drafted:
             predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()  # after draft[: num_matches + 1] ...
-            for i in range(num_matches + 1, drafted + 1):
-                phrase = [predictions[i - num_matches - 1]]
-                j = i
-                while j < drafted and draft[j] == phrase[-1] and len(phrase) < self.pool.phrase_length:
-                    j += 1
-                    phrase.append(predictions[j - num_matches - 1])
-                self.pool.add_after((prefix + draft[:i])[-self.pool.ngram_sizes[0] :], phrase)
+            self.pool.add_corrections(prefix, draft, num_matches, predictions)
 
         # (a) the accepted tokens and the target's bonus token
         start = len(prefix)
@@ -243,18 +242,130 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         stats.draft_seconds += time.perf_counter() - began
 
 
+class PooledPrismCandidateGenerator(PrismCandidateGenerator):
+    """
+    PRISM drafting with the phrase pool (`Ouroboros(prism_draft, pool=pool)`). At every draft step the pool's next
+    token for the context (its newest phrase under the longest matching key of at least `unchecked_min_key_length`
+    tokens) is taken when there is one, the PRISM draft's own token otherwise; the draft's modules run over whichever
+    token was taken, so its features follow the draft. After the draft's budget the pool appends its phrase (up to
+    `Ouroboros.num_draft_tokens` tokens) while it has one. The target verifies everything.
+
+    A small LM checks a whole pool phrase in one forward (`OuroborosCandidateGenerator`); a PRISM step needs the
+    previous step's feature, so here the pool leads and PRISM fills the gaps. The pool learns from every
+    verification as in `OuroborosCandidateGenerator`; the draft-length schedule adapts the budgeted part. Pool tokens
+    get one-hot candidate logits, which keeps sampling exact.
+    """
+
+    def __init__(
+        self,
+        assistant: Ouroboros,
+        target: PreTrainedModel,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None,
+        model_kwargs: dict[str, Any],
+    ):
+        super().__init__(assistant.small_model, target, input_ids, generation_config, logits_processor, model_kwargs)
+        self.assistant = assistant
+        self.pool = assistant.pool
+        self.stats = OuroborosStats()
+        self.draft.last_generation_stats = assistant.last_generation_stats = self.stats
+        self.tokens: list[int] = input_ids[0].tolist()
+        self.pool.add_text(self.tokens)
+        self._draft_tokens: list[int] = []
+        self._from_pool: list[bool] = []
+        self._num_budgeted = 0
+
+    def _choose_token(
+        self, candidate_ids: torch.LongTensor, logits: torch.FloatTensor
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        context = self.tokens + candidate_ids[0, len(self.tokens) :].tolist()
+        proposal = self.pool.draft(context, 1, self.assistant.unchecked_min_key_length)
+        self._from_pool.append(bool(proposal))
+        if not proposal:
+            return super()._choose_token(candidate_ids, logits)
+        token = torch.tensor([proposal], dtype=candidate_ids.dtype, device=candidate_ids.device)
+        return token, _one_hot_logits(proposal, logits.shape[-1], logits)[:, 0]
+
+    @torch.no_grad()
+    def get_candidates(
+        self, input_ids: torch.LongTensor, **kwargs: Any
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        if len(self.tokens) != input_ids.shape[1]:  # normally kept in step by `update_candidate_strategy`
+            start = min(len(self.tokens), input_ids.shape[1])
+            self.tokens = input_ids[0].tolist()
+            self.pool.add_text(self.tokens, start)
+        self._from_pool = []
+        candidate_ids, candidate_logits = super().get_candidates(input_ids, **kwargs)
+        began = time.perf_counter()
+        self._draft_tokens = candidate_ids[0, input_ids.shape[1] :].tolist()
+        self._num_budgeted = len(self._draft_tokens)
+        self.stats.small_model_forwards += self._num_budgeted - sum(self._from_pool)
+        room = min(self.assistant.num_draft_tokens, self.max_length - candidate_ids.shape[1] - 1)
+        suffix = []
+        if not self._round_is_prefill and room > 0:
+            suffix = self.pool.draft(self.tokens + self._draft_tokens, room, self.assistant.unchecked_min_key_length)
+        if suffix:
+            self._draft_tokens += suffix
+            self._from_pool += [True] * len(suffix)
+            suffix_ids = torch.tensor([suffix], dtype=candidate_ids.dtype, device=candidate_ids.device)
+            candidate_ids = torch.cat([candidate_ids, suffix_ids], dim=-1)
+            if candidate_logits is not None:
+                rows = _one_hot_logits(suffix, candidate_logits.shape[-1], candidate_logits)
+                candidate_logits = torch.cat([candidate_logits, rows], dim=1)
+        self.stats.draft_seconds += time.perf_counter() - began
+        return candidate_ids, candidate_logits
+
+    @torch.no_grad()
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        began = time.perf_counter()
+        start = len(self.tokens)
+        if not self._round_is_prefill:
+            num_matches = int(num_matches)
+            drafted = scores.shape[1] - 1
+            stats = self.stats
+            stats.verifications += 1
+            stats.drafted_tokens += drafted
+            stats.accepted_tokens += num_matches
+            stats.pool_drafted_tokens += sum(self._from_pool[:drafted])
+            stats.pool_accepted_tokens += sum(self._from_pool[:num_matches])
+            if num_matches < drafted:
+                predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()
+                self.pool.add_corrections(self.tokens, self._draft_tokens[:drafted], num_matches, predictions)
+            budgeted = min(self._num_budgeted, drafted)
+            self._adapt_draft_length(budgeted, min(num_matches, budgeted))
+        self.tokens = input_ids[0].tolist()
+        self.pool.add_text(self.tokens, start)
+        self.stats.draft_seconds += time.perf_counter() - began
+
+
+def _one_hot_logits(tokens: list[int], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
+    """`[1, len(tokens), vocab_size]` logits that put all probability on `tokens` (deterministic proposals)."""
+    rows = torch.full((1, len(tokens), vocab_size), float("-inf"), dtype=like.dtype, device=like.device)
+    rows[0, torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
+    return rows
+
+
+def _is_prism_draft(model: Any) -> bool:
+    """PRISM drafts by config type, so copies loaded through `trust_remote_code` count too."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "prism_draft"
+
+
 class Ouroboros:
     """
     The `assistant_model` of Ouroboros drafting: `target.generate(**inputs, assistant_model=Ouroboros(small, pool))`.
 
     Args:
         small_model (`PreTrainedModel`, *optional*):
-            Any causal LM sharing the target's tokenizer (same vocabulary). Without it the pool drafts alone.
+            Any causal LM sharing the target's tokenizer (same vocabulary), or a [`PrismDraftModel`] of the target
+            (then PRISM drafts and the pool extends each draft, see [`PooledPrismCandidateGenerator`]; the options
+            `confidence_threshold` and `pool_suffix` concern small LMs only). Without it the pool drafts alone.
         pool (`PhrasePool`, *optional*):
             The phrase pool; reuse one (or `PhrasePool.load(path)`) to warm-start later calls. Default: a new pool.
         num_draft_tokens (`int`, *optional*, defaults to 8):
             Initial draft budget per verification. `num_assistant_tokens` in the `generate` call overrides it
-            (except transformers' default value 20, which cannot be told apart from "unset").
+            (except transformers' default value 20, which cannot be told apart from "unset"). With a PRISM draft:
+            the most pool tokens appended after its draft (whose own length the draft's config sets).
         draft_length_schedule (`str`, *optional*, defaults to `"heuristic_transient"`):
             `"constant"`, `"heuristic"` (+2 after a fully accepted full-budget round, -1 after a rejection, carried
             over to the next call) or `"heuristic_transient"` (the same within one call).
@@ -312,7 +423,9 @@ class Ouroboros:
     def check_target(self, target: PreTrainedModel) -> None:
         """Raises a `ValueError` when the small model or the pool does not share the target's vocabulary."""
         vocab_size = target.config.get_text_config().vocab_size
-        if self.small_model is not None:
+        if _is_prism_draft(self.small_model):
+            self.small_model.check_target(target)
+        elif self.small_model is not None:
             small_vocab = self.small_model.config.get_text_config().vocab_size
             if small_vocab != vocab_size:
                 raise ValueError(
@@ -334,4 +447,5 @@ class Ouroboros:
         """Entry point of the generation hook (see `generation_hooks`)."""
         self.check_target(target)
         self.pool.bind_vocab_size(target.config.get_text_config().vocab_size)
-        return OuroborosCandidateGenerator(self, target, input_ids, generation_config, logits_processor, model_kwargs)
+        generator = PooledPrismCandidateGenerator if _is_prism_draft(self.small_model) else OuroborosCandidateGenerator
+        return generator(self, target, input_ids, generation_config, logits_processor, model_kwargs)

@@ -226,13 +226,18 @@ class PrismCandidateGenerator(CandidateGenerator):
                 self.cache.append(new_kv)
             logits = draft.to_target_logits(draft.compute_logits(draft_hidden)[:, -1].float())
             logits = self.logits_processor(candidate_ids, logits.to(input_ids.device))
-            if self.do_sample:
-                token = torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-            else:
-                token = logits.argmax(dim=-1, keepdim=True)
+            token, logits = self._choose_token(candidate_ids, logits)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)
             step_logits.append(logits)
         return candidate_ids, torch.stack(step_logits, dim=1)
+
+    def _choose_token(
+        self, candidate_ids: torch.LongTensor, logits: torch.FloatTensor
+    ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """The next draft token (`[1, 1]`) after `candidate_ids` and the processed logits it was drawn from."""
+        if self.do_sample:
+            return torch.multinomial(logits.softmax(dim=-1), num_samples=1), logits
+        return logits.argmax(dim=-1, keepdim=True), logits
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         if self._round_is_prefill:
@@ -242,6 +247,10 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.stats.verifications += 1
         self.stats.drafted_tokens += drafted
         self.stats.accepted_tokens += num_matches
+        self._adapt_draft_length(drafted, num_matches)
+
+    def _adapt_draft_length(self, drafted: int, num_matches: int) -> None:
+        """The `"heuristic"` schedules: +2 after a round whose `drafted` tokens were all accepted, -1 otherwise."""
         if self.schedule != "constant" and drafted > 0:
             if num_matches == drafted:
                 self.num_draft_tokens += 2

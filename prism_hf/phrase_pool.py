@@ -141,6 +141,24 @@ class PhrasePool:
             if len(context) >= n:
                 self.add(context[len(context) - n :], phrase)
 
+    def add_corrections(
+        self, context: Sequence[int], draft: Sequence[int], num_accepted: int, predictions: Sequence[int]
+    ) -> None:
+        """
+        Learns from one verification that rejected `draft[num_accepted]`: `predictions[j]` is the target's own token
+        after `context + draft[: num_accepted + 1 + j]`. Each of them starts a phrase keyed by that (rejected)
+        context, extended with the next predictions while the draft kept agreeing with them, so a draft that drifts
+        the same way later is corrected.
+        """
+        drafted = len(draft)
+        for i in range(num_accepted + 1, drafted + 1):
+            phrase = [predictions[i - num_accepted - 1]]
+            j = i
+            while j < drafted and draft[j] == phrase[-1] and len(phrase) < self.phrase_length:
+                j += 1
+                phrase.append(predictions[j - num_accepted - 1])
+            self.add_after((list(context) + list(draft[:i]))[-self.ngram_sizes[0] :], phrase)
+
     def add_text(self, tokens: Sequence[int], start: int = 0) -> None:
         """
         Adds the phrases of the token sequence `tokens` whose window changed since it was `start` tokens long: call

@@ -312,6 +312,64 @@ def test_target_predictions_after_a_rejection_enter_the_pool(llama_target):
     assert generator.stats.pool_drafted_tokens == 3 and generator.stats.pool_accepted_tokens == 1
 
 
+# ------------------------------------------------------------------------------------------------- with a PRISM draft
+
+
+def test_pool_extends_prism_drafts_greedy_identical(llama_target, trained_llama_draft):
+    """`Ouroboros(prism_draft, pool)`: PRISM drafts, the pool appends phrases; output stays plain greedy output."""
+    assistant = Ouroboros(trained_llama_draft, pool=PhrasePool())
+    for prompt in training_prompts()[:2]:  # the draft was trained on these: its own tokens get accepted
+        prompt = prompt[None]
+        plain = llama_target.generate(prompt, **GREEDY)
+        assert torch.equal(llama_target.generate(prompt, assistant_model=trained_llama_draft, **GREEDY), plain)
+        prism_alone = trained_llama_draft.last_generation_stats
+        runs = []
+        for _ in range(2):  # the second pass finds this text in the pool
+            assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+            stats = assistant.last_generation_stats
+            assert trained_llama_draft.last_generation_stats is stats
+            assert stats.verifications + stats.accepted_tokens + 1 == plain.shape[1] - prompt.shape[1]
+            runs.append(stats)
+        assert runs[0].accepted_tokens > runs[0].pool_accepted_tokens  # PRISM's own tokens
+        assert runs[1].pool_accepted_tokens > runs[0].pool_accepted_tokens
+        assert runs[1].verifications < prism_alone.verifications
+
+
+def test_pool_extended_prism_sampling_follows_the_target_distribution():
+    """PRISM tokens carry the draft's q, pool tokens a one-hot q: sampled continuations keep the target's law."""
+    samples = 1000
+    target = make_peaked_llama(12, seed=0)
+    torch.manual_seed(5)
+    draft = prism_hf.PrismDraftModel.from_target(target, num_draft_tokens=1)
+    assistant = Ouroboros(draft, pool=PhrasePool(ngram_sizes=(1,)), num_draft_tokens=3, unchecked_min_key_length=1)
+    prompt = torch.tensor([[3, 7, 1, 3, 7]])
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=5, pad_token_id=0)
+    torch.manual_seed(1)
+    plain = target.generate(prompt.repeat(samples, 1), **kwargs)[:, 5:]
+    rows, pool_accepted = [], 0
+    for _ in range(samples):
+        rows.append(target.generate(prompt, assistant_model=assistant, **kwargs)[0, 5:])
+        pool_accepted += assistant.last_generation_stats.pool_accepted_tokens
+    assert pool_accepted > samples // 10, "pool tokens must get accepted for the test to matter"
+    assisted = torch.stack(rows)
+    for name, key in [("first token", lambda row: row[0]), ("second token", lambda row: row[1])]:
+        a = Counter(key(row) for row in plain.tolist())
+        b = Counter(key(row) for row in assisted.tolist())
+        stat, df = chi2_two_sample(a, b)
+        assert stat < chi2_quantile_999(df), f"{name}: chi2 {stat:.1f} with {df} dof"
+    for name, key in [("third token", lambda row: row[2]), ("first three tokens", lambda row: tuple(row[:3]))]:
+        stat, df = chi2_two_sample(Counter(key(r) for r in plain.tolist()), Counter(key(r) for r in assisted.tolist()))
+        assert stat < chi2_quantile_999(df), f"{name}: chi2 {stat:.1f} with {df} dof"
+
+
+def test_prism_draft_of_another_target_is_refused(llama_target, trained_llama_draft):
+    other = make_qwen2(seed=7)
+    with pytest.raises(ValueError, match="This PRISM draft was made for .* does not fit the target"):
+        other.generate(
+            training_prompts()[:1], assistant_model=Ouroboros(trained_llama_draft), do_sample=False, max_new_tokens=4
+        )
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 

@@ -14,6 +14,7 @@ that the draft works and that every emitted token is the target's own greedy cho
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,44 @@ def test_bench_target_quantization_option():
         BenchmarkConfig(target="smollm2-135m-instruct", target_quantization="3bit").resolved()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--target", "x", "--target-quantization", "3bit"])
+
+
+def test_bench_runs_a_dispatched_target(tiny_chat_target, tiny_draft, tmp_path):
+    """`--target-device-map` loads the target through accelerate (a layer and the LM head on disk here)."""
+    from prism_hf.benchmarking import BenchmarkConfig, run_suite
+    from prism_hf.cli import build_parser
+    from prism_hf.cli import main as cli_main
+
+    questions = tmp_path / "question.jsonl"
+    rows = [{"question_id": i, "category": "writing", "turns": [f"Tell me about {t}."]} for i, t in enumerate("ab")]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    namespace = build_parser().parse_args(
+        ["bench", "--target", str(tiny_chat_target), "--target-device-map", json.dumps(device_map)]
+    )
+    config = BenchmarkConfig(
+        target=namespace.target,
+        target_device_map=namespace.target_device_map,
+        drafts={"prism": str(tiny_draft)},
+        prompt_sets=["spec_bench"],
+        spec_bench_path=str(questions),
+        per_category=2,
+        max_new_tokens=12,
+        dtype="float32",
+        output_dir=str(tmp_path / "results"),
+        warmup=False,
+    )
+    results = run_suite(config, progress=False)
+    assert results["metadata"]["target_device_map"] == device_map
+    assert results["metadata"]["target_placement"] == {"cpu": 4, "disk": 2}
+    assert results["aggregates"]["prism"]["all"]["identical"] == 2  # float32, offloaded: still exact
+    assert Path(BenchmarkConfig(target="smollm2", target_device_map="auto").resolved().output_dir) == Path(
+        "benchmarks/results/smollm2-dispatched"
+    )
+    with pytest.raises(ValueError, match="Unknown target device map 'everywhere'"):
+        BenchmarkConfig(target="t", target_device_map="everywhere").resolved()
+    with pytest.raises(ValueError, match="also set target_device_map='auto'"):
+        BenchmarkConfig(target="t", target_max_memory={"cpu": "1GB"}).resolved()
+    with pytest.raises(SystemExit, match="DEVICE=SIZE"):
+        cli_main(["bench", "--target", "t", "--target-max-memory", "cpu"])

@@ -215,6 +215,33 @@ def test_regenerated_replies_are_the_targets_own_greedy_answers(tiny_chat_model)
         assert conversation[1] == {"role": "assistant", "content": expected}
 
 
+def test_regenerated_replies_are_cached_and_resumed(tiny_chat_model, tmp_path):
+    """A half-finished reply cache is completed, a full one is reused without the target, a foreign one is refused."""
+    target_dir, _, questions = tiny_chat_model
+    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
+    tokenizer = make_tokenizer()
+    conversations = [[{"role": "user", "content": q}] for q in questions[:4]]
+    options = {"max_new_tokens": 8, "batch_size": 2, "progress": False}
+    cache = tmp_path / "replies.jsonl"
+    expected = regenerate_responses(target, tokenizer, conversations, 4, cache_path=cache, **options)
+    assert [json.loads(line)["messages"] for line in cache.read_text().splitlines()] == expected
+    cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:2]))  # interrupted after one batch
+    assert regenerate_responses(target, tokenizer, conversations, 4, cache_path=cache, **options) == expected
+    assert len(cache.read_text().splitlines()) == 4
+
+    class NoGeneration(torch.nn.Module):
+        device = torch.device("cpu")
+
+        def generate(self, **kwargs):
+            raise AssertionError("a complete cache must not run the target")
+
+    assert regenerate_responses(NoGeneration(), tokenizer, conversations, 4, cache_path=cache, **options) == expected
+
+    other = [[{"role": "user", "content": q + " again"}] for q in questions[:4]]
+    with pytest.raises(ValueError, match="Cached replies in .* were generated for other prompts"):
+        regenerate_responses(target, tokenizer, other, 4, cache_path=cache, **options)
+
+
 def test_interrupted_phase_resumes_exactly_from_its_checkpoint(llama_target, tmp_path):
     """Model, optimizer and scheduler state come back and consumed batches are skipped: same weights at the end."""
     from conftest import training_prompts

@@ -138,6 +138,8 @@ def ouroboros_strategy(
             small_model = load_small_model(small_model, target)
         else:
             label = Path(small_model.name_or_path or "small").name.lower()
+            if small_model.config.model_type == "prism_draft":
+                label = f"prism-{label}"
     kwargs = {} if num_draft_tokens is None else {"num_draft_tokens": num_draft_tokens}
     assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)
     temperature = "warm pool across calls" if warm else "fresh pool per call"
@@ -168,10 +170,15 @@ def prism_strategy(
     name: str, draft_dir: str | os.PathLike, target: PreTrainedModel, num_draft_tokens: int | None = None
 ) -> Strategy:
     """A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`: else the draft config's)."""
-    path = check_draft_dir(name, draft_dir)
-    draft = PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
+    draft = load_draft(name, draft_dir, target)
     kwargs = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
-    return assistant_strategy(name, draft, f"PRISM draft {path} (M = {draft.config.num_modules})", **kwargs)
+    return assistant_strategy(name, draft, f"PRISM draft {draft_dir} (M = {draft.config.num_modules})", **kwargs)
+
+
+def load_draft(name: str, draft_dir: str | os.PathLike, target: PreTrainedModel) -> PrismDraftModel:
+    """A saved PRISM draft (checked like `check_draft_dir`), cast to the target's dtype and device."""
+    path = check_draft_dir(name, draft_dir)
+    return PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
 
 
 def parse_draft_spec(spec: str) -> tuple[str, str]:

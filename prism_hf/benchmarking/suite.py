@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ from .strategies import (
     Strategy,
     check_draft_dir,
     hf_assisted_strategy,
+    load_draft,
     load_small_model,
     ouroboros_strategy,
     plain_strategy,
@@ -34,12 +38,43 @@ MODES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RESULTS_ROOT = Path("benchmarks") / "results"
 TARGET_QUANTIZATIONS = ("8bit", "4bit")
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def default_output_dir(target: str | os.PathLike, quantization: str | None = None) -> Path:
-    """`benchmarks/results/<target name>[-<quantization>]/`, relative to the working directory."""
+def default_output_dir(target: str | os.PathLike, quantization: str | None = None, dispatched: bool = False) -> Path:
+    """`benchmarks/results/<target name>[-<quantization>][-dispatched]/`, relative to the working directory."""
     name = Path(target).name.lower()
-    return DEFAULT_RESULTS_ROOT / (f"{name}-{quantization}" if quantization else name)
+    suffixes = [quantization] if quantization else []
+    if dispatched:
+        suffixes.append("dispatched")
+    return DEFAULT_RESULTS_ROOT / "-".join([name, *suffixes])
+
+
+def parse_device_map(device_map: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """
+    `--target-device-map` as `from_pretrained` takes it: a strategy name (`auto`, `balanced`, `balanced_low_0`,
+    `sequential`) or a JSON object / JSON file mapping module names to devices (`"cpu"`, `0`, `"disk"`).
+    """
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    text = device_map
+    if not device_map.lstrip().startswith("{"):
+        path = Path(device_map)
+        if not path.is_file():
+            raise ValueError(
+                f"Unknown target device map {device_map!r}: use one of {DEVICE_MAP_STRATEGIES}, a JSON object or a "
+                "JSON file mapping module names to devices."
+            )
+        text = path.read_text()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"The target device map is not valid JSON ({error}).") from None
+    if not isinstance(parsed, dict) or not parsed:
+        raise ValueError("The target device map must be a non-empty JSON object {module name: device}.")
+    return parsed
 
 
 class _OnceFilter(logging.Filter):
@@ -83,6 +118,8 @@ class BenchmarkConfig:
         prompt_lookup (`bool`): add HF prompt lookup decoding (10 tokens, 2-gram).
         ouroboros (`bool`): add Ouroboros drafting from the phrase pool alone.
         ouroboros_assistant (`str`, *optional*): add Ouroboros drafting with this small same-tokenizer model.
+        ouroboros_prism (`bool`): add Ouroboros with each PRISM draft of `drafts` (the pool leads, PRISM fills the
+            gaps; named `ouroboros-<draft name>`).
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
@@ -96,6 +133,11 @@ class BenchmarkConfig:
         dtype (`str`): target dtype (a quantized target's compute dtype); drafts and assistants are cast to it.
             `"auto"` (default): bfloat16 where the device runs it natively, else float32 (see `resolve_dtype`).
         target_quantization (`str`, *optional*): load the target with bitsandbytes, `"8bit"` or `"4bit"`.
+        target_device_map (`str` or `dict`, *optional*): dispatch the target with accelerate: a strategy (`"auto"`,
+            ...), or `{module: device}` (a JSON object or file on the command line); `"disk"` entries are
+            offloaded to a temporary folder. Default: the whole target on `device`.
+        target_max_memory (`dict[str, str]`, *optional*): per-device budgets for a strategy device map, e.g.
+            `{"cpu": "200MB"}` (what does not fit is offloaded to disk).
         device (`str`, *optional*): default CUDA when available, else CPU.
         output_dir (`str`, *optional*): default `benchmarks/results/<target name>/`.
         warmup (`bool`): one short call per strategy before measuring.
@@ -108,6 +150,7 @@ class BenchmarkConfig:
     prompt_lookup: bool = False
     ouroboros: bool = False
     ouroboros_assistant: str | None = None
+    ouroboros_prism: bool = False
     ouroboros_warm: bool = False
     num_draft_tokens: int | None = None
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
@@ -118,6 +161,8 @@ class BenchmarkConfig:
     max_new_tokens: int | None = None
     dtype: str = "auto"
     target_quantization: str | None = None
+    target_device_map: str | dict[str, Any] | None = None
+    target_max_memory: dict[str, str] | None = None
     device: str | None = None
     output_dir: str | None = None
     warmup: bool = True
@@ -134,7 +179,13 @@ class BenchmarkConfig:
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         values["dtype"] = str(resolve_dtype(self.dtype, values["device"])).removeprefix("torch.")
-        values["output_dir"] = self.output_dir or str(default_output_dir(self.target, self.target_quantization))
+        values["target_device_map"] = parse_device_map(self.target_device_map)
+        if self.target_max_memory is not None and not isinstance(values["target_device_map"], str):
+            raise ValueError("target_max_memory budgets a device-map strategy: also set target_device_map='auto'.")
+        dispatched = self.target_device_map is not None
+        values["output_dir"] = self.output_dir or str(
+            default_output_dir(self.target, self.target_quantization, dispatched)
+        )
         return dataclasses.replace(self, **values)
 
 
@@ -153,12 +204,12 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
         strategies.append(prism_strategy(name, path, target, config.num_draft_tokens))
-    ouroboros = [None] if config.ouroboros else []
+    ouroboros = [(None, "pool")] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
-        ouroboros.append(config.ouroboros_assistant)
-    for small in ouroboros:
-        model = None if small is None else small_models[small]
-        label = "pool" if small is None else Path(small).name.lower()
+        ouroboros.append((small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()))
+    if config.ouroboros_prism:
+        ouroboros += [(load_draft(name, path, target), name) for name, path in config.drafts.items()]
+    for model, label in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
             strategies.append(
@@ -183,28 +234,40 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
 
     dtype = getattr(torch, config.dtype)
     load_kwargs = {}
+    if config.target_device_map is not None:
+        load_kwargs["device_map"] = config.target_device_map
+        load_kwargs["offload_folder"] = tempfile.mkdtemp(prefix="prism-hf-offload-")
+        if config.target_max_memory is not None:
+            load_kwargs["max_memory"] = config.target_max_memory
     if config.target_quantization is not None:
         load_kwargs["quantization_config"] = target_quantization_config(config.target_quantization, dtype)
-        load_kwargs["device_map"] = config.device
+        load_kwargs.setdefault("device_map", config.device)
         bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
         if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
             bnb_logger.addFilter(_OnceFilter())
-    target, tokenizer = load_reference_model(config.target, dtype=dtype, device=config.device, **load_kwargs)
-    strategies = build_strategies(target, config)
-    records = run_benchmark(
-        target,
-        prompts,
-        strategies[1:],
-        config.max_new_tokens,
-        tokenizer=tokenizer,
-        warmup=config.warmup,
-        progress=progress,
-    )
+    try:
+        target, tokenizer = load_reference_model(config.target, dtype=dtype, device=config.device, **load_kwargs)
+        strategies = build_strategies(target, config)
+        records = run_benchmark(
+            target,
+            prompts,
+            strategies[1:],
+            config.max_new_tokens,
+            tokenizer=tokenizer,
+            warmup=config.warmup,
+            progress=progress,
+        )
+    finally:
+        if "offload_folder" in load_kwargs:
+            shutil.rmtree(load_kwargs["offload_folder"], ignore_errors=True)
     metadata = {
         "target": config.target,
         "target_path": str(target.name_or_path),
         "dtype": config.dtype,
         "target_quantization": config.target_quantization,
+        "target_device_map": config.target_device_map,
+        # how many modules accelerate placed on each device (e.g. {"cpu": 20, "disk": 12})
+        "target_placement": dict(Counter(str(d) for d in (getattr(target, "hf_device_map", None) or {}).values())),
         "machine": machine_metadata(target.device),
         "mode": config.mode,
         "max_new_tokens": config.max_new_tokens,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -109,12 +111,16 @@ def regenerate_responses(
     batch_size: int = 16,
     max_prompt_length: int = 256,
     progress: bool = True,
+    cache_path: str | Path | None = None,
 ) -> list[list[dict[str, str]]]:
     """
     Self-distillation data: the target answers the first user turn of each conversation itself (greedy,
     batched with left padding; prompts longer than `max_prompt_length` tokens are skipped). A draft trained on the
     target's own replies learns the text it will actually verify, which matters most for small targets whose
     style differs from the dataset's answers.
+
+    With `cache_path`, finished conversations are appended to that JSONL file batch by batch: an interrupted run, or a
+    second run on the same data (e.g. the M = 1 baseline), continues from it instead of generating again.
     """
     from tqdm.auto import tqdm
 
@@ -131,11 +137,12 @@ def regenerate_responses(
             break
     # similar lengths in one batch waste less compute on padding
     prompts = [prompts[i] for i in sorted(range(len(prompts)), key=lengths.__getitem__)]
+    results = _load_cached_replies(cache_path, prompts) if cache_path is not None else []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    results: list[list[dict[str, str]]] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="target replies", disable=not progress):
+        starts = range(len(results), len(prompts), batch_size)
+        for start in tqdm(starts, desc="target replies", disable=not progress):
             batch = prompts[start : start + batch_size]
             texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in batch]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(target.device)
@@ -146,9 +153,25 @@ def regenerate_responses(
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
             replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            results.extend(
-                p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies, strict=True)
-            )
+            finished = [p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies, strict=True)]
+            results.extend(finished)
+            if cache_path is not None:
+                with Path(cache_path).open("a", encoding="utf-8") as handle:
+                    handle.writelines(json.dumps({"messages": m}) + "\n" for m in finished)
     finally:
         tokenizer.padding_side = padding_side
     return results
+
+
+def _load_cached_replies(path: str | Path, prompts: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+    """The conversations already in `path`, checked against the prompts they must answer, in order."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    cached = [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(cached) > len(prompts) or any(c[:-1] != p for c, p in zip(cached, prompts[: len(cached)], strict=True)):
+        raise ValueError(
+            f"Cached replies in {path} were generated for other prompts (different data, --num-examples or "
+            "tokenizer): use another --feature-cache-dir."
+        )
+    return cached

@@ -68,7 +68,8 @@ class DraftTrainingArguments:
         default="float32", metadata={"help": "dtype of the saved weights (bfloat16 halves the files)"}
     )
     feature_cache_dir: str | None = field(
-        default=None, metadata={"help": "cache the target's features here as safetensors shards (resumable)"}
+        default=None,
+        metadata={"help": "cache the target's features (safetensors shards) and regenerated replies here (resumable)"},
     )
     regenerate_responses: bool = field(
         default=False, metadata={"help": "replace the dataset's replies by the target's own greedy replies"}
@@ -163,9 +164,16 @@ def train_draft(
     target.requires_grad_(False)
     if not getattr(target, "hf_device_map", None):
         target.to(accelerator.device)
+    cache_dir = args.feature_cache_dir
+    if cache_dir is not None and world > 1:
+        cache_dir = str(Path(cache_dir) / f"rank{rank}-of-{world}")
     if examples is None:
         conversations = load_conversations(args.data)
         if args.regenerate_responses:
+            replies_cache = None
+            if cache_dir is not None:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                replies_cache = Path(cache_dir) / "replies.jsonl"
             conversations = regenerate_responses(
                 target,
                 tokenizer,
@@ -173,6 +181,7 @@ def train_draft(
                 args.num_examples,
                 max_new_tokens=args.regenerate_max_new_tokens,
                 progress=progress,
+                cache_path=replies_cache,
             )
         examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
@@ -182,9 +191,6 @@ def train_draft(
     num_tokens = sum(len(e.input_ids) for e in examples)
 
     feature_started = time.perf_counter()
-    cache_dir = args.feature_cache_dir
-    if cache_dir is not None and world > 1:
-        cache_dir = str(Path(cache_dir) / f"rank{rank}-of-{world}")
     store = FeatureStore.build(
         target, examples[rank::world], args.feature_layers, cache_dir=cache_dir, progress=progress
     )
