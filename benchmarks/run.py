@@ -20,7 +20,7 @@ PRESETS = {
         "--target", "smollm2-135m-instruct", "--dtype", "float32",
         "--draft", f"prism-m2={REPO / 'hub_models' / 'SmolLM2-135M-Instruct-PRISM'}",
         "--draft", f"prism-m1-baseline={REPO / 'benchmarks' / 'drafts' / 'SmolLM2-135M-Instruct-M1-baseline'}",
-        "--prompt-lookup", "--ouroboros", "--ouroboros-warm",
+        "--prompt-lookup", "--ouroboros", "--ouroboros-prism", "--ouroboros-warm",
         "--per-category", "2", "--limit", "3", "--max-new-tokens", "64",
         "--output-dir", str(RESULTS / "smollm2-135m-instruct"),
     ],

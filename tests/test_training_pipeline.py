@@ -302,7 +302,10 @@ def test_interrupted_phase_resumes_exactly_from_its_checkpoint(llama_target, tmp
 
 
 def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model, tmp_path):
-    """`accelerate launch` with 2 CPU processes: features split between them, gradients averaged, one saved draft."""
+    """
+    `accelerate launch` with 2 CPU processes: replies and features split between them, gradients averaged, one saved
+    draft.
+    """
     target_dir, data, _ = tiny_chat_model
     out = tmp_path / "draft"
     command = [
@@ -311,6 +314,7 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
         *("--target", str(target_dir), "--data", str(data), "--output-dir", str(out), "--num-examples", "6"),
         *("--max-length", "128", "--warmup-epochs", "4", "--finetune-epochs", "2", "--batch-size", "1"),
         *("--target-dtype", "float32", "--feature-cache-dir", str(tmp_path / "features"), "--checkpoint-every", "2"),
+        *("--regenerate-responses", "--regenerate-max-new-tokens", "8"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -330,6 +334,8 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     for rank in range(2):
         manifest = json.loads((tmp_path / "features" / f"rank{rank}-of-2" / "manifest.json").read_text())
         assert manifest["num_examples"] == 3
+        # and generated the target's replies to its own half of the prompts
+        assert len((tmp_path / "features" / f"rank{rank}-of-2" / "replies.jsonl").read_text().splitlines()) == 3
     assert not (out / "checkpoints").exists()
     draft = prism_hf.PrismDraftModel.from_pretrained(out)
     assert draft.config.num_modules == 2

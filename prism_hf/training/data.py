@@ -112,6 +112,7 @@ def regenerate_responses(
     max_prompt_length: int = 256,
     progress: bool = True,
     cache_path: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[list[dict[str, str]]]:
     """
     Self-distillation data: the target answers the first user turn of each conversation itself (greedy,
@@ -121,6 +122,7 @@ def regenerate_responses(
 
     With `cache_path`, finished conversations are appended to that JSONL file batch by batch: an interrupted run, or a
     second run on the same data (e.g. the M = 1 baseline), continues from it instead of generating again.
+    `shard=(index, count)` answers only prompts `index::count` of the length-sorted list (one process's share).
     """
     from tqdm.auto import tqdm
 
@@ -137,6 +139,8 @@ def regenerate_responses(
             break
     # similar lengths in one batch waste less compute on padding
     prompts = [prompts[i] for i in sorted(range(len(prompts)), key=lengths.__getitem__)]
+    index, count = shard
+    prompts = prompts[index::count]
     results = _load_cached_replies(cache_path, prompts) if cache_path is not None else []
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling_prism import PrismDraftModel
@@ -182,7 +183,11 @@ def train_draft(
                 max_new_tokens=args.regenerate_max_new_tokens,
                 progress=progress,
                 cache_path=replies_cache,
+                shard=(rank, world),
             )
+            if world > 1:  # every process needs all of them (e.g. for the draft vocabulary): gather, in order
+                indexed = [(rank + i * world, c) for i, c in enumerate(conversations)]
+                conversations = [c for _, c in sorted(gather_object(indexed), key=lambda pair: pair[0])]
         examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
