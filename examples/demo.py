@@ -2,7 +2,7 @@
 Demo: greedy generation on a real small target, with and without a PRISM draft.
 
     python examples/demo.py                      # SmolLM2-135M-Instruct + the committed PRISM draft
-    python examples/demo.py --dtype bfloat16     # faster on CPU; bf16 rounding can flip near-ties
+    python examples/demo.py --dtype bfloat16     # faster on GPUs and native-bf16 CPUs; can flip near-ties
 
 Prints both outputs, whether they are identical, tokens/s of each and the mean accepted tokens per verification.
 """

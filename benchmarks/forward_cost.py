@@ -1,0 +1,71 @@
+"""
+How the cost of one forward grows with the number of new tokens it processes (on a cached context), the quantity that
+decides whether drafting several tokens per small-model or target forward can pay on a machine.
+
+`python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b-instruct` writes
+`benchmarks/results/forward-cost-<model>.json`: median seconds per forward and the ratio to a one-token forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from prism_hf.benchmarking.report import machine_metadata
+from prism_hf.reference_models import load_reference_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="reference model name or directory")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--context", type=int, default=300, help="tokens already in the cache")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 16, 24], help="new tokens per forward")
+    parser.add_argument("--repeats", type=int, default=6, help="forwards per size (the first is discarded)")
+    args = parser.parse_args(argv)
+
+    model, _ = load_reference_model(args.model, dtype=getattr(torch, args.dtype))
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(100, vocab, (1, args.context), generator=generator)
+    seconds = {}
+    with torch.no_grad():
+        for k in args.tokens:
+            times = []
+            for _ in range(args.repeats):
+                cache = DynamicCache(config=model.config)
+                model(input_ids=context, past_key_values=cache, use_cache=True)
+                new = torch.randint(100, vocab, (1, k), generator=generator)
+                began = time.perf_counter()
+                model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=k)
+                times.append(time.perf_counter() - began)
+            seconds[k] = statistics.median(times[1:])
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "context_tokens": args.context,
+        "machine": machine_metadata("cpu"),
+        "forwards": {
+            str(k): {"seconds": round(s, 4), "ratio_to_one_token": round(s / seconds[1], 2)}
+            for k, s in seconds.items()
+        }
+        if 1 in seconds
+        else {str(k): {"seconds": round(s, 4)} for k, s in seconds.items()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["forwards"], indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
