@@ -459,6 +459,24 @@ def test_benchmark_strategies(llama_target):
     assert max(r.tau for r in records if r.strategy == "ouroboros-self") > 1.5
 
 
+def test_benchmark_builds_ouroboros_with_each_prism_draft(llama_target, trained_llama_draft, tmp_path):
+    from prism_hf.benchmarking import BenchmarkConfig
+    from prism_hf.benchmarking.suite import build_strategies
+
+    trained_llama_draft.save_pretrained(tmp_path / "draft")
+    config = BenchmarkConfig(
+        target="llama", drafts={"m2": str(tmp_path / "draft")}, ouroboros_prism=True, ouroboros_warm=True
+    )
+    strategies = build_strategies(llama_target, config)
+    assert [s.name for s in strategies] == ["plain", "m2", "ouroboros-m2", "ouroboros-m2-warm"]
+    assistant = strategies[2].generate_kwargs["assistant_model"]
+    assert assistant.small_model.config.model_type == "prism_draft"
+    prompts = [BenchPrompt(f"p{i}", "trained", p) for i, p in enumerate(training_prompts()[:2])]
+    records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=16, progress=False)
+    assert all(r.identical for r in records)
+    assert max(r.tau for r in records if r.strategy == "ouroboros-m2") > 1.0
+
+
 # ------------------------------------------------------------------------------------------------- real model
 
 
