@@ -105,7 +105,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self, input_ids: torch.LongTensor, **kwargs: Any
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
         began = time.perf_counter()
-        self._sync(input_ids)
+        self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
         budget = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         self._draft, self._from_pool = [], []
         logits = None
@@ -120,13 +120,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             return input_ids, None
         draft = torch.tensor([self._draft], dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([input_ids, draft], dim=-1), logits
-
-    def _sync(self, input_ids: torch.LongTensor) -> None:
-        """Keeps `self.tokens` equal to `input_ids` (normally already done by `update_candidate_strategy`)."""
-        if len(self.tokens) != input_ids.shape[1]:
-            start = min(len(self.tokens), input_ids.shape[1])
-            self.tokens = input_ids[0].tolist()
-            self.pool.add_text(self.tokens, start)
 
     def _draft_with_small_model(self, input_ids: torch.LongTensor, budget: int) -> torch.Tensor | None:
         """
@@ -211,24 +204,10 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         began = time.perf_counter()
         num_matches = int(num_matches)
         drafted = scores.shape[1] - 1
-        draft = self._draft[:drafted]
-        prefix = self.tokens
-        stats = self.stats
-        stats.verifications += 1
-        stats.drafted_tokens += drafted
-        stats.accepted_tokens += num_matches
-        stats.pool_drafted_tokens += sum(self._from_pool[:drafted])
-        stats.pool_accepted_tokens += sum(self._from_pool[:num_matches])
-
-        # (b) the target's predictions after a rejected draft token, keyed by the rejected context
-        if num_matches < drafted:
-            predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()  # after draft[: num_matches + 1] ...
-            self.pool.add_corrections(prefix, draft, num_matches, predictions)
-
-        # (a) the accepted tokens and the target's bonus token
-        start = len(prefix)
-        self.tokens = input_ids[0].tolist()
-        self.pool.add_text(self.tokens, start)
+        start = len(self.tokens)
+        self.tokens = _learn_from_verification(
+            self.stats, self.pool, self.tokens, self._draft, self._from_pool, scores, num_matches, input_ids
+        )
         if self.small_model is not None:
             self.small_valid = min(self.small_cached, start + num_matches)
 
@@ -239,7 +218,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
                 self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
             if self.schedule == "heuristic":
                 self.assistant._heuristic_num_draft_tokens = self.num_draft_tokens
-        stats.draft_seconds += time.perf_counter() - began
+        self.stats.draft_seconds += time.perf_counter() - began
 
 
 class PooledPrismCandidateGenerator(PrismCandidateGenerator):
@@ -291,10 +270,7 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
     def get_candidates(
         self, input_ids: torch.LongTensor, **kwargs: Any
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
-        if len(self.tokens) != input_ids.shape[1]:  # normally kept in step by `update_candidate_strategy`
-            start = min(len(self.tokens), input_ids.shape[1])
-            self.tokens = input_ids[0].tolist()
-            self.pool.add_text(self.tokens, start)
+        self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
         self._from_pool = []
         candidate_ids, candidate_logits = super().get_candidates(input_ids, **kwargs)
         began = time.perf_counter()
@@ -319,24 +295,55 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
     @torch.no_grad()
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         began = time.perf_counter()
-        start = len(self.tokens)
-        if not self._round_is_prefill:
+        if self._round_is_prefill:  # no draft was verified: only the bonus token is new
+            self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
+        else:
             num_matches = int(num_matches)
-            drafted = scores.shape[1] - 1
-            stats = self.stats
-            stats.verifications += 1
-            stats.drafted_tokens += drafted
-            stats.accepted_tokens += num_matches
-            stats.pool_drafted_tokens += sum(self._from_pool[:drafted])
-            stats.pool_accepted_tokens += sum(self._from_pool[:num_matches])
-            if num_matches < drafted:
-                predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()
-                self.pool.add_corrections(self.tokens, self._draft_tokens[:drafted], num_matches, predictions)
-            budgeted = min(self._num_budgeted, drafted)
+            self.tokens = _learn_from_verification(
+                self.stats, self.pool, self.tokens, self._draft_tokens, self._from_pool, scores, num_matches, input_ids
+            )
+            budgeted = min(self._num_budgeted, scores.shape[1] - 1)
             self._adapt_draft_length(budgeted, min(num_matches, budgeted))
-        self.tokens = input_ids[0].tolist()
-        self.pool.add_text(self.tokens, start)
         self.stats.draft_seconds += time.perf_counter() - began
+
+
+def _sync_tokens(tokens: list[int], input_ids: torch.LongTensor, pool: PhrasePool) -> list[int]:
+    """`tokens` brought level with `input_ids`, the new text added to `pool` (usually already done on update)."""
+    if len(tokens) == input_ids.shape[1]:
+        return tokens
+    start = min(len(tokens), input_ids.shape[1])
+    tokens = input_ids[0].tolist()
+    pool.add_text(tokens, start)
+    return tokens
+
+
+def _learn_from_verification(
+    stats: OuroborosStats,
+    pool: PhrasePool,
+    prefix: list[int],
+    draft: list[int],
+    from_pool: list[bool],
+    scores: torch.FloatTensor,
+    num_matches: int,
+    input_ids: torch.LongTensor,
+) -> list[int]:
+    """
+    Counts one verification of `draft` after `prefix` in `stats` and teaches `pool` from it: (b) the target's own
+    predictions after a rejected draft token, keyed by the rejected context, then (a) the accepted tokens and the
+    target's bonus token. Returns the tokens of `input_ids` (the new prefix).
+    """
+    drafted = scores.shape[1] - 1
+    stats.verifications += 1
+    stats.drafted_tokens += drafted
+    stats.accepted_tokens += num_matches
+    stats.pool_drafted_tokens += sum(from_pool[:drafted])
+    stats.pool_accepted_tokens += sum(from_pool[:num_matches])
+    if num_matches < drafted:
+        predictions = scores[0, num_matches + 1 :].argmax(dim=-1).tolist()  # after draft[: num_matches + 1] ...
+        pool.add_corrections(prefix, draft[:drafted], num_matches, predictions)
+    tokens = input_ids[0].tolist()
+    pool.add_text(tokens, len(prefix))
+    return tokens
 
 
 def _one_hot_logits(tokens: list[int], vocab_size: int, like: torch.Tensor) -> torch.Tensor:

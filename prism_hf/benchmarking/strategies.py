@@ -16,7 +16,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..configuration_prism import PrismConfig
-from ..generation_ouroboros import Ouroboros
+from ..generation_ouroboros import Ouroboros, _is_prism_draft
 from ..modeling_prism import PrismDraftModel
 from ..phrase_pool import PhrasePool
 from ..reference_models import resolve_model
@@ -138,7 +138,7 @@ def ouroboros_strategy(
             small_model = load_small_model(small_model, target)
         else:
             label = Path(small_model.name_or_path or "small").name.lower()
-            if small_model.config.model_type == "prism_draft":
+            if _is_prism_draft(small_model):
                 label = f"prism-{label}"
     kwargs = {} if num_draft_tokens is None else {"num_draft_tokens": num_draft_tokens}
     assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)

@@ -55,9 +55,7 @@ def parse_device_map(device_map: str | dict[str, Any] | None) -> str | dict[str,
     `--target-device-map` as `from_pretrained` takes it: a strategy name (`auto`, `balanced`, `balanced_low_0`,
     `sequential`) or a JSON object / JSON file mapping module names to devices (`"cpu"`, `0`, `"disk"`).
     """
-    if device_map is None or isinstance(device_map, dict):
-        return device_map
-    if device_map in DEVICE_MAP_STRATEGIES:
+    if device_map is None or isinstance(device_map, dict) or device_map in DEVICE_MAP_STRATEGIES:
         return device_map
     text = device_map
     if not device_map.lstrip().startswith("{"):
@@ -207,7 +205,7 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
     ouroboros = [(None, "pool")] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
         ouroboros.append((small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()))
-    if config.ouroboros_prism:
+    if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
         ouroboros += [(load_draft(name, path, target), name) for name, path in config.drafts.items()]
     for model, label in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
