@@ -4,6 +4,7 @@ decides whether drafting several tokens per small-model or target forward can pa
 
 `python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b-instruct` writes
 `benchmarks/results/forward-cost-<model>.json`: median seconds per forward and the ratio to a one-token forward.
+`--fast-cpu-linears` measures the model with `prism_hf.enable_fast_cpu_linears` (file `...-fast-linears.json`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from prism_hf import enable_fast_cpu_linears
 from prism_hf.benchmarking.report import machine_metadata
 from prism_hf.reference_models import load_reference_model
 
@@ -30,9 +32,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=300, help="tokens already in the cache")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 16, 24], help="new tokens per forward")
     parser.add_argument("--repeats", type=int, default=6, help="forwards per size (the first is discarded)")
+    parser.add_argument("--fast-cpu-linears", action="store_true", help="switch to prism_hf.FastCpuLinear layers")
     args = parser.parse_args(argv)
 
     model, _ = load_reference_model(args.model, dtype=getattr(torch, args.dtype))
+    if args.fast_cpu_linears:
+        enable_fast_cpu_linears(model)
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(100, vocab, (1, args.context), generator=generator)
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model,
         "dtype": args.dtype,
         "context_tokens": args.context,
+        "fast_cpu_linears": args.fast_cpu_linears,
         "machine": machine_metadata("cpu"),
         "forwards": {
             str(k): {"seconds": round(s, 4), "ratio_to_one_token": round(s / seconds[1], 2)}
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         else {str(k): {"seconds": round(s, 4)} for k, s in seconds.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}.json"
+    suffix = "-fast-linears" if args.fast_cpu_linears else ""
+    out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["forwards"], indent=2))
     return result

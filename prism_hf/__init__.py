@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_prism import PrismConfig
+from .cpu_linear import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears
 from .generation_hooks import install_generation_hooks
 from .generation_ouroboros import Ouroboros, OuroborosCandidateGenerator, OuroborosStats, PooledPrismCandidateGenerator
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
@@ -24,6 +25,7 @@ install_generation_hooks()
 
 __all__ = [
     "DraftTrainingArguments",
+    "FastCpuLinear",
     "Ouroboros",
     "OuroborosCandidateGenerator",
     "OuroborosStats",
@@ -35,6 +37,8 @@ __all__ = [
     "PrismDraftOutput",
     "SpeculationStats",
     "__version__",
+    "disable_fast_cpu_linears",
+    "enable_fast_cpu_linears",
     "load_reference_model",
     "push_draft",
     "resolve_dtype",

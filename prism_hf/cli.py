@@ -44,6 +44,7 @@ def _run_train(namespace: argparse.Namespace) -> None:
 
 def _add_bench_parser(subparsers) -> None:
     from .benchmarking import PROMPT_SETS, TARGET_QUANTIZATIONS
+    from .configuration_prism import DRAFT_LENGTH_SCHEDULES
 
     parser = subparsers.add_parser(
         "bench",
@@ -93,6 +94,18 @@ def _add_bench_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--num-draft-tokens", type=int, help="initial draft length of PRISM drafts, --assistant and Ouroboros"
+    )
+    parser.add_argument(
+        "--draft-length-schedule",
+        choices=DRAFT_LENGTH_SCHEDULES,
+        help="draft-length schedule of PRISM drafts, --assistant and Ouroboros (with this or --num-draft-tokens, HF "
+        "assisted also runs at transformers' defaults)",
+    )
+    parser.add_argument(
+        "--fast-cpu-linears",
+        action="store_true",
+        help="compute float32 CPU linear layers with prism_hf.enable_fast_cpu_linears, for every strategy and plain "
+        "generate alike (cheap few-token forwards on x86 CPUs)",
     )
     parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["spec_bench", "humaneval"])
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks or MT-Bench categories (default: all)")

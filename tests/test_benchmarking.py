@@ -135,3 +135,54 @@ def test_dtype_auto_picks_the_fast_dtype_of_the_device(monkeypatch):
         resolve_dtype("fp33")
     with pytest.raises(ValueError, match="Unknown dtype 'Tensor'"):
         BenchmarkConfig(target="t", dtype="Tensor").resolved()
+
+
+def test_hf_assisted_draft_length_reaches_transformers(llama_target):
+    """transformers ignores `num_assistant_tokens` given to `generate`; the strategy sets it on the assistant."""
+    twin = make_llama()  # the target's weights: every drafted token is accepted
+    twin.generation_config.assistant_confidence_threshold = 0.0  # never stop a draft early
+    prompt = [BenchPrompt("p", "c", training_prompts()[0])]
+    strategies = [
+        hf_assisted_strategy(twin, llama_target, 3, "three", num_assistant_tokens_schedule="constant"),
+        hf_assisted_strategy(twin, llama_target, name="defaults"),
+    ]
+    assert twin.generation_config.num_assistant_tokens is None  # the shared model keeps its own (unset: 20)
+    records = run_benchmark(llama_target, prompt, strategies, max_new_tokens=24, progress=False)
+    by = {r.strategy: r for r in records}
+    assert by["three"].identical and by["defaults"].identical
+    assert by["three"].target_forwards == 24 // (3 + 1)
+    assert by["defaults"].target_forwards == 2  # 20 drafted + 1, then the last 3
+
+
+def test_bench_config_fast_linears_and_draft_length(llama_target, tmp_path):
+    from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
+    from prism_hf.cpu_linear import FastCpuLinear
+
+    small_dir = tmp_path / "small"
+    make_llama(seed=1).save_pretrained(small_dir)
+    config = BenchmarkConfig(
+        target="tiny",
+        assistant=str(small_dir),
+        ouroboros_assistant=str(small_dir),
+        num_draft_tokens=3,
+        draft_length_schedule="constant",
+        fast_cpu_linears=True,
+        device="cpu",
+    ).resolved()
+    assert config.output_dir.endswith("tiny-fast-linears")
+    target = make_llama()
+    strategies = build_strategies(target, config)
+    names = [s.name for s in strategies]
+    assert names == ["plain", "hf-assisted-small", "hf-assisted-small-hf-defaults", "ouroboros-small"]
+    tuned, defaults = (strategies[i].generate_kwargs["assistant_model"] for i in (1, 2))
+    assert (tuned.generation_config.num_assistant_tokens, tuned.generation_config.num_assistant_tokens_schedule) == (
+        3,
+        "constant",
+    )
+    assert defaults.generation_config.num_assistant_tokens is None
+    ouroboros = strategies[3].generate_kwargs["assistant_model"]
+    assert (ouroboros.num_draft_tokens, ouroboros.draft_length_schedule) == (3, "constant")
+    assert switch_to_fast_cpu_linears(target, strategies) == 2 * (2 * 7 + 1)  # target + the one shared small model
+    assert isinstance(target.lm_head, FastCpuLinear) and isinstance(ouroboros.small_model.lm_head, FastCpuLinear)
+    with pytest.raises(ValueError, match="Unknown draft length schedule 'linear'"):
+        BenchmarkConfig(target="t", draft_length_schedule="linear").resolved()

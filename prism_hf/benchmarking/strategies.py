@@ -7,6 +7,7 @@ plugs into `generate` (HF assisted generation, prompt lookup, PRISM, Ouroboros) 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -79,20 +80,32 @@ def hf_assisted_strategy(
     target: PreTrainedModel,
     num_assistant_tokens: int | None = None,
     name: str | None = None,
+    num_assistant_tokens_schedule: str | None = None,
 ) -> Strategy:
     """
     HF assisted generation with a small model sharing the target's tokenizer, loaded (by reference-model name,
     directory or Hub id) in the target's dtype and on its device.
+
+    transformers reads the draft length from the assistant's own `generation_config` (a `num_assistant_tokens`
+    passed to `generate` is ignored), so a draft length given here goes to a shallow copy of the assistant that
+    shares its weights; unset values keep transformers' defaults (20 tokens, constant, adaptive confidence stop).
     """
     label = assistant if isinstance(assistant, (str, os.PathLike)) else assistant.name_or_path
     if not isinstance(assistant, PreTrainedModel):
         assistant = load_small_model(assistant, target)
-    kwargs = {} if num_assistant_tokens is None else {"num_assistant_tokens": num_assistant_tokens}
+    if num_assistant_tokens is not None or num_assistant_tokens_schedule is not None:
+        assistant = copy.copy(assistant)  # own generation_config, shared modules and weights
+        assistant.generation_config = copy.deepcopy(assistant.generation_config)
+        if num_assistant_tokens is not None:
+            assistant.generation_config.num_assistant_tokens = num_assistant_tokens
+        if num_assistant_tokens_schedule is not None:
+            assistant.generation_config.num_assistant_tokens_schedule = num_assistant_tokens_schedule
+    length = assistant.generation_config.num_assistant_tokens or "default"
+    schedule = assistant.generation_config.num_assistant_tokens_schedule or "default"
     return assistant_strategy(
         name or f"hf-assisted-{Path(os.fspath(label)).name.lower()}",
         assistant,
-        f"HF assisted generation ({label})",
-        **kwargs,
+        f"HF assisted generation ({label}, {length} draft tokens, {schedule} schedule)",
     )
 
 
@@ -120,6 +133,7 @@ def ouroboros_strategy(
     pool: PhrasePool | None = None,
     num_draft_tokens: int | None = None,
     name: str | None = None,
+    draft_length_schedule: str | None = None,
 ) -> Strategy:
     """
     Ouroboros phrase-pool drafting, with a small same-tokenizer model (name, directory, Hub id or model; names are
@@ -127,7 +141,8 @@ def ouroboros_strategy(
 
     Cold (default), the pool is emptied before every call. `warm=True` keeps one pool across all calls of the run
     (starting from `pool` when given): prompts come grouped by category, so each prompt drafts from the earlier
-    prompts of its category too, the paper's warm-start ("second pass") setting.
+    prompts of its category too, the paper's warm-start ("second pass") setting. `num_draft_tokens` and
+    `draft_length_schedule` default to `Ouroboros`'s (with a PRISM draft: the schedule is set on the draft's config).
     """
     label = "pool"
     if small_model is not None:
@@ -141,6 +156,10 @@ def ouroboros_strategy(
             if _is_prism_draft(small_model):
                 label = f"prism-{label}"
     kwargs = {} if num_draft_tokens is None else {"num_draft_tokens": num_draft_tokens}
+    if draft_length_schedule is not None:
+        kwargs["draft_length_schedule"] = draft_length_schedule
+        if _is_prism_draft(small_model):
+            small_model.config.num_draft_tokens_schedule = draft_length_schedule
     assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)
     temperature = "warm pool across calls" if warm else "fresh pool per call"
     drafter = "pool only" if small_model is None else f"small model {label} + pool"
@@ -167,10 +186,19 @@ def check_draft_dir(name: str, path: str | os.PathLike) -> Path:
 
 
 def prism_strategy(
-    name: str, draft_dir: str | os.PathLike, target: PreTrainedModel, num_draft_tokens: int | None = None
+    name: str,
+    draft_dir: str | os.PathLike,
+    target: PreTrainedModel,
+    num_draft_tokens: int | None = None,
+    draft_length_schedule: str | None = None,
 ) -> Strategy:
-    """A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`: else the draft config's)."""
+    """
+    A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`, `draft_length_schedule`: else
+    the draft config's).
+    """
     draft = load_draft(name, draft_dir, target)
+    if draft_length_schedule is not None:
+        draft.config.num_draft_tokens_schedule = draft_length_schedule
     kwargs = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
     return assistant_strategy(name, draft, f"PRISM draft {draft_dir} (M = {draft.config.num_modules})", **kwargs)
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..configuration_prism import DRAFT_LENGTH_SCHEDULES
+from ..cpu_linear import enable_fast_cpu_linears
 from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
@@ -38,15 +40,23 @@ MODES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RESULTS_ROOT = Path("benchmarks") / "results"
 TARGET_QUANTIZATIONS = ("8bit", "4bit")
+logger = logging.getLogger(__name__)
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def default_output_dir(target: str | os.PathLike, quantization: str | None = None, dispatched: bool = False) -> Path:
-    """`benchmarks/results/<target name>[-<quantization>][-dispatched]/`, relative to the working directory."""
+def default_output_dir(
+    target: str | os.PathLike, quantization: str | None = None, dispatched: bool = False, fast_linears: bool = False
+) -> Path:
+    """
+    `benchmarks/results/<target name>[-<quantization>][-dispatched][-fast-linears]/`, relative to the working
+    directory.
+    """
     name = Path(target).name.lower()
     suffixes = [quantization] if quantization else []
     if dispatched:
         suffixes.append("dispatched")
+    if fast_linears:
+        suffixes.append("fast-linears")
     return DEFAULT_RESULTS_ROOT / "-".join([name, *suffixes])
 
 
@@ -122,6 +132,11 @@ class BenchmarkConfig:
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
+        draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
+            of them (default: each one's own). When either is set, HF assisted generation also runs at
+            transformers' defaults (`hf-assisted-<name>-hf-defaults`), next to the run's draft length.
+        fast_cpu_linears (`bool`): switch the float32 CPU linear layers of the target and of every draft and small
+            model to `FastCpuLinear` (see `prism_hf.cpu_linear`), for every strategy including plain `generate`.
         prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
@@ -151,6 +166,8 @@ class BenchmarkConfig:
     ouroboros_prism: bool = False
     ouroboros_warm: bool = False
     num_draft_tokens: int | None = None
+    draft_length_schedule: str | None = None
+    fast_cpu_linears: bool = False
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
     mode: str = "quick"
@@ -170,6 +187,10 @@ class BenchmarkConfig:
         """A copy with the mode's sizes, the device and the output directory filled in."""
         if self.mode not in MODES:
             raise ValueError(f"Unknown mode {self.mode!r}; choose from {sorted(MODES)}.")
+        if self.draft_length_schedule not in (None, *DRAFT_LENGTH_SCHEDULES):
+            raise ValueError(
+                f"Unknown draft length schedule {self.draft_length_schedule!r}; choose from {DRAFT_LENGTH_SCHEDULES}."
+            )
         if self.target_quantization not in (None, *TARGET_QUANTIZATIONS):
             raise ValueError(
                 f"Unknown target quantization {self.target_quantization!r}; choose from {TARGET_QUANTIZATIONS}."
@@ -182,7 +203,7 @@ class BenchmarkConfig:
             raise ValueError("target_max_memory budgets a device-map strategy: also set target_device_map='auto'.")
         dispatched = self.target_device_map is not None
         values["output_dir"] = self.output_dir or str(
-            default_output_dir(self.target, self.target_quantization, dispatched)
+            default_output_dir(self.target, self.target_quantization, dispatched, self.fast_cpu_linears)
         )
         return dataclasses.replace(self, **values)
 
@@ -195,13 +216,15 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         small_models[name] = load_small_model(name, target)
     if config.assistant is not None:
         name = f"hf-assisted-{Path(config.assistant).name.lower()}"
-        strategies.append(
-            hf_assisted_strategy(small_models[config.assistant], target, config.num_draft_tokens, name=name)
-        )
+        small = small_models[config.assistant]
+        schedule = config.draft_length_schedule
+        strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, name, schedule))
+        if config.num_draft_tokens is not None or schedule is not None:
+            strategies.append(hf_assisted_strategy(small, target, name=f"{name}-hf-defaults"))
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
-        strategies.append(prism_strategy(name, path, target, config.num_draft_tokens))
+        strategies.append(prism_strategy(name, path, target, config.num_draft_tokens, config.draft_length_schedule))
     ouroboros = [(None, "pool")] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
         ouroboros.append((small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()))
@@ -211,9 +234,26 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
             strategies.append(
-                ouroboros_strategy(model, target, warm=warm, num_draft_tokens=config.num_draft_tokens, name=name)
+                ouroboros_strategy(
+                    model, target, warm, None, config.num_draft_tokens, name, config.draft_length_schedule
+                )
             )
     return strategies
+
+
+def switch_to_fast_cpu_linears(target, strategies: list[Strategy]) -> int:
+    """`enable_fast_cpu_linears` on the target and on every model a strategy drafts with; returns the layer count."""
+    models = [target]
+    for strategy in strategies:
+        assistant = strategy.generate_kwargs.get("assistant_model")
+        models.append(getattr(assistant, "small_model", assistant))  # Ouroboros holds its small model
+    seen, switched = set(), 0
+    for model in models:
+        if isinstance(model, torch.nn.Module) and id(model) not in seen:
+            seen.add(id(model))
+            switched += enable_fast_cpu_linears(model)
+    logger.info("Fast CPU linears: %d layers switched.", switched)
+    return switched
 
 
 def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
@@ -246,6 +286,8 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
     try:
         target, tokenizer = load_reference_model(config.target, dtype=dtype, device=config.device, **load_kwargs)
         strategies = build_strategies(target, config)
+        if config.fast_cpu_linears:
+            switch_to_fast_cpu_linears(target, strategies)
         records = run_benchmark(
             target,
             prompts,
@@ -262,6 +304,9 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "target": config.target,
         "target_path": str(target.name_or_path),
         "dtype": config.dtype,
+        "fast_cpu_linears": config.fast_cpu_linears,
+        "draft_length_schedule": config.draft_length_schedule,
+        "num_draft_tokens": config.num_draft_tokens,
         "target_quantization": config.target_quantization,
         "target_device_map": config.target_device_map,
         # how many modules accelerate placed on each device (e.g. {"cpu": 20, "disk": 12})

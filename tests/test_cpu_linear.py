@@ -1,0 +1,96 @@
+"""`enable_fast_cpu_linears`: the products of `F.linear`, only float32 CPU `nn.Linear` switched, exact generation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_llama, training_prompts
+from torch import nn
+from transformers import LlamaForCausalLM
+
+import prism_hf
+from prism_hf import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 70])
+def test_fast_linear_equals_linear(rows, bias):
+    torch.manual_seed(rows)
+    layer = nn.Linear(48, 80, bias=bias)
+    inputs = [torch.randn(rows, 48), torch.randn(1, rows, 48), torch.randn(2, rows, 48)]
+    inputs.append(torch.randn(rows * 2, 48)[::2])  # a non-contiguous view
+    expected = [nn.functional.linear(x, layer.weight, layer.bias) for x in inputs]
+    assert enable_fast_cpu_linears(layer) == 1
+    assert type(layer) is FastCpuLinear
+    for x, reference in zip(inputs, expected, strict=True):
+        output = layer(x)
+        assert output.shape == reference.shape
+        torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_linear_backpropagates_like_linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    fast = copy.deepcopy(layer)
+    enable_fast_cpu_linears(fast)
+    x = torch.randn(3, 16)
+    layer(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    torch.testing.assert_close(fast.weight.grad, layer.weight.grad)
+    torch.testing.assert_close(fast.bias.grad, layer.bias.grad)
+
+
+class _SubclassedLinear(nn.Linear):
+    """Stands in for quantized linears (bitsandbytes' are `nn.Linear` subclasses with their own forward)."""
+
+
+def test_enable_switches_only_float32_cpu_linears_and_disable_restores():
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(4, 4),
+            "b": nn.Linear(4, 4, bias=False),
+            "bf16": nn.Linear(4, 4).to(torch.bfloat16),
+            "sub": _SubclassedLinear(4, 4),
+            "embedding": nn.Embedding(10, 4),
+        }
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert enable_fast_cpu_linears(model) == 2
+    assert enable_fast_cpu_linears(model) == 0  # idempotent: nothing left to switch
+    assert [type(model[k]) for k in ("a", "b", "bf16", "sub")] == [
+        FastCpuLinear,
+        FastCpuLinear,
+        nn.Linear,
+        _SubclassedLinear,
+    ]
+    assert model.state_dict().keys() == state.keys()  # same parameters, so checkpoints are unchanged
+    assert disable_fast_cpu_linears(model) == 2
+    assert type(model["a"]) is nn.Linear and type(model["b"]) is nn.Linear
+
+
+def test_model_with_fast_linears_saves_and_reloads_unchanged(tmp_path):
+    model = make_llama(seed=3)
+    assert enable_fast_cpu_linears(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + LM head
+    model.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(m, FastCpuLinear) for m in reloaded.modules())
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_generation_with_fast_linears_is_exact(trained_llama_draft):
+    """Plain, PRISM and Ouroboros greedy outputs agree with fast linears on the target and the draft."""
+    target = make_llama()  # the target `trained_llama_draft` was trained on, as a private copy
+    draft = copy.deepcopy(trained_llama_draft)
+    draft.bind_target(target)
+    stock = [target.generate(p[None], do_sample=False, max_new_tokens=30) for p in training_prompts(num=4)]
+    assert enable_fast_cpu_linears(target) > 0 and enable_fast_cpu_linears(draft) > 0
+    for prompt, reference in zip(training_prompts(num=4), stock, strict=True):
+        plain = target.generate(prompt[None], do_sample=False, max_new_tokens=30)
+        assert torch.equal(plain, reference)
+        for assistant in (draft, prism_hf.Ouroboros(pool=prism_hf.PhrasePool())):
+            output = target.generate(prompt[None], assistant_model=assistant, do_sample=False, max_new_tokens=30)
+            assert torch.equal(output, reference), type(assistant).__name__
+    assert draft.last_generation_stats.accepted_tokens > 0  # the fast draft still drafts what the target says
