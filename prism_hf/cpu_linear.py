@@ -7,8 +7,8 @@ through MKL kernels whose cost jumps with the number of rows: on the 2-core AMD 
 Qwen2.5-Coder-1.5B forward over 4 new tokens costs 2.7x a one-token forward, so verification eats every accepted
 token (see `benchmarks/results/forward-cost-*.json`). The same product computed as `weight @ x.T`, with the rows
 padded to a power of two in a freshly allocated buffer, streams the weights once whatever the row count up to 4, and
-stays cheaper at every size we measured: a 4-token forward then costs what a one-token forward does, and one-token
-forwards cost no more than before.
+stays cheaper up to a few hundred rows: a 4-token forward then costs what a one-token forward does, and one-token
+forwards cost no more than before. Long inputs (prefills of long prompts) keep `F.linear`.
 
 `enable_fast_cpu_linears(model)` switches a model's float32 `nn.Linear` layers on the CPU to that computation (the
 results equal `F.linear`'s up to float32 rounding); `disable_fast_cpu_linears(model)` switches them back. It is
@@ -22,14 +22,20 @@ import torch
 from torch import nn
 
 PADDED_ROWS_LIMIT = 32  # inputs with up to this many rows are padded to a power of two
+TRANSPOSED_ROWS_LIMIT = 256  # longer inputs (prefills of long prompts) keep `F.linear`, as fast or faster there
 
 
 class FastCpuLinear(nn.Linear):
-    """An `nn.Linear` computing `(weight @ x.T).T` on an aligned, row-padded copy of `x` (see the module docstring)."""
+    """
+    An `nn.Linear` computing `(weight @ x.T).T` on an aligned, row-padded copy of `x` for inputs of up to
+    `TRANSPOSED_ROWS_LIMIT` rows (see the module docstring), `F.linear` beyond.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.reshape(-1, self.in_features)
         num_rows = rows.shape[0]
+        if num_rows > TRANSPOSED_ROWS_LIMIT:
+            return nn.functional.linear(input, self.weight, self.bias)
         padded = 1 << max(1, (num_rows - 1).bit_length()) if num_rows <= PADDED_ROWS_LIMIT else num_rows
         buffer = rows.new_zeros(padded, self.in_features)
         buffer[:num_rows] = rows

@@ -15,7 +15,7 @@ from prism_hf import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_li
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 70, 300])
 def test_fast_linear_equals_linear(rows, bias):
     torch.manual_seed(rows)
     layer = nn.Linear(48, 80, bias=bias)
