@@ -33,6 +33,8 @@ from .strategies import (
     prompt_lookup_strategy,
 )
 
+logger = logging.getLogger(__name__)
+
 # quick: about 10 minutes for SmolLM2-135M with a few strategies on a 2-core CPU; full: every prompt.
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"per_category": 2, "limit": 3, "max_new_tokens": 64},
@@ -40,7 +42,6 @@ MODES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RESULTS_ROOT = Path("benchmarks") / "results"
 TARGET_QUANTIZATIONS = ("8bit", "4bit")
-logger = logging.getLogger(__name__)
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -235,7 +236,12 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
             strategies.append(
                 ouroboros_strategy(
-                    model, target, warm, None, config.num_draft_tokens, name, config.draft_length_schedule
+                    model,
+                    target,
+                    warm=warm,
+                    num_draft_tokens=config.num_draft_tokens,
+                    name=name,
+                    draft_length_schedule=config.draft_length_schedule,
                 )
             )
     return strategies
