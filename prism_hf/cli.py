@@ -93,6 +93,16 @@ def _add_bench_parser(subparsers) -> None:
         help="also run each Ouroboros strategy with one phrase pool kept across prompts (warm start)",
     )
     parser.add_argument(
+        "--ouroboros-variant",
+        dest="ouroboros_variants",
+        action="append",
+        default=[],
+        type=_ouroboros_options,
+        metavar="OPTION=VALUE[,...]",
+        help="also run Ouroboros with --ouroboros-assistant and these Ouroboros options, e.g. lookahead_window=2 "
+        "(repeat for more runs)",
+    )
+    parser.add_argument(
         "--num-draft-tokens", type=int, help="initial draft length of PRISM drafts, --assistant and Ouroboros"
     )
     parser.add_argument(
@@ -121,6 +131,28 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--spec-bench-path", help="a Spec-Bench question.jsonl (default: shared/data/spec_bench)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up calls")
     parser.set_defaults(handler=_run_bench, mode="quick")
+
+
+def _ouroboros_options(text: str) -> dict[str, object]:
+    """`lookahead_window=2,small_model_context=256` as keyword arguments of `prism_hf.Ouroboros` (JSON values)."""
+    import inspect
+
+    from .generation_ouroboros import Ouroboros
+
+    allowed = set(inspect.signature(Ouroboros).parameters) - {"small_model", "pool", "num_draft_tokens"}
+    allowed -= {"draft_length_schedule"}  # set for every strategy by their own flags
+    options = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not OPTION=VALUE with an Ouroboros option; options: {', '.join(sorted(allowed))}."
+            )
+        try:
+            options[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name.strip()] = value
+    return options
 
 
 def _run_bench(namespace: argparse.Namespace) -> None:

@@ -9,10 +9,12 @@ alone. The target verifies every token, so greedy output equals plain `generate`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 
@@ -33,6 +35,7 @@ class OuroborosStats(SpeculationStats):
     pool_drafted_tokens: int = 0
     pool_accepted_tokens: int = 0
     small_model_forwards: int = 0
+    lookahead_phrases: int = 0
 
 
 class OuroborosCandidateGenerator(CandidateGenerator):
@@ -44,6 +47,12 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     The pool learns from (a) the prompt and every accepted token, (b) the target's own predictions at the verified
     positions that follow a rejected draft token (phrases keyed by the rejected context, so drafts that drift the
     same way are corrected next time) and (c) earlier calls, since the pool outlives the generator.
+
+    Lookahead (`Ouroboros(lookahead_window=w)`): a small-model forward whose pool phrase is shorter than `w` tokens
+    carries guesses in the free places (the next positions' tokens, repeated from the last token where nothing better
+    is known); the small model's predictions at the positions after its first disagreement are a Jacobi iteration
+    of its own continuation, stored as a phrase for the new draft tip where the pool has none, so the next forward
+    checks them. The draft stays the small model's own tokens; only the number of forwards changes.
 
     Draft length: at most `num_draft_tokens` per round; the `"heuristic"` schedules add 2 after a round whose full
     budget was accepted and remove 1 after a rejection. The small model also stops at its first token whose
@@ -79,6 +88,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.small_model = assistant.small_model
         self.confidence_threshold = assistant.confidence_threshold
         self.unchecked_min_key_length = assistant.unchecked_min_key_length
+        self.lookahead_window = assistant.lookahead_window
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
@@ -94,9 +104,18 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         if self.small_model is not None:
             self.small_cache = DynamicCache(config=self.small_model.config)
             self.small_cache.activate_past_recording()  # sliding-window layers must be croppable past their window
-            self.small_cached = 0  # tokens whose keys and values are in the small model's cache
-            self.small_valid = 0  # of those, the ones still on the accepted path
+            # positions are counted in the whole sequence; the small model skips the start of a prompt longer than
+            # `small_model_context` (the pool still holds all of it), so its cache begins there
+            window = assistant.small_model_context
+            skipped = 0 if window is None else max(0, len(self.tokens) - window)
+            self.small_cached = skipped  # end of the part of the sequence the small model's cache covers
+            self.small_valid = skipped  # end of the cached part still on the accepted path
             self._small_keeps_logits = self.small_model._supports_logits_to_keep()
+            self.small_head = None
+            if assistant.small_model_vocab is not None:
+                eos = generation_config.eos_token_id
+                always = self.tokens + ([] if eos is None else torch.tensor(eos).flatten().tolist())
+                self.small_head = ReducedVocabularyHead(self.small_model, assistant.small_model_vocab, always)
 
     # ------------------------------------------------------------------------------------------------- drafting
 
@@ -133,7 +152,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.small_cached = self.small_valid
         rows: list[torch.Tensor | None] = []
         # the first forward also checks a pool phrase after the context, like every later one after a drafted token
-        proposal = self.pool.draft(self.tokens, budget - 1)
+        proposal = self._proposal(self.tokens, budget - 1)
         fed = self.tokens[self.small_valid :] + proposal
         while True:
             # logits[j] predicts the token after the draft extended by proposal[:j]
@@ -152,9 +171,11 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             if unused:
                 self.small_cache.crop(-unused)
                 self.small_cached -= unused
+                if self.lookahead_window:  # rows after the last one drafted from: predictions past the tip
+                    self._store_jacobi_phrase(logits[j + 1 :])
             if stop:
                 break
-            proposal = self.pool.draft(self.tokens + self._draft, budget - len(self._draft))
+            proposal = self._proposal(self.tokens + self._draft, budget - len(self._draft) - 1)
             fed = [self._draft[-1], *proposal]
         if self.assistant.pool_suffix and len(self._draft) < budget:
             room = budget - len(self._draft)
@@ -173,15 +194,50 @@ class OuroborosCandidateGenerator(CandidateGenerator):
                 candidate_logits[0, i] = row
         return candidate_logits
 
+    def _proposal(self, context: list[int], room: int) -> list[int]:
+        """
+        The tokens the small model checks after `context` in its next forward (at most `room`): the pool's phrase,
+        padded with guesses up to `lookahead_window` tokens (the last token repeated: its predictions there start
+        the Jacobi iteration that `_store_jacobi_phrase` stores).
+        """
+        proposal = self.pool.draft(context, room)
+        width = min(self.lookahead_window, room)
+        if len(proposal) < width:
+            proposal += [(proposal or context)[-1]] * (width - len(proposal))
+        return proposal
+
+    def _store_jacobi_phrase(self, logits: torch.Tensor) -> None:
+        """
+        Lookahead: `logits` are the small model's predictions at the fed positions past the draft tip (after its
+        first disagreement with the proposal, or after the budget), i.e. the next Jacobi iterate of the tokens after
+        the tip. Stored as the tip's phrase under the keys longer than the longest one the pool already has a phrase
+        for, so the next lookup there returns it and no phrase the pool learned from text is displaced.
+        """
+        if logits.shape[0] == 0:
+            return
+        context = self.tokens + self._draft
+        sizes = [n for n in self.pool.ngram_sizes if n <= len(context)]  # longest first
+        known = next((n for n in sizes if self.pool.phrases(context[-n:])), 0)
+        phrase = logits.argmax(dim=-1).tolist()
+        for n in sizes:
+            if n > known:
+                self.pool.add(context[-n:], phrase)
+        self.stats.lookahead_phrases += known < sizes[0]
+
     def _small_forward(self, tokens: list[int], keep: int, device: torch.device) -> torch.Tensor:
         """Runs the small model over `tokens` on its cache; returns the float logits of the last `keep` positions."""
         small = self.small_model
         extra = {"logits_to_keep": keep} if self._small_keeps_logits else {}
         step_inputs = torch.tensor([tokens], dtype=torch.long, device=small.device)
-        outputs = small(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True, **extra)
+        if self.small_head is not None:
+            body = small.get_decoder()
+            hidden = body(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True).last_hidden_state
+            logits = self.small_head(hidden[0, -keep:])
+        else:
+            logits = small(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True, **extra).logits[0]
         self.small_cached += len(tokens)
         self.stats.small_model_forwards += 1
-        return outputs.logits[0, -keep:].float().to(device)
+        return logits[-keep:].float().to(device)
 
     def _pick(self, logits: torch.Tensor, rows: list[torch.Tensor | None], device: torch.device) -> tuple[int, bool]:
         """Chooses the small model's token after the current draft; records its processed logits in `rows`."""
@@ -307,6 +363,48 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self.stats.draft_seconds += time.perf_counter() - began
 
 
+class ReducedVocabularyHead:
+    """
+    The small model's output layer restricted to some token ids, so that its LM head (a quarter of a
+    Qwen2.5-Coder-0.5B forward over a 151936-token vocabulary) costs a fraction. Returns full-vocabulary logits,
+    `-inf` outside the kept ids: the small model can then only draft kept tokens, and when sampling, its q is that
+    restricted distribution, which it samples from and reports, so speculative sampling stays exact.
+
+    `vocab`: an int N keeps the ids below N (byte-level BPE and SentencePiece vocabularies list frequent tokens
+    first), a sequence keeps those ids; `always` (the prompt's tokens, the end-of-sequence ids) are kept too.
+    Logit transforms a model applies after its LM head (softcapping, scaling) are skipped: they only shape drafts.
+    """
+
+    def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int], always: Sequence[int] = ()):
+        head = small_model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"small_model_vocab needs a small model whose output layer is an nn.Linear, got {type(head).__name__}."
+            )
+        self.vocab_size = head.out_features
+        kept = set(range(min(vocab, self.vocab_size))) if isinstance(vocab, int) else {int(t) for t in vocab}
+        kept |= {int(t) for t in always}
+        if not kept or min(kept) < 0 or max(kept) >= self.vocab_size:
+            raise ValueError(
+                f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {len(kept)} ids from "
+                f"{min(kept, default=None)} to {max(kept, default=None)}."
+            )
+        self.token_ids = torch.tensor(sorted(kept), device=head.weight.device)
+        self.linear = nn.Linear(head.in_features, len(kept), bias=head.bias is not None)
+        self.linear.to(device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(head.weight[self.token_ids])
+            if head.bias is not None:
+                self.linear.bias.copy_(head.bias[self.token_ids])
+        self.linear.__class__ = type(head)  # keeps a FastCpuLinear fast (an nn.Linear subclass)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[rows, hidden]` final hidden states to `[rows, vocab_size]` logits."""
+        logits = hidden.new_full((hidden.shape[0], self.vocab_size), float("-inf"))
+        logits[:, self.token_ids] = self.linear(hidden)
+        return logits
+
+
 def _sync_tokens(tokens: list[int], input_ids: torch.LongTensor, pool: PhrasePool) -> list[int]:
     """`tokens` brought level with `input_ids`, the new text added to `pool` (usually already done on update)."""
     if len(tokens) == input_ids.shape[1]:
@@ -387,6 +485,20 @@ class Ouroboros:
             A wrong draft token costs a target verification position, and single-token keys match almost
             everywhere; phrases the small model checks use every key length (a wrong one only costs a position in
             the small model's forward).
+        lookahead_window (`int`, *optional*, defaults to 0):
+            With a small LM: the fewest tokens each of its forwards checks after its last token; where the pool's
+            phrase is shorter, guesses fill the places and the small model's predictions there become the pool's
+            phrase for the next forward (Jacobi lookahead, see [`OuroborosCandidateGenerator`]). 0 turns it off.
+            Such phrases can reach the target unchecked only with `pool_suffix=True` (or a later pool-only call).
+        small_model_context (`int`, *optional*):
+            With a small LM: it reads only the last `small_model_context` tokens of a longer prompt (and all the
+            text generated after them), so a long prompt costs it a short prefill; the pool still holds the whole
+            prompt, so phrases copied from its start are still drafted. Default: the whole prompt.
+        small_model_vocab (`int` or `Sequence[int]`, *optional*):
+            With a small LM: it scores only these token ids (an int N: the ids below N, where BPE and SentencePiece
+            vocabularies keep their frequent tokens), plus the prompt's tokens and the end-of-sequence ids, so its
+            LM head costs a fraction on large vocabularies (see [`ReducedVocabularyHead`]). It then never drafts
+            another token; the output stays exact. Default: the whole vocabulary.
     """
 
     def __init__(
@@ -398,6 +510,9 @@ class Ouroboros:
         confidence_threshold: float = 0.3,
         pool_suffix: bool = False,
         unchecked_min_key_length: int = 2,
+        lookahead_window: int = 0,
+        small_model_context: int | None = None,
+        small_model_vocab: int | Sequence[int] | None = None,
     ):
         if small_model is not None and not isinstance(small_model, PreTrainedModel):
             raise TypeError(
@@ -409,6 +524,10 @@ class Ouroboros:
             raise TypeError(f"pool must be a prism_hf.PhrasePool, got {type(pool).__name__}.")
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}.")
+        if not isinstance(lookahead_window, int) or lookahead_window < 0:
+            raise ValueError(f"lookahead_window must be a non-negative integer, got {lookahead_window!r}.")
+        if small_model_context is not None and (not isinstance(small_model_context, int) or small_model_context < 1):
+            raise ValueError(f"small_model_context must be a positive integer or None, got {small_model_context!r}.")
         if draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:
             raise ValueError(
                 f"draft_length_schedule must be one of {DRAFT_LENGTH_SCHEDULES}, got {draft_length_schedule!r}."
@@ -420,6 +539,9 @@ class Ouroboros:
         self.confidence_threshold = float(confidence_threshold)
         self.pool_suffix = pool_suffix
         self.unchecked_min_key_length = unchecked_min_key_length
+        self.lookahead_window = lookahead_window
+        self.small_model_context = small_model_context
+        self.small_model_vocab = small_model_vocab
         self.last_generation_stats: OuroborosStats | None = None
         self._heuristic_num_draft_tokens: int | None = None
 

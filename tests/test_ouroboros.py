@@ -23,6 +23,7 @@ import prism_hf
 from prism_hf import Ouroboros, OuroborosCandidateGenerator, PhrasePool
 from prism_hf.benchmarking import ouroboros_strategy, run_benchmark
 from prism_hf.benchmarking.prompts import BenchPrompt
+from prism_hf.generation_ouroboros import ReducedVocabularyHead
 from prism_hf.reference_models import load_reference_model
 
 GREEDY = dict(do_sample=False, max_new_tokens=40, pad_token_id=0)
@@ -129,20 +130,25 @@ def test_generate_features(llama_target):
 # ------------------------------------------------------------------------------------------------- sampling
 
 
-@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("small", ["none", "full", "reduced vocabulary"])
 def test_sampled_tokens_follow_the_target_distribution(small):
     """
-    Pool tokens are deterministic proposals (one-hot q), small-model tokens come with the small model's q; both must
-    leave the distribution of sampled continuations unchanged. One pool serves all calls, so it proposes what
-    earlier samples taught it.
+    Pool tokens are deterministic proposals (one-hot q), small-model tokens come with the small model's q (with a
+    reduced vocabulary: its distribution over the kept ids); all must leave the distribution of sampled
+    continuations unchanged. One pool serves all calls, so it proposes what earlier samples taught it.
     """
     samples = 1200
     target = make_peaked_llama(12, seed=0)
-    small_model = make_peaked_llama(12, seed=3) if small else None
+    small_model = make_peaked_llama(12, seed=3) if small != "none" else None
     # the small model stops after each of its tokens (q), leaving room for unchecked pool suffixes (one-hot q)
     pool = PhrasePool(ngram_sizes=(1,))
     assistant = Ouroboros(
-        small_model, pool=pool, confidence_threshold=1.01, pool_suffix=True, unchecked_min_key_length=1
+        small_model,
+        pool=pool,
+        confidence_threshold=1.01,
+        pool_suffix=True,
+        unchecked_min_key_length=1,
+        small_model_vocab=6 if small == "reduced vocabulary" else None,  # ids 0-5 and the prompt's 1, 3, 7
     )
     prompt = torch.tensor([[3, 7, 1, 3, 7]])
     kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=5, pad_token_id=0)
@@ -157,7 +163,7 @@ def test_sampled_tokens_follow_the_target_distribution(small):
         model_accepted += stats.accepted_tokens - stats.pool_accepted_tokens
     assisted = torch.stack(rows)
     assert pool_accepted > samples // 10, "pool tokens must get accepted for the test to matter"
-    if small:
+    if small_model is not None:
         assert model_accepted > samples // 10
 
     for name, key in [
@@ -312,6 +318,74 @@ def test_target_predictions_after_a_rejection_enter_the_pool(llama_target):
     assert generator.stats.pool_drafted_tokens == 3 and generator.stats.pool_accepted_tokens == 1
 
 
+def test_small_model_reads_only_the_end_of_a_long_prompt(llama_target):
+    """
+    `small_model_context`: the small model's first forward starts at the window (its cache never holds the skipped
+    prompt start) and greedy output stays identical; a window covering the prompt changes nothing.
+    """
+    small = make_llama(seed=0)  # the target's weights: every token it drafts is accepted
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((kwargs["past_key_values"].get_seq_length(), kwargs["input_ids"].shape[1]))
+
+    handle = small.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        prompt = prompts_with_repeats(1)  # 21 tokens
+        plain = llama_target.generate(prompt, **GREEDY)
+        assistant = Ouroboros(small, pool=PhrasePool(), confidence_threshold=0.0, small_model_context=5)
+        assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+    finally:
+        handle.remove()
+    assert calls[0][0] == 0 and 5 <= calls[0][1] <= 5 + 7  # the window plus at most a pool phrase
+    cached, fed = calls[-1]
+    assert cached + fed <= 5 + GREEDY["max_new_tokens"] + 8  # never more than the window and what followed it
+    # a window as long as the prompt skips nothing: the small model sees what the target sees and is always right
+    assistant = Ouroboros(small, confidence_threshold=0.0, small_model_context=prompt.shape[1])
+    assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+    stats = assistant.last_generation_stats
+    assert stats.accepted_tokens == stats.drafted_tokens > 0
+    with pytest.raises(ValueError, match="small_model_context must be a positive integer or None, got 0"):
+        Ouroboros(small, small_model_context=0)
+
+
+def test_small_model_with_a_reduced_vocabulary(llama_target):
+    """
+    `small_model_vocab`: the reduced head's logits equal the small model's own on the kept ids (-inf elsewhere), the
+    small model drafts only kept tokens, and greedy output stays identical to plain decoding.
+    """
+    small = make_llama(seed=0)  # the target's weights
+    prompt = prompts_with_repeats(1)
+    head = ReducedVocabularyHead(small, 100, always=[250, 7])
+    assert head.token_ids.tolist() == [*range(100), 250]
+    with torch.no_grad():
+        outputs = small(prompt, output_hidden_states=True)
+        logits = head(outputs.hidden_states[-1][0])
+    torch.testing.assert_close(logits[:, head.token_ids], outputs.logits[0][:, head.token_ids])
+    assert torch.isneginf(logits[:, 100:250]).all() and torch.isneginf(logits[:, 251:]).all()
+
+    def first_draft(vocab):
+        assistant = Ouroboros(small, num_draft_tokens=6, confidence_threshold=0.0, small_model_vocab=vocab)
+        generator = assistant.build_candidate_generator(
+            llama_target, prompt, GenerationConfig(max_length=70, do_sample=False), None, {}
+        )
+        return generator.get_candidates(prompt)[0][0, prompt.shape[1] :].tolist()
+
+    full = first_draft(None)
+    kept = set(range(100)) | set(prompt[0].tolist())
+    assert not set(full) <= kept, "the full draft must use other tokens for the test to matter"
+    assert set(first_draft(100)) <= kept
+    assert first_draft(sorted(set(full) | {1, 2})) == full  # the small model's own choices kept: the same draft
+
+    plain = llama_target.generate(prompt, **GREEDY)
+    assistant = Ouroboros(small, small_model_vocab=100)
+    assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+    with pytest.raises(
+        ValueError, match=r"small_model_vocab must keep token ids in \[0, 256\), got 2 ids from 5 to 300"
+    ):
+        ReducedVocabularyHead(small, [5, 300])
+
+
 # ------------------------------------------------------------------------------------------------- with a PRISM draft
 
 
@@ -457,6 +531,39 @@ def test_benchmark_strategies(llama_target):
         < strategies[1].generate_kwargs["assistant_model"].pool.num_keys
     )  # the cold pool only knows the last call
     assert max(r.tau for r in records if r.strategy == "ouroboros-self") > 1.5
+
+
+def test_benchmark_ouroboros_variants(llama_target, tmp_path):
+    """`--ouroboros-variant OPTION=VALUE` adds an Ouroboros run with those options; unknown options are refused."""
+    import argparse
+
+    from prism_hf.benchmarking import BenchmarkConfig
+    from prism_hf.benchmarking.suite import build_strategies
+    from prism_hf.cli import _ouroboros_options, build_parser
+
+    make_llama(seed=0).save_pretrained(tmp_path / "Small")
+    args = ["bench", "--target", "t", "--ouroboros-assistant", str(tmp_path / "Small")]
+    namespace = build_parser().parse_args(
+        [*args, "--ouroboros-variant", "small_model_context=8,confidence_threshold=0"]
+    )
+    assert namespace.ouroboros_variants == [{"small_model_context": 8, "confidence_threshold": 0}]
+    config = BenchmarkConfig(
+        target="t", ouroboros_assistant=str(tmp_path / "Small"), ouroboros_variants=namespace.ouroboros_variants
+    )
+    strategies = build_strategies(llama_target, config)
+    assert [s.name for s in strategies] == [
+        "plain",
+        "ouroboros-small",
+        "ouroboros-small-small_model_context8-confidence_threshold0",
+    ]
+    assistants = [s.generate_kwargs["assistant_model"] for s in strategies[1:]]
+    assert assistants[0].small_model is assistants[1].small_model  # one copy of the small model
+    assert (assistants[0].small_model_context, assistants[1].small_model_context) == (None, 8)
+    prompts = [BenchPrompt("p", "repeats", prompts_with_repeats(1)[0])]
+    records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=12, progress=False)
+    assert all(r.identical for r in records)
+    with pytest.raises(argparse.ArgumentTypeError, match="'window=3' is not OPTION=VALUE with an Ouroboros option"):
+        _ouroboros_options("window=3")
 
 
 def test_benchmark_builds_ouroboros_with_each_prism_draft(llama_target, trained_llama_draft, tmp_path):

@@ -134,6 +134,7 @@ def ouroboros_strategy(
     num_draft_tokens: int | None = None,
     name: str | None = None,
     draft_length_schedule: str | None = None,
+    **options: Any,
 ) -> Strategy:
     """
     Ouroboros phrase-pool drafting, with a small same-tokenizer model (name, directory, Hub id or model; names are
@@ -142,7 +143,8 @@ def ouroboros_strategy(
     Cold (default), the pool is emptied before every call. `warm=True` keeps one pool across all calls of the run
     (starting from `pool` when given): prompts come grouped by category, so each prompt drafts from the earlier
     prompts of its category too, the paper's warm-start ("second pass") setting. `num_draft_tokens` and
-    `draft_length_schedule` default to `Ouroboros`'s (with a PRISM draft: the schedule is set on the draft's config).
+    `draft_length_schedule` default to `Ouroboros`'s (with a PRISM draft: the schedule is set on the draft's config);
+    `options` are more `Ouroboros` arguments (e.g. `lookahead_window=2`).
     """
     label = "pool"
     if small_model is not None:
@@ -155,7 +157,9 @@ def ouroboros_strategy(
             label = Path(small_model.name_or_path or "small").name.lower()
             if _is_prism_draft(small_model):
                 label = f"prism-{label}"
-    kwargs = {} if num_draft_tokens is None else {"num_draft_tokens": num_draft_tokens}
+    kwargs = dict(options)
+    if num_draft_tokens is not None:
+        kwargs["num_draft_tokens"] = num_draft_tokens
     if draft_length_schedule is not None:
         kwargs["draft_length_schedule"] = draft_length_schedule
         if _is_prism_draft(small_model):
@@ -163,6 +167,8 @@ def ouroboros_strategy(
     assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)
     temperature = "warm pool across calls" if warm else "fresh pool per call"
     drafter = "pool only" if small_model is None else f"small model {label} + pool"
+    if options:
+        drafter += ", " + ", ".join(f"{k}={v!r}" for k, v in options.items())
     return assistant_strategy(
         name or f"ouroboros-{label}{'-warm' if warm else ''}", assistant, f"Ouroboros ({drafter}, {temperature})"
     )

@@ -131,6 +131,8 @@ class BenchmarkConfig:
             gaps; named `ouroboros-<draft name>`).
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
+        ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant`, each with these
+            `Ouroboros` options (e.g. `{"lookahead_window": 2}`, named `ouroboros-<small model>-lookahead_window2`).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
         draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
@@ -166,6 +168,7 @@ class BenchmarkConfig:
     ouroboros_assistant: str | None = None
     ouroboros_prism: bool = False
     ouroboros_warm: bool = False
+    ouroboros_variants: list[dict[str, Any]] = field(default_factory=list)
     num_draft_tokens: int | None = None
     draft_length_schedule: str | None = None
     fast_cpu_linears: bool = False
@@ -226,12 +229,15 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
         strategies.append(prism_strategy(name, path, target, config.num_draft_tokens, config.draft_length_schedule))
-    ouroboros = [(None, "pool")] if config.ouroboros else []
+    ouroboros = [(None, "pool", 0)] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
-        ouroboros.append((small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()))
+        small, label = small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()
+        ouroboros.append((small, label, {}))
+        for options in config.ouroboros_variants:
+            ouroboros.append((small, "-".join([label, *(f"{k}{v}" for k, v in options.items())]), options))
     if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
-        ouroboros += [(load_draft(name, path, target), name) for name, path in config.drafts.items()]
-    for model, label in ouroboros:
+        ouroboros += [(load_draft(name, path, target), name, {}) for name, path in config.drafts.items()]
+    for model, label, options in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
             strategies.append(
@@ -242,6 +248,7 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                     num_draft_tokens=config.num_draft_tokens,
                     name=name,
                     draft_length_schedule=config.draft_length_schedule,
+                    **options,
                 )
             )
     return strategies
