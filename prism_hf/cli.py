@@ -99,7 +99,7 @@ def _add_bench_parser(subparsers) -> None:
         default=[],
         type=_ouroboros_options,
         metavar="OPTION=VALUE[,...]",
-        help="also run Ouroboros with --ouroboros-assistant and these Ouroboros options, e.g. lookahead_window=2 "
+        help="also run Ouroboros with --ouroboros-assistant and these Ouroboros options, e.g. small_model_vocab=32768 "
         "(repeat for more runs)",
     )
     parser.add_argument(
@@ -134,7 +134,7 @@ def _add_bench_parser(subparsers) -> None:
 
 
 def _ouroboros_options(text: str) -> dict[str, object]:
-    """`lookahead_window=2,small_model_context=256` as keyword arguments of `prism_hf.Ouroboros` (JSON values)."""
+    """`small_model_vocab=32768,small_model_context=256` as keyword arguments of `prism_hf.Ouroboros` (JSON values)."""
     import inspect
 
     from .generation_ouroboros import Ouroboros

@@ -35,7 +35,6 @@ class OuroborosStats(SpeculationStats):
     pool_drafted_tokens: int = 0
     pool_accepted_tokens: int = 0
     small_model_forwards: int = 0
-    lookahead_phrases: int = 0
 
 
 class OuroborosCandidateGenerator(CandidateGenerator):
@@ -47,12 +46,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     The pool learns from (a) the prompt and every accepted token, (b) the target's own predictions at the verified
     positions that follow a rejected draft token (phrases keyed by the rejected context, so drafts that drift the
     same way are corrected next time) and (c) earlier calls, since the pool outlives the generator.
-
-    Lookahead (`Ouroboros(lookahead_window=w)`): a small-model forward whose pool phrase is shorter than `w` tokens
-    carries guesses in the free places (the next positions' tokens, repeated from the last token where nothing better
-    is known); the small model's predictions at the positions after its first disagreement are a Jacobi iteration
-    of its own continuation, stored as a phrase for the new draft tip where the pool has none, so the next forward
-    checks them. The draft stays the small model's own tokens; only the number of forwards changes.
 
     Draft length: at most `num_draft_tokens` per round; the `"heuristic"` schedules add 2 after a round whose full
     budget was accepted and remove 1 after a rejection. The small model also stops at its first token whose
@@ -88,7 +81,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.small_model = assistant.small_model
         self.confidence_threshold = assistant.confidence_threshold
         self.unchecked_min_key_length = assistant.unchecked_min_key_length
-        self.lookahead_window = assistant.lookahead_window
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
@@ -152,7 +144,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.small_cached = self.small_valid
         rows: list[torch.Tensor | None] = []
         # the first forward also checks a pool phrase after the context, like every later one after a drafted token
-        proposal = self._proposal(self.tokens, budget - 1)
+        proposal = self.pool.draft(self.tokens, budget - 1)
         fed = self.tokens[self.small_valid :] + proposal
         while True:
             # logits[j] predicts the token after the draft extended by proposal[:j]
@@ -171,11 +163,10 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             if unused:
                 self.small_cache.crop(-unused)
                 self.small_cached -= unused
-                if self.lookahead_window:  # rows after the last one drafted from: predictions past the tip
-                    self._store_jacobi_phrase(logits[j + 1 :])
             if stop:
                 break
-            proposal = self._proposal(self.tokens + self._draft, budget - len(self._draft) - 1)
+            # (the last proposed token's successor would be past the budget: propose one fewer)
+            proposal = self.pool.draft(self.tokens + self._draft, budget - len(self._draft) - 1)
             fed = [self._draft[-1], *proposal]
         if self.assistant.pool_suffix and len(self._draft) < budget:
             room = budget - len(self._draft)
@@ -193,36 +184,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             else:
                 candidate_logits[0, i] = row
         return candidate_logits
-
-    def _proposal(self, context: list[int], room: int) -> list[int]:
-        """
-        The tokens the small model checks after `context` in its next forward (at most `room`): the pool's phrase,
-        padded with guesses up to `lookahead_window` tokens (the last token repeated: its predictions there start
-        the Jacobi iteration that `_store_jacobi_phrase` stores).
-        """
-        proposal = self.pool.draft(context, room)
-        width = min(self.lookahead_window, room)
-        if len(proposal) < width:
-            proposal += [(proposal or context)[-1]] * (width - len(proposal))
-        return proposal
-
-    def _store_jacobi_phrase(self, logits: torch.Tensor) -> None:
-        """
-        Lookahead: `logits` are the small model's predictions at the fed positions past the draft tip (after its
-        first disagreement with the proposal, or after the budget), i.e. the next Jacobi iterate of the tokens after
-        the tip. Stored as the tip's phrase under the keys longer than the longest one the pool already has a phrase
-        for, so the next lookup there returns it and no phrase the pool learned from text is displaced.
-        """
-        if logits.shape[0] == 0:
-            return
-        context = self.tokens + self._draft
-        sizes = [n for n in self.pool.ngram_sizes if n <= len(context)]  # longest first
-        known = next((n for n in sizes if self.pool.phrases(context[-n:])), 0)
-        phrase = logits.argmax(dim=-1).tolist()
-        for n in sizes:
-            if n > known:
-                self.pool.add(context[-n:], phrase)
-        self.stats.lookahead_phrases += known < sizes[0]
 
     def _small_forward(self, tokens: list[int], keep: int, device: torch.device) -> torch.Tensor:
         """Runs the small model over `tokens` on its cache; returns the float logits of the last `keep` positions."""
@@ -485,11 +446,6 @@ class Ouroboros:
             A wrong draft token costs a target verification position, and single-token keys match almost
             everywhere; phrases the small model checks use every key length (a wrong one only costs a position in
             the small model's forward).
-        lookahead_window (`int`, *optional*, defaults to 0):
-            With a small LM: the fewest tokens each of its forwards checks after its last token; where the pool's
-            phrase is shorter, guesses fill the places and the small model's predictions there become the pool's
-            phrase for the next forward (Jacobi lookahead, see [`OuroborosCandidateGenerator`]). 0 turns it off.
-            Such phrases can reach the target unchecked only with `pool_suffix=True` (or a later pool-only call).
         small_model_context (`int`, *optional*):
             With a small LM: it reads only the last `small_model_context` tokens of a longer prompt (and all the
             text generated after them), so a long prompt costs it a short prefill; the pool still holds the whole
@@ -510,7 +466,6 @@ class Ouroboros:
         confidence_threshold: float = 0.3,
         pool_suffix: bool = False,
         unchecked_min_key_length: int = 2,
-        lookahead_window: int = 0,
         small_model_context: int | None = None,
         small_model_vocab: int | Sequence[int] | None = None,
     ):
@@ -524,8 +479,6 @@ class Ouroboros:
             raise TypeError(f"pool must be a prism_hf.PhrasePool, got {type(pool).__name__}.")
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}.")
-        if not isinstance(lookahead_window, int) or lookahead_window < 0:
-            raise ValueError(f"lookahead_window must be a non-negative integer, got {lookahead_window!r}.")
         if small_model_context is not None and (not isinstance(small_model_context, int) or small_model_context < 1):
             raise ValueError(f"small_model_context must be a positive integer or None, got {small_model_context!r}.")
         if draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:
@@ -539,7 +492,6 @@ class Ouroboros:
         self.confidence_threshold = float(confidence_threshold)
         self.pool_suffix = pool_suffix
         self.unchecked_min_key_length = unchecked_min_key_length
-        self.lookahead_window = lookahead_window
         self.small_model_context = small_model_context
         self.small_model_vocab = small_model_vocab
         self.last_generation_stats: OuroborosStats | None = None

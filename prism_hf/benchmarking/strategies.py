@@ -144,7 +144,7 @@ def ouroboros_strategy(
     (starting from `pool` when given): prompts come grouped by category, so each prompt drafts from the earlier
     prompts of its category too, the paper's warm-start ("second pass") setting. `num_draft_tokens` and
     `draft_length_schedule` default to `Ouroboros`'s (with a PRISM draft: the schedule is set on the draft's config);
-    `options` are more `Ouroboros` arguments (e.g. `lookahead_window=2`).
+    `options` are more `Ouroboros` arguments (e.g. `small_model_vocab=32768`).
     """
     label = "pool"
     if small_model is not None:

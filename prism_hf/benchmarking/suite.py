@@ -132,7 +132,8 @@ class BenchmarkConfig:
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
         ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant`, each with these
-            `Ouroboros` options (e.g. `{"lookahead_window": 2}`, named `ouroboros-<small model>-lookahead_window2`).
+            `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`, named
+            `ouroboros-<small model>-small_model_vocab32768`).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
         draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
