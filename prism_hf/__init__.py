@@ -5,7 +5,13 @@ from transformers import AutoConfig, AutoModel
 from .configuration_prism import PrismConfig
 from .cpu_linear import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears
 from .generation_hooks import install_generation_hooks
-from .generation_ouroboros import Ouroboros, OuroborosCandidateGenerator, OuroborosStats, PooledPrismCandidateGenerator
+from .generation_ouroboros import (
+    Ouroboros,
+    OuroborosCandidateGenerator,
+    OuroborosStats,
+    PooledPrismCandidateGenerator,
+    ReducedVocabularyHead,
+)
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .hub import push_draft
 from .modeling_prism import PrismDraftModel, PrismDraftOutput
@@ -35,6 +41,7 @@ __all__ = [
     "PrismConfig",
     "PrismDraftModel",
     "PrismDraftOutput",
+    "ReducedVocabularyHead",
     "SpeculationStats",
     "__version__",
     "disable_fast_cpu_linears",

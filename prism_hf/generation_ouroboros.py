@@ -8,6 +8,7 @@ alone. The target verifies every token, so greedy output equals plain `generate`
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, Pr
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
+from .cpu_linear import FastCpuLinear
 from .generation_prism import (
     PrismCandidateGenerator,
     SpeculationStats,
@@ -107,7 +109,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             if assistant.small_model_vocab is not None:
                 eos = generation_config.eos_token_id
                 always = self.tokens + ([] if eos is None else torch.tensor(eos).flatten().tolist())
-                self.small_head = ReducedVocabularyHead(self.small_model, assistant.small_model_vocab, always)
+                self.small_head = assistant._reduced_vocabulary_head().with_tokens(always)
 
     # ------------------------------------------------------------------------------------------------- drafting
 
@@ -332,38 +334,66 @@ class ReducedVocabularyHead:
     restricted distribution, which it samples from and reports, so speculative sampling stays exact.
 
     `vocab`: an int N keeps the ids below N (byte-level BPE and SentencePiece vocabularies list frequent tokens
-    first), a sequence keeps those ids; `always` (the prompt's tokens, the end-of-sequence ids) are kept too.
-    Logit transforms a model applies after its LM head (softcapping, scaling) are skipped: they only shape drafts.
+    first), a sequence keeps those ids. `with_tokens` adds more ids (a prompt's tokens, the end-of-sequence ids) as
+    a few extra rows, without copying the kept rows again. Logit transforms a model applies after its LM head
+    (softcapping, scaling) are skipped: they only shape drafts.
     """
 
-    def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int], always: Sequence[int] = ()):
+    def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int]):
         head = small_model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
+        if type(head) not in (nn.Linear, FastCpuLinear) or not head.weight.is_floating_point():
             raise ValueError(
-                f"small_model_vocab needs a small model whose output layer is an nn.Linear, got {type(head).__name__}."
+                "small_model_vocab needs a small model whose output layer is a floating-point nn.Linear, got "
+                f"{type(head).__name__} with {head.weight.dtype if head is not None else None} weights."
             )
+        self.head = head
         self.vocab_size = head.out_features
-        kept = set(range(min(vocab, self.vocab_size))) if isinstance(vocab, int) else {int(t) for t in vocab}
-        kept |= {int(t) for t in always}
-        if not kept or min(kept) < 0 or max(kept) >= self.vocab_size:
+        if isinstance(vocab, int):
+            ids = torch.arange(min(max(vocab, 0), self.vocab_size))
+        else:
+            ids = torch.tensor(sorted({int(t) for t in vocab}), dtype=torch.long)
+        if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+            first, last = (int(ids.min()), int(ids.max())) if ids.numel() else (None, None)
             raise ValueError(
-                f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {len(kept)} ids from "
-                f"{min(kept, default=None)} to {max(kept, default=None)}."
+                f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {ids.numel()} ids from "
+                f"{first} to {last}."
             )
-        self.token_ids = torch.tensor(sorted(kept), device=head.weight.device)
-        self.linear = nn.Linear(head.in_features, len(kept), bias=head.bias is not None)
-        self.linear.to(device=head.weight.device, dtype=head.weight.dtype)
-        with torch.no_grad():
-            self.linear.weight.copy_(head.weight[self.token_ids])
-            if head.bias is not None:
-                self.linear.bias.copy_(head.bias[self.token_ids])
-        self.linear.__class__ = type(head)  # keeps a FastCpuLinear fast (an nn.Linear subclass)
+        self.parts = [(ids.to(head.weight.device), _rows_of(head, ids))]
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """The kept token ids, sorted."""
+        return torch.cat([ids for ids, _ in self.parts]).sort().values
+
+    def with_tokens(self, tokens: Sequence[int]) -> ReducedVocabularyHead:
+        """A copy that also keeps `tokens` (those not kept yet become one extra block of rows)."""
+        kept = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for ids, _ in self.parts:
+            kept[ids.cpu()] = True
+        wanted = torch.tensor(sorted({int(t) for t in tokens if 0 <= int(t) < self.vocab_size}), dtype=torch.long)
+        missing = wanted[~kept[wanted]] if wanted.numel() else wanted
+        extended = copy.copy(self)
+        if missing.numel():
+            extended.parts = [*self.parts, (missing.to(self.head.weight.device), _rows_of(self.head, missing))]
+        return extended
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden]` final hidden states to `[rows, vocab_size]` logits."""
         logits = hidden.new_full((hidden.shape[0], self.vocab_size), float("-inf"))
-        logits[:, self.token_ids] = self.linear(hidden)
+        for ids, linear in self.parts:
+            logits[:, ids] = linear(hidden)
         return logits
+
+
+def _rows_of(head: nn.Linear, ids: torch.Tensor) -> nn.Linear:
+    """The rows `ids` of the linear layer `head`, as a layer of the same kind (a FastCpuLinear head stays fast)."""
+    ids = ids.to(head.weight.device)
+    linear = nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None, device="meta")
+    linear.weight = nn.Parameter(head.weight.detach()[ids], requires_grad=False)
+    if head.bias is not None:
+        linear.bias = nn.Parameter(head.bias.detach()[ids], requires_grad=False)
+    linear.__class__ = type(head)
+    return linear
 
 
 def _sync_tokens(tokens: list[int], input_ids: torch.LongTensor, pool: PhrasePool) -> list[int]:
@@ -494,8 +524,17 @@ class Ouroboros:
         self.unchecked_min_key_length = unchecked_min_key_length
         self.small_model_context = small_model_context
         self.small_model_vocab = small_model_vocab
+        self._small_head_cache: tuple[tuple, ReducedVocabularyHead] | None = None
         self.last_generation_stats: OuroborosStats | None = None
         self._heuristic_num_draft_tokens: int | None = None
+
+    def _reduced_vocabulary_head(self) -> ReducedVocabularyHead:
+        """The small model's `small_model_vocab` head, built once (again if its output layer changed)."""
+        head = self.small_model.get_output_embeddings()
+        key = (id(head), type(head), head.weight.data_ptr(), head.weight.dtype)
+        if self._small_head_cache is None or self._small_head_cache[0] != key:
+            self._small_head_cache = (key, ReducedVocabularyHead(self.small_model, self.small_model_vocab))
+        return self._small_head_cache[1]
 
     def __repr__(self) -> str:
         small = "pool only" if self.small_model is None else (self.small_model.name_or_path or "small model")

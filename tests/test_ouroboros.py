@@ -20,10 +20,9 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 import prism_hf
-from prism_hf import Ouroboros, OuroborosCandidateGenerator, PhrasePool
+from prism_hf import Ouroboros, OuroborosCandidateGenerator, PhrasePool, ReducedVocabularyHead
 from prism_hf.benchmarking import ouroboros_strategy, run_benchmark
 from prism_hf.benchmarking.prompts import BenchPrompt
-from prism_hf.generation_ouroboros import ReducedVocabularyHead
 from prism_hf.reference_models import load_reference_model
 
 GREEDY = dict(do_sample=False, max_new_tokens=40, pad_token_id=0)
@@ -356,8 +355,8 @@ def test_small_model_with_a_reduced_vocabulary(llama_target):
     """
     small = make_llama(seed=0)  # the target's weights
     prompt = prompts_with_repeats(1)
-    head = ReducedVocabularyHead(small, 100, always=[250, 7])
-    assert head.token_ids.tolist() == [*range(100), 250]
+    head = ReducedVocabularyHead(small, 100).with_tokens([250, 7])
+    assert head.token_ids.tolist() == [*range(100), 250] and len(head.parts) == 2
     with torch.no_grad():
         outputs = small(prompt, output_hidden_states=True)
         logits = head(outputs.hidden_states[-1][0])
