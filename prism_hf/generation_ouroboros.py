@@ -509,6 +509,12 @@ class Ouroboros:
             raise TypeError(f"pool must be a prism_hf.PhrasePool, got {type(pool).__name__}.")
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}.")
+        for name, value in (("small_model_context", small_model_context), ("small_model_vocab", small_model_vocab)):
+            if value is not None and (small_model is None or _is_prism_draft(small_model)):
+                drafter = (
+                    "no small model" if small_model is None else "a PRISM draft (it has its own draft vocabulary)"
+                )
+                raise ValueError(f"{name} concerns a small causal LM; this Ouroboros has {drafter}.")
         if small_model_context is not None and (not isinstance(small_model_context, int) or small_model_context < 1):
             raise ValueError(f"small_model_context must be a positive integer or None, got {small_model_context!r}.")
         if draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:

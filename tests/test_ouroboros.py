@@ -346,6 +346,10 @@ def test_small_model_reads_only_the_end_of_a_long_prompt(llama_target):
     assert stats.accepted_tokens == stats.drafted_tokens > 0
     with pytest.raises(ValueError, match="small_model_context must be a positive integer or None, got 0"):
         Ouroboros(small, small_model_context=0)
+    with pytest.raises(
+        ValueError, match="small_model_context concerns a small causal LM; this Ouroboros has no small"
+    ):
+        Ouroboros(small_model_context=64)
 
 
 def test_small_model_with_a_reduced_vocabulary(llama_target):
@@ -547,11 +551,14 @@ def test_benchmark_ouroboros_variants(llama_target, tmp_path):
     )
     assert namespace.ouroboros_variants == [{"small_model_context": 8, "confidence_threshold": 0}]
     config = BenchmarkConfig(
-        target="t", ouroboros_assistant=str(tmp_path / "Small"), ouroboros_variants=namespace.ouroboros_variants
+        target="t",
+        ouroboros=True,
+        ouroboros_assistant=str(tmp_path / "Small"),
+        ouroboros_variants=namespace.ouroboros_variants,
     )
-    strategies = build_strategies(llama_target, config)
+    strategies = build_strategies(llama_target, config)[1:]
     assert [s.name for s in strategies] == [
-        "plain",
+        "ouroboros-pool",
         "ouroboros-small",
         "ouroboros-small-small_model_context8-confidence_threshold0",
     ]
@@ -559,7 +566,7 @@ def test_benchmark_ouroboros_variants(llama_target, tmp_path):
     assert assistants[0].small_model is assistants[1].small_model  # one copy of the small model
     assert (assistants[0].small_model_context, assistants[1].small_model_context) == (None, 8)
     prompts = [BenchPrompt("p", "repeats", prompts_with_repeats(1)[0])]
-    records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=12, progress=False)
+    records = run_benchmark(llama_target, prompts, strategies, max_new_tokens=12, progress=False)
     assert all(r.identical for r in records)
     with pytest.raises(argparse.ArgumentTypeError, match="'window=3' is not OPTION=VALUE with an Ouroboros option"):
         _ouroboros_options("window=3")

@@ -230,7 +230,7 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
         strategies.append(prism_strategy(name, path, target, config.num_draft_tokens, config.draft_length_schedule))
-    ouroboros = [(None, "pool", 0)] if config.ouroboros else []
+    ouroboros = [(None, "pool", {})] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
         small, label = small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()
         ouroboros.append((small, label, {}))
