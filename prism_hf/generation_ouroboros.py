@@ -27,6 +27,7 @@ from .generation_prism import (
     check_exact_drafting,
     resolve_draft_length,
 )
+from .modeling_prism import _same_key
 from .phrase_pool import PhrasePool
 
 
@@ -105,8 +106,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             self.small_cached = skipped  # end of the part of the sequence the small model's cache covers
             self.small_valid = skipped  # end of the cached part still on the accepted path
             self._small_keeps_logits = self.small_model._supports_logits_to_keep()
-            self.small_head = None
+            self.small_head = self.small_body = None
             if assistant.small_model_vocab is not None:
+                self.small_body = self.small_model.get_decoder()  # its hidden states go to the reduced head
                 eos = generation_config.eos_token_id
                 always = self.tokens + ([] if eos is None else torch.tensor(eos).flatten().tolist())
                 self.small_head = assistant._reduced_vocabulary_head().with_tokens(always)
@@ -193,8 +195,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         extra = {"logits_to_keep": keep} if self._small_keeps_logits else {}
         step_inputs = torch.tensor([tokens], dtype=torch.long, device=small.device)
         if self.small_head is not None:
-            body = small.get_decoder()
-            hidden = body(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True).last_hidden_state
+            hidden = self.small_body(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True)
+            hidden = hidden.last_hidden_state
             logits = self.small_head(hidden[0, -keep:])
         else:
             logits = small(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True, **extra).logits[0]
@@ -537,8 +539,10 @@ class Ouroboros:
     def _reduced_vocabulary_head(self) -> ReducedVocabularyHead:
         """The small model's `small_model_vocab` head, built once (again if its output layer changed)."""
         head = self.small_model.get_output_embeddings()
-        key = (id(head), type(head), head.weight.data_ptr(), head.weight.dtype)
-        if self._small_head_cache is None or self._small_head_cache[0] != key:
+        weight = getattr(head, "weight", None)
+        # the same tensors, unchanged in place since, as for PRISM's reduced LM head (`modeling_prism._same_key`)
+        key = ((head, weight), (getattr(weight, "_version", None), type(head)))
+        if self._small_head_cache is None or not _same_key(self._small_head_cache[0], key):
             self._small_head_cache = (key, ReducedVocabularyHead(self.small_model, self.small_model_vocab))
         return self._small_head_cache[1]
 

@@ -383,6 +383,11 @@ def test_small_model_with_a_reduced_vocabulary(llama_target):
     plain = llama_target.generate(prompt, **GREEDY)
     assistant = Ouroboros(small, small_model_vocab=100)
     assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+    cached = assistant._reduced_vocabulary_head()
+    assert assistant._reduced_vocabulary_head() is cached  # built once per Ouroboros
+    with torch.no_grad():
+        small.lm_head.weight.mul_(2.0)  # changed in place: the cached rows are stale
+    assert assistant._reduced_vocabulary_head() is not cached
     with pytest.raises(
         ValueError, match=r"small_model_vocab must keep token ids in \[0, 256\), got 2 ids from 5 to 300"
     ):
