@@ -4,7 +4,8 @@ decides whether drafting several tokens per small-model or target forward can pa
 
 `python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b-instruct` writes
 `benchmarks/results/forward-cost-<model>.json`: median seconds per forward and the ratio to a one-token forward.
-`--fast-cpu-linears` measures the model with `prism_hf.enable_fast_cpu_linears` (file `...-fast-linears.json`).
+`--fast-cpu-linears` measures the model with `prism_hf.enable_fast_cpu_linears` (file `...-fast-linears.json`),
+`--int8` with `prism_hf.quantize_cpu_linears_int8`, as a small drafting model would run (file `...-int8.json`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from prism_hf import enable_fast_cpu_linears
+from prism_hf import enable_fast_cpu_linears, quantize_cpu_linears_int8
 from prism_hf.benchmarking.report import machine_metadata
 from prism_hf.reference_models import load_reference_model
 
@@ -33,11 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 16, 24], help="new tokens per forward")
     parser.add_argument("--repeats", type=int, default=6, help="forwards per size (the first is discarded)")
     parser.add_argument("--fast-cpu-linears", action="store_true", help="switch to prism_hf.FastCpuLinear layers")
+    parser.add_argument("--int8", action="store_true", help="quantize the linear layers to int8 (drafting models)")
     args = parser.parse_args(argv)
+    if args.int8 and args.fast_cpu_linears:
+        parser.error("--int8 replaces every float32 linear layer: it cannot be combined with --fast-cpu-linears.")
 
     model, _ = load_reference_model(args.model, dtype=getattr(torch, args.dtype))
     if args.fast_cpu_linears:
         enable_fast_cpu_linears(model)
+    if args.int8:
+        quantize_cpu_linears_int8(model)
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(100, vocab, (1, args.context), generator=generator)
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "context_tokens": args.context,
         "fast_cpu_linears": args.fast_cpu_linears,
+        "int8": args.int8,
         "machine": machine_metadata("cpu"),
         "forwards": {
             str(k): {"seconds": round(s, 4), "ratio_to_one_token": round(s / seconds[1], 2)}
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         else {str(k): {"seconds": round(s, 4)} for k, s in seconds.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-fast-linears" if args.fast_cpu_linears else ""
+    suffix = "-fast-linears" if args.fast_cpu_linears else "-int8" if args.int8 else ""
     out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["forwards"], indent=2))

@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_prism import PrismConfig
-from .cpu_linear import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears
+from .cpu_linear import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
 from .generation_hooks import install_generation_hooks
 from .generation_ouroboros import (
     Ouroboros,
@@ -48,6 +48,7 @@ __all__ = [
     "enable_fast_cpu_linears",
     "load_reference_model",
     "push_draft",
+    "quantize_cpu_linears_int8",
     "resolve_dtype",
     "train_draft",
 ]

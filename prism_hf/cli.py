@@ -117,6 +117,12 @@ def _add_bench_parser(subparsers) -> None:
         help="compute float32 CPU linear layers with prism_hf.enable_fast_cpu_linears, for every strategy and plain "
         "generate alike (cheap few-token forwards on x86 CPUs)",
     )
+    parser.add_argument(
+        "--small-model-int8",
+        action="store_true",
+        help="also run HF assisted generation and Ouroboros with an int8 copy of their small model "
+        "(prism_hf.quantize_cpu_linears_int8), named ...-int8",
+    )
     parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["spec_bench", "humaneval"])
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks or MT-Bench categories (default: all)")
     size = parser.add_mutually_exclusive_group()

@@ -14,9 +14,16 @@ forwards cost no more than before. Long inputs (prefills of long prompts) keep `
 results equal `F.linear`'s up to float32 rounding); `disable_fast_cpu_linears(model)` switches them back. It is
 opt-in and changes no weights, so a model saves and loads as before. Use it for the target and the draft or small
 model alike, and compare against plain `generate` with it enabled too: it is a faster kernel, not a change of method.
+
+`quantize_cpu_linears_int8(model)` goes further for models that only draft (an Ouroboros small model, an HF
+assistant): their float32 CPU linear layers become int8 dynamically quantized ones (fbgemm kernels), which read a
+quarter of the weight bytes; a Qwen2.5-Coder-0.5B forward over 1-4 tokens then costs about 2.5x less. The drafts
+change a little, the output does not: the target still verifies every token. Never apply it to the target itself.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -68,3 +75,40 @@ def disable_fast_cpu_linears(model: nn.Module) -> int:
             module.__class__ = nn.Linear
             restored += 1
     return restored
+
+
+def quantize_cpu_linears_int8(model: nn.Module) -> int:
+    """
+    Replaces the float32 CPU `nn.Linear` (and [`FastCpuLinear`]) layers of a drafting model with int8 dynamically
+    quantized linears (per-output-channel weight scales, activations quantized on the fly); returns how many.
+
+    For small models that only propose tokens (`Ouroboros(small_model)`, `generate(assistant_model=...)`): their
+    forwards get about 2.5x cheaper on x86 CPUs while the target, left in float32, verifies every token, so greedy
+    output stays identical to plain `generate` and sampling stays exact. Applied to the target, it would change the
+    model's output: don't. In place and not reversible (the float weights are dropped); the model is for drafting in
+    this process, not for `save_pretrained`. Layers of other types, dtypes or devices are left alone, so a GPU or
+    bfloat16 model returns 0. `Ouroboros(small_model_vocab=...)` needs a float output layer and refuses such a model.
+    """
+    if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
+        raise RuntimeError(
+            "quantize_cpu_linears_int8 needs torch's x86/fbgemm quantized engine; this build supports "
+            f"{torch.backends.quantized.supported_engines}."
+        )
+    names = []
+    for name, module in model.named_modules():
+        if (
+            type(module) in (nn.Linear, FastCpuLinear)
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+        ):
+            module.__class__ = nn.Linear  # the quantizer swaps exact `nn.Linear`s only
+            names.append(name)
+    if not names:
+        return 0
+    if "" in names:  # the model is itself one linear layer: the quantizer cannot swap the root in place
+        raise ValueError("quantize_cpu_linears_int8 quantizes the linear layers inside a model; got a bare nn.Linear.")
+    spec = dict.fromkeys(names, torch.ao.quantization.per_channel_dynamic_qconfig)
+    with warnings.catch_warnings():  # torch.ao's eager quantization warns that torchao is its successor
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    return len(names)

@@ -343,10 +343,12 @@ class ReducedVocabularyHead:
 
     def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int]):
         head = small_model.get_output_embeddings()
-        if type(head) not in (nn.Linear, FastCpuLinear) or not head.weight.is_floating_point():
+        weight = getattr(head, "weight", None)  # (a method on torch's quantized linears)
+        if type(head) not in (nn.Linear, FastCpuLinear) or not weight.is_floating_point():
+            kind = weight.dtype if isinstance(weight, torch.Tensor) else "no" if head is None else "quantized"
             raise ValueError(
                 "small_model_vocab needs a small model whose output layer is a floating-point nn.Linear, got "
-                f"{type(head).__name__} with {head.weight.dtype if head is not None else None} weights."
+                f"{type(head).__module__}.{type(head).__name__} with {kind} weights."
             )
         self.head = head
         self.vocab_size = head.out_features

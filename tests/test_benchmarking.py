@@ -186,3 +186,43 @@ def test_bench_config_fast_linears_and_draft_length(llama_target, tmp_path):
     assert isinstance(target.lm_head, FastCpuLinear) and isinstance(ouroboros.small_model.lm_head, FastCpuLinear)
     with pytest.raises(ValueError, match="Unknown draft length schedule 'linear'"):
         BenchmarkConfig(target="t", draft_length_schedule="linear").resolved()
+
+
+def test_bench_config_int8_small_models(llama_target, tmp_path):
+    """`small_model_int8`: HF assisted and Ouroboros also draft with one int8 copy; the float small model is kept."""
+    from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
+
+    small_dir = tmp_path / "small"
+    make_llama(seed=0).save_pretrained(small_dir)
+    config = BenchmarkConfig(
+        target="tiny",
+        assistant=str(small_dir),
+        ouroboros_assistant=str(small_dir),
+        num_draft_tokens=3,
+        small_model_int8=True,
+        fast_cpu_linears=True,
+        device="cpu",
+    ).resolved()
+    target = make_llama()
+    strategies = build_strategies(target, config)
+    names = [s.name for s in strategies]
+    assert names == [
+        "plain",
+        "hf-assisted-small",
+        "hf-assisted-small-hf-defaults",
+        "hf-assisted-small-int8",
+        "ouroboros-small",
+        "ouroboros-small-int8",
+    ]
+    by_name = {s.name: s.generate_kwargs.get("assistant_model") for s in strategies}
+    hf_int8, ouroboros_int8 = by_name["hf-assisted-small-int8"], by_name["ouroboros-small-int8"]
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert isinstance(hf_int8.lm_head, quantized) and ouroboros_int8.small_model.lm_head is hf_int8.lm_head
+    assert hf_int8.generation_config.num_assistant_tokens == 3 and ouroboros_int8.num_draft_tokens == 3
+    assert switch_to_fast_cpu_linears(target, strategies) == 2 * (2 * 7 + 1)  # target + the float small model only
+    assert type(by_name["ouroboros-small"].small_model.lm_head).__name__ == "FastCpuLinear"
+    prompt = [BenchPrompt("p", "humaneval", torch.tensor([5, 9, 14, 3, 8]))]
+    records = run_benchmark(target, prompt, strategies[1:], max_new_tokens=16, progress=False)
+    assert all(r.identical and r.error is None for r in records)
+    with pytest.raises(ValueError, match="small_model_int8 quantizes small models: also set assistant"):
+        build_strategies(target, BenchmarkConfig(target="tiny", small_model_int8=True, device="cpu").resolved())

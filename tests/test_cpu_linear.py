@@ -1,4 +1,7 @@
-"""`enable_fast_cpu_linears`: the products of `F.linear`, only float32 CPU `nn.Linear` switched, exact generation."""
+"""
+`enable_fast_cpu_linears`: the products of `F.linear`, only float32 CPU `nn.Linear` switched, exact generation.
+`quantize_cpu_linears_int8`: drafting models quantized, generation with them still exact.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import prism_hf
-from prism_hf import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears
+from prism_hf import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -94,3 +97,59 @@ def test_generation_with_fast_linears_is_exact(trained_llama_draft):
             output = target.generate(prompt[None], assistant_model=assistant, do_sample=False, max_new_tokens=30)
             assert torch.equal(output, reference), type(assistant).__name__
     assert draft.last_generation_stats.accepted_tokens > 0  # the fast draft still drafts what the target says
+
+
+# ------------------------------------------------------------------------------------------------- int8 drafting
+
+
+def test_int8_quantizes_float32_cpu_linears_only():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(32, 48),
+            "fast": nn.Linear(32, 48, bias=False),
+            "bf16": nn.Linear(4, 4).to(torch.bfloat16),
+            "sub": _SubclassedLinear(4, 4),
+        }
+    )
+    enable_fast_cpu_linears(model["fast"])
+    x = torch.randn(3, 32)
+    expected = {name: model[name](x) for name in ("a", "fast")}
+    assert quantize_cpu_linears_int8(model) == 2
+    assert quantize_cpu_linears_int8(model) == 0  # nothing float left
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    assert [type(model[k]) for k in ("a", "fast", "bf16", "sub")] == [
+        quantized,
+        quantized,
+        nn.Linear,
+        _SubclassedLinear,
+    ]
+    for name, reference in expected.items():  # int8 weights with per-row scales: close, not equal
+        torch.testing.assert_close(model[name](x), reference, rtol=0.05, atol=0.05)
+        assert not torch.equal(model[name](x), reference)
+    with pytest.raises(ValueError, match="quantizes the linear layers inside a model; got a bare nn.Linear"):
+        quantize_cpu_linears_int8(nn.Linear(4, 4))
+
+
+def test_generation_with_an_int8_small_model_is_exact(llama_target):
+    """
+    An int8 small model (its weights are the target's, so it drafts well) drafts for Ouroboros and for HF assisted
+    generation: the output stays plain greedy output, and its drafts still get accepted.
+    """
+    small = make_llama(seed=0)
+    assert quantize_cpu_linears_int8(small) == 2 * 7 + 1
+    greedy = dict(do_sample=False, max_new_tokens=30)
+    ouroboros = prism_hf.Ouroboros(small, num_draft_tokens=4)
+    for prompt in training_prompts(num=3):
+        reference = llama_target.generate(prompt[None], **greedy)
+        assert torch.equal(llama_target.generate(prompt[None], assistant_model=ouroboros, **greedy), reference)
+        assert ouroboros.last_generation_stats.accepted_tokens > 0
+        assert torch.equal(llama_target.generate(prompt[None], assistant_model=small, **greedy), reference)
+    with pytest.raises(
+        ValueError,
+        match=r"small_model_vocab needs a small model whose output layer is a floating-point nn.Linear, got "
+        r"torch.ao.nn.quantized.dynamic.modules.linear.Linear with quantized weights",
+    ):
+        llama_target.generate(
+            training_prompts(num=1), assistant_model=prism_hf.Ouroboros(small, small_model_vocab=100), **greedy
+        )

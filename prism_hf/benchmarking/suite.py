@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from ..configuration_prism import DRAFT_LENGTH_SCHEDULES
-from ..cpu_linear import enable_fast_cpu_linears
+from ..cpu_linear import enable_fast_cpu_linears, quantize_cpu_linears_int8
 from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
@@ -141,6 +142,9 @@ class BenchmarkConfig:
             transformers' defaults (`hf-assisted-<name>-hf-defaults`), next to the run's draft length.
         fast_cpu_linears (`bool`): switch the float32 CPU linear layers of the target and of every draft and small
             model to `FastCpuLinear` (see `prism_hf.cpu_linear`), for every strategy including plain `generate`.
+        small_model_int8 (`bool`): also run HF assisted generation (at the run's draft length) and Ouroboros with an
+            int8 copy of their small model (`prism_hf.quantize_cpu_linears_int8`), named `...-int8`, next to the
+            float ones, so both drafting methods get the cheaper small model.
         prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
@@ -173,6 +177,7 @@ class BenchmarkConfig:
     num_draft_tokens: int | None = None
     draft_length_schedule: str | None = None
     fast_cpu_linears: bool = False
+    small_model_int8: bool = False
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
     mode: str = "quick"
@@ -219,13 +224,27 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
     small_models = {}  # one copy of a small model shared by HF assisted generation and Ouroboros
     for name in {config.assistant, config.ouroboros_assistant} - {None}:
         small_models[name] = load_small_model(name, target)
+    int8_small_models = {}
+    if config.small_model_int8:
+        if not small_models:
+            raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
+        for name, small in small_models.items():
+            int8_small_models[name] = copy.deepcopy(small)
+            if quantize_cpu_linears_int8(int8_small_models[name]) == 0:
+                raise ValueError(
+                    f"small_model_int8: the small model {name} has no float32 CPU linear layer to quantize (dtype "
+                    f"{small.dtype}, device {small.device}); int8 drafting is for float32 models on the CPU."
+                )
+    schedule = config.draft_length_schedule
     if config.assistant is not None:
         name = f"hf-assisted-{Path(config.assistant).name.lower()}"
         small = small_models[config.assistant]
-        schedule = config.draft_length_schedule
         strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, name, schedule))
         if config.num_draft_tokens is not None or schedule is not None:
             strategies.append(hf_assisted_strategy(small, target, name=f"{name}-hf-defaults"))
+        if config.small_model_int8:
+            small = int8_small_models[config.assistant]
+            strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, f"{name}-int8", schedule))
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
@@ -236,6 +255,8 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         ouroboros.append((small, label, {}))
         for options in config.ouroboros_variants:
             ouroboros.append((small, "-".join([label, *(f"{k}{v}" for k, v in options.items())]), options))
+        if config.small_model_int8:
+            ouroboros.append((int8_small_models[config.ouroboros_assistant], f"{label}-int8", {}))
     if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
         ouroboros += [(load_draft(name, path, target), name, {}) for name, path in config.drafts.items()]
     for model, label, options in ouroboros:
@@ -248,7 +269,7 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                     warm=warm,
                     num_draft_tokens=config.num_draft_tokens,
                     name=name,
-                    draft_length_schedule=config.draft_length_schedule,
+                    draft_length_schedule=schedule,
                     **options,
                 )
             )
@@ -319,6 +340,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "target_path": str(target.name_or_path),
         "dtype": config.dtype,
         "fast_cpu_linears": config.fast_cpu_linears,
+        "small_model_int8": config.small_model_int8,
         "draft_length_schedule": config.draft_length_schedule,
         "num_draft_tokens": config.num_draft_tokens,
         "target_quantization": config.target_quantization,
