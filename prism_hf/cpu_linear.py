@@ -94,19 +94,20 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
             "quantize_cpu_linears_int8 needs torch's x86/fbgemm quantized engine; this build supports "
             f"{torch.backends.quantized.supported_engines}."
         )
-    names = []
-    for name, module in model.named_modules():
-        if (
-            type(module) in (nn.Linear, FastCpuLinear)
-            and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu"
-        ):
-            module.__class__ = nn.Linear  # the quantizer swaps exact `nn.Linear`s only
-            names.append(name)
-    if not names:
-        return 0
-    if "" in names:  # the model is itself one linear layer: the quantizer cannot swap the root in place
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) in (nn.Linear, FastCpuLinear)
+        and module.weight.dtype == torch.float32
+        and module.weight.device.type == "cpu"
+    }
+    if "" in linears:  # the model is itself one linear layer: the quantizer cannot swap the root in place
         raise ValueError("quantize_cpu_linears_int8 quantizes the linear layers inside a model; got a bare nn.Linear.")
+    if not linears:
+        return 0
+    for module in linears.values():
+        module.__class__ = nn.Linear  # the quantizer swaps exact `nn.Linear`s only
+    names = list(linears)
     spec = dict.fromkeys(names, torch.ao.quantization.per_channel_dynamic_qconfig)
     with warnings.catch_warnings():  # torch.ao's eager quantization warns that torchao is its successor
         warnings.simplefilter("ignore")

@@ -459,7 +459,9 @@ class Ouroboros:
         small_model (`PreTrainedModel`, *optional*):
             Any causal LM sharing the target's tokenizer (same vocabulary), or a [`PrismDraftModel`] of the target
             (then PRISM drafts and the pool extends each draft, see [`PooledPrismCandidateGenerator`]; the options
-            `confidence_threshold` and `pool_suffix` concern small LMs only). Without it the pool drafts alone.
+            `confidence_threshold` and `pool_suffix` concern small LMs only). Without it the pool drafts alone. On
+            an x86 CPU, [`quantize_cpu_linears_int8`] makes a float32 small LM's forwards about 2.5x cheaper (the
+            output stays exact: the target verifies every token).
         pool (`PhrasePool`, *optional*):
             The phrase pool; reuse one (or `PhrasePool.load(path)`) to warm-start later calls. Default: a new pool.
         num_draft_tokens (`int`, *optional*, defaults to 8):

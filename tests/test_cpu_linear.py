@@ -127,8 +127,11 @@ def test_int8_quantizes_float32_cpu_linears_only():
     for name, reference in expected.items():  # int8 weights with per-row scales: close, not equal
         torch.testing.assert_close(model[name](x), reference, rtol=0.05, atol=0.05)
         assert not torch.equal(model[name](x), reference)
+    bare = nn.Linear(4, 4)
+    enable_fast_cpu_linears(bare)
     with pytest.raises(ValueError, match="quantizes the linear layers inside a model; got a bare nn.Linear"):
-        quantize_cpu_linears_int8(nn.Linear(4, 4))
+        quantize_cpu_linears_int8(bare)
+    assert type(bare) is FastCpuLinear  # refused before anything changed
 
 
 def test_generation_with_an_int8_small_model_is_exact(llama_target):
