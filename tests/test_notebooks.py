@@ -108,11 +108,18 @@ def test_train_your_own_draft(tiny_chat_target, chat_data, tmp_path, monkeypatch
     assert draft.config.num_modules == 2
 
 
-def test_ouroboros(tiny_chat_target, tmp_path, monkeypatch):
+@pytest.mark.parametrize("with_small_model", [False, True])
+def test_ouroboros(tiny_chat_target, tmp_path, monkeypatch, with_small_model):
+    """Pool only, and with a small model (the target's own weights; int8 with the notebook's CPU tuning)."""
     if not hasattr(prism_hf, "Ouroboros"):
         pytest.skip("prism_hf has no Ouroboros yet: ouroboros.ipynb is written against its planned API")
     settings = {"TARGET": str(tiny_chat_target), "MAX_NEW_TOKENS": 24, "INSTALL": False}
+    settings["SMALL_MODEL"] = str(tiny_chat_target) if with_small_model else None
     settings["POOL_PATH"] = str(tmp_path / "pool")
     text = printed(execute("ouroboros.ipynb", settings, tmp_path, monkeypatch))
+    layers = 2 * 7 + 1  # the tiny chat model: q, k, v, o, gate, up, down per layer + LM head
+    assert (
+        f"CPU tuning: {layers} target layers on fast kernels, {layers if with_small_model else 0} small-model" in text
+    )
     assert "identical: True" in text
     assert "warm start: identical: True" in text
