@@ -59,12 +59,10 @@ def enable_fast_cpu_linears(model: nn.Module) -> int:
     Layers of other types (quantized linears, subclasses), dtypes or devices are left alone, so enabling it on a
     GPU or bfloat16 model is a no-op. Idempotent.
     """
-    switched = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
-            module.__class__ = FastCpuLinear
-            switched += 1
-    return switched
+    switched = _float32_cpu_linears(model, (nn.Linear,))
+    for module in switched.values():
+        module.__class__ = FastCpuLinear
+    return len(switched)
 
 
 def disable_fast_cpu_linears(model: nn.Module) -> int:
@@ -94,13 +92,7 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
             "quantize_cpu_linears_int8 needs torch's x86/fbgemm quantized engine; this build supports "
             f"{torch.backends.quantized.supported_engines}."
         )
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if type(module) in (nn.Linear, FastCpuLinear)
-        and module.weight.dtype == torch.float32
-        and module.weight.device.type == "cpu"
-    }
+    linears = _float32_cpu_linears(model, (nn.Linear, FastCpuLinear))
     if "" in linears:  # the model is itself one linear layer: the quantizer cannot swap the root in place
         raise ValueError("quantize_cpu_linears_int8 quantizes the linear layers inside a model; got a bare nn.Linear.")
     if not linears:
@@ -113,3 +105,12 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return len(names)
+
+
+def _float32_cpu_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Linear]:
+    """The layers of `model` whose exact type is one of `kinds` (not subclasses) with float32 weights on the CPU."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) in kinds and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+    }

@@ -154,21 +154,27 @@ def test_hf_assisted_draft_length_reaches_transformers(llama_target):
     assert by["defaults"].target_forwards == 2  # 20 drafted + 1, then the last 3
 
 
-def test_bench_config_fast_linears_and_draft_length(llama_target, tmp_path):
-    from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
-    from prism_hf.cpu_linear import FastCpuLinear
-
+def _small_model_config(tmp_path, seed: int, **options) -> BenchmarkConfig:
+    """A resolved CPU config for a tiny target with a saved tiny small model (named "small") for HF assisted
+    generation and Ouroboros alike, 3 draft tokens and fast linears, plus `options`."""
     small_dir = tmp_path / "small"
-    make_llama(seed=1).save_pretrained(small_dir)
-    config = BenchmarkConfig(
+    make_llama(seed=seed).save_pretrained(small_dir)
+    return BenchmarkConfig(
         target="tiny",
         assistant=str(small_dir),
         ouroboros_assistant=str(small_dir),
         num_draft_tokens=3,
-        draft_length_schedule="constant",
         fast_cpu_linears=True,
         device="cpu",
+        **options,
     ).resolved()
+
+
+def test_bench_config_fast_linears_and_draft_length(llama_target, tmp_path):
+    from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
+    from prism_hf.cpu_linear import FastCpuLinear
+
+    config = _small_model_config(tmp_path, seed=1, draft_length_schedule="constant")
     assert config.output_dir.endswith("tiny-fast-linears")
     target = make_llama()
     strategies = build_strategies(target, config)
@@ -192,17 +198,7 @@ def test_bench_config_int8_small_models(llama_target, tmp_path):
     """`small_model_int8`: HF assisted and Ouroboros also draft with one int8 copy; the float small model is kept."""
     from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
 
-    small_dir = tmp_path / "small"
-    make_llama(seed=0).save_pretrained(small_dir)
-    config = BenchmarkConfig(
-        target="tiny",
-        assistant=str(small_dir),
-        ouroboros_assistant=str(small_dir),
-        num_draft_tokens=3,
-        small_model_int8=True,
-        fast_cpu_linears=True,
-        device="cpu",
-    ).resolved()
+    config = _small_model_config(tmp_path, seed=0, small_model_int8=True)
     target = make_llama()
     strategies = build_strategies(target, config)
     names = [s.name for s in strategies]
@@ -225,4 +221,4 @@ def test_bench_config_int8_small_models(llama_target, tmp_path):
     records = run_benchmark(target, prompt, strategies[1:], max_new_tokens=16, progress=False)
     assert all(r.identical and r.error is None for r in records)
     with pytest.raises(ValueError, match="small_model_int8 quantizes small models: also set assistant"):
-        build_strategies(target, BenchmarkConfig(target="tiny", small_model_int8=True, device="cpu").resolved())
+        BenchmarkConfig(target="tiny", small_model_int8=True, device="cpu").resolved()  # before any model loads

@@ -205,6 +205,8 @@ class BenchmarkConfig:
             raise ValueError(
                 f"Unknown target quantization {self.target_quantization!r}; choose from {TARGET_QUANTIZATIONS}."
             )
+        if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
+            raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         values["dtype"] = str(resolve_dtype(self.dtype, values["device"])).removeprefix("torch.")
@@ -226,8 +228,6 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         small_models[name] = load_small_model(name, target)
     int8_small_models = {}
     if config.small_model_int8:
-        if not small_models:
-            raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
         for name, small in small_models.items():
             int8_small_models[name] = copy.deepcopy(small)
             if quantize_cpu_linears_int8(int8_small_models[name]) == 0:
