@@ -275,17 +275,19 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self._draft_tokens: list[int] = []
         self._from_pool: list[bool] = []
         self._num_budgeted = 0
+        self._vocab_size = target.config.get_text_config().vocab_size  # the width of the target's logits
 
-    def _choose_token(
-        self, candidate_ids: torch.LongTensor, logits: torch.FloatTensor
+    def _next_token(
+        self, candidate_ids: torch.LongTensor, draft_hidden: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """The pool's next token when it has one (the draft's head is then skipped), else the draft's own."""
         context = self.tokens + candidate_ids[0, len(self.tokens) :].tolist()
         proposal = self.pool.draft(context, 1, self.assistant.unchecked_min_key_length)
         self._from_pool.append(bool(proposal))
         if not proposal:
-            return super()._choose_token(candidate_ids, logits)
+            return super()._next_token(candidate_ids, draft_hidden)
         token = torch.tensor([proposal], dtype=candidate_ids.dtype, device=candidate_ids.device)
-        return token, _one_hot_logits(proposal, logits.shape[-1], logits)[:, 0]
+        return token, _one_hot_logits(proposal, self._vocab_size, candidate_ids.device)[:, 0]
 
     @torch.no_grad()
     def get_candidates(
@@ -308,7 +310,7 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
             suffix_ids = torch.tensor([suffix], dtype=candidate_ids.dtype, device=candidate_ids.device)
             candidate_ids = torch.cat([candidate_ids, suffix_ids], dim=-1)
             if candidate_logits is not None:
-                rows = _one_hot_logits(suffix, candidate_logits.shape[-1], candidate_logits)
+                rows = _one_hot_logits(suffix, candidate_logits.shape[-1], candidate_logits.device)
                 candidate_logits = torch.cat([candidate_logits, rows], dim=1)
         self.stats.draft_seconds += time.perf_counter() - began
         return candidate_ids, candidate_logits
@@ -439,9 +441,9 @@ def _learn_from_verification(
     return tokens
 
 
-def _one_hot_logits(tokens: list[int], vocab_size: int, like: torch.Tensor) -> torch.Tensor:
-    """`[1, len(tokens), vocab_size]` logits that put all probability on `tokens` (deterministic proposals)."""
-    rows = torch.full((1, len(tokens), vocab_size), float("-inf"), dtype=like.dtype, device=like.device)
+def _one_hot_logits(tokens: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """`[1, len(tokens), vocab_size]` float logits that put all probability on `tokens` (deterministic proposals)."""
+    rows = torch.full((1, len(tokens), vocab_size), float("-inf"), device=device)
     rows[0, torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
     return rows
 
