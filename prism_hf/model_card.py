@@ -91,7 +91,7 @@ vocabulary {verifier_vocab}, {verifier_layers} layers.
 - Recipe: phase 1 warm-up of one module for {warmup_epochs} epochs (feature regression + 0.1 soft CE against the
   target, {num_steps} aligned steps, lr {warmup_lr}); phase 2: copied into {num_modules} modules, CE only,
   {finetune_epochs} epochs, lr {finetune_lr}.
-- Time: {total_seconds} s on {device} (target features: {feature_seconds} s).
+- Time: {total_seconds} s on {device} ({time_parts}).
 - Final training metrics (mean of the last 20 updates): {final_metrics}
 
 ## Measured
@@ -200,7 +200,7 @@ def write_model_card(
         finetune_epochs=args.get("finetune_epochs"),
         finetune_lr=args.get("finetune_learning_rate"),
         total_seconds=record.get("total_seconds"),
-        feature_seconds=record.get("feature_seconds"),
+        time_parts=_time_parts(record),
         device=record.get("device"),
         final_metrics=final_text or "n/a",
         measurements=measurements.strip(),
@@ -208,6 +208,15 @@ def write_model_card(
     path = draft_dir / "README.md"
     path.write_text(f"---\n{metadata.to_yaml()}\n---\n{body}")
     return path
+
+
+def _time_parts(record: dict) -> str:
+    """Where the training time went, as far as the record says (older records lack the regeneration time)."""
+    parts = []
+    if record.get("regenerate_seconds") is not None:
+        parts.append(f"regenerating replies: {record['regenerate_seconds']} s")
+    parts.append(f"target features: {record.get('feature_seconds')} s")
+    return "; ".join(parts)
 
 
 def record_benchmark(draft_dir: str | Path, results_path: str | Path, strategy: str | None = None) -> Path:

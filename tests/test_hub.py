@@ -234,3 +234,14 @@ def test_push_without_token_says_how_to_log_in(draft_copy, monkeypatch):
     with FakeHub() as hub, pytest.raises(ValueError, match="hf auth login"):
         push_draft(draft_copy, "org/name", endpoint=hub.url)
     assert hub.requests == []
+
+
+def test_card_states_the_time_spent_regenerating_replies(draft_copy):
+    from prism_hf.model_card import write_model_card
+
+    record_path = draft_copy / "training_record.json"
+    record = json.loads(record_path.read_text())
+    assert "- Time: 3195.1 s on cpu (target features: 290.0 s)." in write_model_card(draft_copy).read_text()
+    record_path.write_text(json.dumps({**record, "regenerate_seconds": 1520.4}))
+    card = write_model_card(draft_copy).read_text()
+    assert "- Time: 3195.1 s on cpu (regenerating replies: 1520.4 s; target features: 290.0 s)." in card

@@ -154,6 +154,7 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     } <= files
     record = json.loads((out / "training_record.json").read_text())
     assert record["num_examples"] == 6 and record["num_tokens"] > 6 * 40
+    assert record["regenerate_seconds"] is None and 0 <= record["feature_seconds"] <= record["total_seconds"]
     # the recorded command reproduces the saved arguments
     saved_args = json.loads((out / "training_args.json").read_text())
     command = shlex.split(record["command"])
@@ -325,6 +326,8 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     assert refused.returncode != 0 and "set ACCELERATE_USE_CPU=true" in refused.stderr
     record = json.loads((out / "training_record.json").read_text())
     assert record["num_processes"] == 2
+    assert isinstance(record["regenerate_seconds"], float)  # replies were written, and timed apart
+    assert record["regenerate_seconds"] + record["feature_seconds"] <= record["total_seconds"]
     # 6 examples x 4 epochs / (batch 1 x 2 processes) = 12 warm-up updates, then 6 fine-tuning updates
     assert record["num_examples"] == 6
     first, second = record["parameter_checksums"]

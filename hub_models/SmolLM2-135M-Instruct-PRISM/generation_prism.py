@@ -224,17 +224,21 @@ class PrismCandidateGenerator(CandidateGenerator):
                     module, draft.embed(candidate_ids[:, -1:]), draft_hidden, position, self.cache.get()
                 )
                 self.cache.append(new_kv)
-            logits = draft.to_target_logits(draft.compute_logits(draft_hidden)[:, -1].float())
-            logits = self.logits_processor(candidate_ids, logits.to(input_ids.device))
-            token, logits = self._choose_token(candidate_ids, logits)
+            token, logits = self._next_token(candidate_ids, draft_hidden)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)
             step_logits.append(logits)
         return candidate_ids, torch.stack(step_logits, dim=1)
 
-    def _choose_token(
-        self, candidate_ids: torch.LongTensor, logits: torch.FloatTensor
+    def _next_token(
+        self, candidate_ids: torch.LongTensor, draft_hidden: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
-        """The next draft token (`[1, 1]`) after `candidate_ids` and the processed logits it was drawn from."""
+        """
+        The next draft token (`[1, 1]`) after `candidate_ids`, given the draft's last hidden state, and the processed
+        target-vocabulary logits (`[1, vocab]`) it was drawn from.
+        """
+        draft = self.draft
+        logits = draft.to_target_logits(draft.compute_logits(draft_hidden)[:, -1].float())
+        logits = self.logits_processor(candidate_ids, logits.to(candidate_ids.device))
         if self.do_sample:
             return torch.multinomial(logits.softmax(dim=-1), num_samples=1), logits
         return logits.argmax(dim=-1, keepdim=True), logits

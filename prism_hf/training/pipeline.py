@@ -148,6 +148,7 @@ def train_draft(
     """
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    regenerate_seconds = None  # the time the target spent writing replies (part of total_seconds)
     accelerator = Accelerator()
     rank, world = accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,6 +172,7 @@ def train_draft(
     if examples is None:
         conversations = load_conversations(args.data)
         if args.regenerate_responses:
+            regenerate_started = time.perf_counter()
             replies_cache = None
             if cache_dir is not None:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -188,6 +190,7 @@ def train_draft(
             if world > 1:  # every process needs all of them (e.g. for the draft vocabulary): gather, in order
                 indexed = [(rank + i * world, c) for i, c in enumerate(conversations)]
                 conversations = [c for _, c in sorted(gather_object(indexed), key=lambda pair: pair[0])]
+            regenerate_seconds = time.perf_counter() - regenerate_started
         examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
     if not examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
@@ -277,6 +280,7 @@ def train_draft(
             "num_examples": len(examples),
             "num_tokens": num_tokens,
             "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
+            "regenerate_seconds": None if regenerate_seconds is None else round(regenerate_seconds, 1),
             "feature_seconds": round(feature_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
             "device": str(accelerator.device),
