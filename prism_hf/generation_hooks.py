@@ -55,10 +55,16 @@ def _wrap_validate_generation_mode(original):
                 raise ValueError(
                     f"{name} supports num_return_sequences=1 only, got {generation_config.num_return_sequences}."
                 )
-            if generation_config.prompt_lookup_num_tokens is not None:
+            # transformers picks these drafters before looking at the assistant; ours would silently win instead
+            for option in ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"):
+                if getattr(generation_config, option, None) not in (None, False):
+                    raise ValueError(
+                        f"`{option}` and a {name} assistant are two different drafting strategies: pass one of them."
+                    )
+            if "assistant_tokenizer" in generation_mode_kwargs:
                 raise ValueError(
-                    f"`prompt_lookup_num_tokens` and a {name} assistant are two different drafting strategies: "
-                    "pass one of them."
+                    f"{name} drafts in the target's own vocabulary; `assistant_tokenizer` (assistants with another "
+                    "tokenizer) is not supported."
                 )
             # Our assistants check the target themselves, with a clearer message than the vocabulary check below.
             assistant_model.check_target(self)

@@ -9,6 +9,7 @@ alone. The target verifies every token, so greedy output equals plain `generate`
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +34,10 @@ from .phrase_pool import PhrasePool
 
 @dataclass
 class OuroborosStats(SpeculationStats):
-    """`SpeculationStats` plus where drafted tokens came from (`verifications` counts every target forward)."""
+    """
+    `SpeculationStats` plus where drafted tokens came from. `verifications` counts every target forward, except the
+    prompt's first forward with a PRISM draft, which holds no draft (`mean_accepted_tokens` stays tau).
+    """
 
     pool_drafted_tokens: int = 0
     pool_accepted_tokens: int = 0
@@ -72,7 +76,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
     ):
-        check_exact_drafting("Ouroboros", target, input_ids, generation_config)
+        check_exact_drafting("Ouroboros", target, input_ids, generation_config, model_kwargs)
         self.schedule, self.num_draft_tokens = resolve_draft_length(
             generation_config,
             assistant.draft_length_schedule,
@@ -89,6 +93,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.stats = OuroborosStats()
         assistant.last_generation_stats = self.stats
+        # The caller's `inputs_embeds` cover the prompt only: transformers feeds them to the target's first pass
+        # only when that pass holds no draft, so the first round drafts nothing (as PRISM's always does).
+        self._verify_prompt_alone = model_kwargs.get("inputs_embeds") is not None
 
         # (a) the prompt goes into the pool before the first draft
         self.tokens: list[int] = input_ids[0].tolist()
@@ -97,8 +104,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self._from_pool: list[bool] = []
 
         if self.small_model is not None:
-            self.small_cache = DynamicCache(config=self.small_model.config)
-            self.small_cache.activate_past_recording()  # sliding-window layers must be croppable past their window
+            # Full (non-sliding) layers for every layer, even on sliding-window models: a rejected draft rolls back
+            # tokens fed over several forwards, further than a sliding layer keeps; the mask still applies the window.
+            self.small_cache = DynamicCache()
             # positions are counted in the whole sequence; the small model skips the start of a prompt longer than
             # `small_model_context` (the pool still holds all of it), so its cache begins there
             window = assistant.small_model_context
@@ -106,6 +114,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             self.small_cached = skipped  # end of the part of the sequence the small model's cache covers
             self.small_valid = skipped  # end of the cached part still on the accepted path
             self._small_keeps_logits = self.small_model._supports_logits_to_keep()
+            # transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name goes in 5.40)
+            forward_arguments = inspect.signature(self.small_model.forward).parameters
+            self._cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
             self.small_head = self.small_body = None
             if assistant.small_model_vocab is not None:
                 self.small_body = self.small_model.get_decoder()  # its hidden states go to the reduced head
@@ -122,6 +133,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         began = time.perf_counter()
         self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
         budget = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        if self._verify_prompt_alone:
+            self._verify_prompt_alone, budget = False, 0
         self._draft, self._from_pool = [], []
         logits = None
         if budget >= 1:
@@ -143,7 +156,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         their positions (plus its next token), so one forward can draft several tokens. Returns the candidate
         logits when sampling (the small model's processed q; one-hot rows for an unverified pool suffix).
         """
-        if self.small_cached > 0:  # (crop(0) also trims sliding-window layers back to their window)
+        if self.small_cached > self.small_valid:
             self.small_cache.crop(-(self.small_cached - self.small_valid))
         self.small_cached = self.small_valid
         rows: list[torch.Tensor | None] = []
@@ -192,14 +205,14 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     def _small_forward(self, tokens: list[int], keep: int, device: torch.device) -> torch.Tensor:
         """Runs the small model over `tokens` on its cache; returns the float logits of the last `keep` positions."""
         small = self.small_model
-        extra = {"logits_to_keep": keep} if self._small_keeps_logits else {}
         step_inputs = torch.tensor([tokens], dtype=torch.long, device=small.device)
+        cache = {self._cache_argument: self.small_cache}
         if self.small_head is not None:
-            hidden = self.small_body(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True)
-            hidden = hidden.last_hidden_state
+            hidden = self.small_body(input_ids=step_inputs, use_cache=True, **cache).last_hidden_state
             logits = self.small_head(hidden[0, -keep:])
         else:
-            logits = small(input_ids=step_inputs, past_key_values=self.small_cache, use_cache=True, **extra).logits[0]
+            extra = {"logits_to_keep": keep} if self._small_keeps_logits else {}
+            logits = small(input_ids=step_inputs, use_cache=True, **cache, **extra).logits[0]
         self.small_cached += len(tokens)
         self.stats.small_model_forwards += 1
         return logits[-keep:].float().to(device)
@@ -266,6 +279,13 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         model_kwargs: dict[str, Any],
     ):
         super().__init__(assistant.small_model, target, input_ids, generation_config, logits_processor, model_kwargs)
+        if assistant.draft_length_schedule is not None:  # `Ouroboros(draft, draft_length_schedule=...)` wins
+            self.schedule, self.num_draft_tokens = resolve_draft_length(
+                generation_config,
+                assistant.draft_length_schedule,
+                self.draft.config.num_draft_tokens,
+                getattr(self.draft, "_heuristic_num_draft_tokens", None),
+            )
         self.assistant = assistant
         self.pool = assistant.pool
         self.stats = OuroborosStats()
@@ -470,10 +490,12 @@ class Ouroboros:
             Initial draft budget per verification. `num_assistant_tokens` in the `generate` call overrides it
             (except transformers' default value 20, which cannot be told apart from "unset"). With a PRISM draft:
             the most pool tokens appended after its draft (whose own length the draft's config sets).
-        draft_length_schedule (`str`, *optional*, defaults to `"heuristic_transient"`):
+        draft_length_schedule (`str`, *optional*):
             `"constant"`, `"heuristic"` (+2 after a fully accepted full-budget round, -1 after a rejection, carried
-            over to the next call) or `"heuristic_transient"` (the same within one call).
-            `num_assistant_tokens_schedule` in the `generate` call overrides it (except the default `"constant"`).
+            over to the next call) or `"heuristic_transient"` (the same within one call). Default:
+            `"heuristic_transient"`; with a PRISM draft, its config's `num_draft_tokens_schedule` (the schedule then
+            adapts the draft's own part). `num_assistant_tokens_schedule` in the `generate` call overrides it (except
+            the default `"constant"`).
         confidence_threshold (`float`, *optional*, defaults to 0.3):
             The small model stops drafting after a token it gives a lower probability than this.
         pool_suffix (`bool`, *optional*, defaults to `False`):
@@ -483,7 +505,7 @@ class Ouroboros:
             Shortest key (in tokens) for phrases that go to the target unchecked (pool-only drafts, pool suffixes).
             A wrong draft token costs a target verification position, and single-token keys match almost
             everywhere; phrases the small model checks use every key length (a wrong one only costs a position in
-            the small model's forward).
+            the small model's forward). At most the pool's longest key (`max(pool.ngram_sizes)`).
         small_model_context (`int`, *optional*):
             With a small LM: it reads only the last `small_model_context` tokens of a longer prompt (and all the
             text generated after them), so a long prompt costs it a short prefill; the pool still holds the whole
@@ -500,7 +522,7 @@ class Ouroboros:
         small_model: PreTrainedModel | None = None,
         pool: PhrasePool | None = None,
         num_draft_tokens: int = 8,
-        draft_length_schedule: str = "heuristic_transient",
+        draft_length_schedule: str | None = None,
         confidence_threshold: float = 0.3,
         pool_suffix: bool = False,
         unchecked_min_key_length: int = 2,
@@ -525,12 +547,23 @@ class Ouroboros:
                 raise ValueError(f"{name} concerns a small causal LM; this Ouroboros has {drafter}.")
         if small_model_context is not None and (not isinstance(small_model_context, int) or small_model_context < 1):
             raise ValueError(f"small_model_context must be a positive integer or None, got {small_model_context!r}.")
-        if draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:
+        if draft_length_schedule is None and not _is_prism_draft(small_model):
+            draft_length_schedule = "heuristic_transient"
+        if draft_length_schedule is not None and draft_length_schedule not in DRAFT_LENGTH_SCHEDULES:
             raise ValueError(
                 f"draft_length_schedule must be one of {DRAFT_LENGTH_SCHEDULES}, got {draft_length_schedule!r}."
             )
+        pool = pool if pool is not None else PhrasePool()
+        longest_key = max(pool.ngram_sizes)
+        if not isinstance(unchecked_min_key_length, int) or not 1 <= unchecked_min_key_length <= longest_key:
+            raise ValueError(
+                f"unchecked_min_key_length must be an integer from 1 to the pool's longest key ({longest_key}), got "
+                f"{unchecked_min_key_length!r}: above it the pool would never draft unchecked phrases."
+            )
+        if not isinstance(confidence_threshold, (int, float)) or not confidence_threshold >= 0:  # (NaN too)
+            raise ValueError(f"confidence_threshold must be a number >= 0, got {confidence_threshold!r}.")
         self.small_model = small_model.eval() if small_model is not None else None
-        self.pool = pool if pool is not None else PhrasePool()
+        self.pool = pool
         self.num_draft_tokens = num_draft_tokens
         self.draft_length_schedule = draft_length_schedule
         self.confidence_threshold = float(confidence_threshold)

@@ -61,6 +61,11 @@ class PhrasePool:
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PhrasePool: {name} must be a positive integer, got {value!r}.")
+        if capacity < max_phrases_per_key:
+            raise ValueError(
+                f"PhrasePool: capacity ({capacity}) must be at least max_phrases_per_key ({max_phrases_per_key}), or "
+                "adding to one full key would evict that key itself."
+            )
         if not ngram_sizes or ngram_sizes[-1] < 1:
             raise ValueError(f"PhrasePool: ngram_sizes must be positive integers, got {ngram_sizes!r}.")
         self.capacity = capacity

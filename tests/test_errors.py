@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_llama, make_qwen2
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import prism_hf
 
@@ -106,3 +106,35 @@ def test_invalid_config(fields, message):
 def test_unknown_schedule(target, draft):
     with pytest.raises(ValueError, match="num_assistant_tokens_schedule='fancy' is not supported"):
         target.generate(PROMPT, assistant_model=draft, num_assistant_tokens_schedule="fancy", max_new_tokens=4)
+
+
+def test_requests_that_would_give_wrong_output(target, draft):
+    """Each of these used to run and return other tokens than plain `generate` (or crash unclearly)."""
+    prefilled = DynamicCache(config=target.config)
+    target(PROMPT[:, :2], past_key_values=prefilled, use_cache=True)
+    with pytest.raises(
+        ValueError, match="PRISM drafting starts from an empty KV cache; the `cache` passed to `generate`"
+    ):
+        target.generate(PROMPT, past_key_values=prefilled, assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(
+        ValueError, match=r"PRISM drafting does not support classifier-free guidance \(guidance_scale=3"
+    ):
+        target.generate(PROMPT, guidance_scale=3.0, assistant_model=draft, max_new_tokens=4)
+    embeddings = target.get_input_embeddings()(PROMPT)
+    with pytest.raises(ValueError, match="PRISM drafting needs the prompt's token ids: pass `input_ids`"):
+        target.generate(inputs_embeds=embeddings, assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(ValueError, match="`use_mtp` and a PrismDraftModel assistant are two different drafting"):
+        target.generate(PROMPT, use_mtp=True, assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(ValueError, match="PrismDraftModel drafts in the target's own vocabulary"):
+        target.generate(
+            PROMPT, assistant_model=draft, tokenizer=object(), assistant_tokenizer=object(), max_new_tokens=4
+        )
+
+
+def test_prompt_given_as_ids_and_embeddings(target, draft):
+    """PRISM's first round holds no draft, so the target's first pass reads the caller's embeddings."""
+    embeddings = target.get_input_embeddings()(PROMPT).detach() * 1.5
+    kwargs = dict(do_sample=False, max_new_tokens=12, pad_token_id=0)
+    plain = target.generate(PROMPT, inputs_embeds=embeddings, **kwargs)
+    assert not torch.equal(plain, target.generate(PROMPT, **kwargs))
+    assert torch.equal(target.generate(PROMPT, inputs_embeds=embeddings, assistant_model=draft, **kwargs), plain)

@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import VOCAB, make_llama, make_peaked_llama, make_qwen2, training_prompts
+from conftest import VOCAB, make_gemma3, make_llama, make_peaked_llama, make_qwen2, training_prompts
 from test_sampling import chi2_quantile_999, chi2_two_sample
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,6 +24,7 @@ import prism_hf
 from prism_hf import Ouroboros, OuroborosCandidateGenerator, PhrasePool, ReducedVocabularyHead
 from prism_hf.benchmarking import ouroboros_strategy, run_benchmark
 from prism_hf.benchmarking.prompts import BenchPrompt
+from prism_hf.configuration_prism import DRAFT_LENGTH_SCHEDULES
 from prism_hf.reference_models import load_reference_model
 
 GREEDY = dict(do_sample=False, max_new_tokens=40, pad_token_id=0)
@@ -250,7 +252,7 @@ def test_pool_memory_is_bounded():
         assert len(pool) == sum(len(phrases) for _, phrases in pool.items())
     assert all(len(phrases) <= 3 and all(len(p) <= 4 for p in phrases) for _, phrases in pool.items())
 
-    pool = PhrasePool(capacity=3, ngram_sizes=(1,))
+    pool = PhrasePool(capacity=3, max_phrases_per_key=1, ngram_sizes=(1,))
     for key in (1, 2, 3):
         pool.add([key], [key])
     pool.lookup([1])  # a hit counts as a use: key 2 is now the least recently used
@@ -326,7 +328,8 @@ def test_small_model_reads_only_the_end_of_a_long_prompt(llama_target):
     calls = []
 
     def record(module, args, kwargs):
-        calls.append((kwargs["past_key_values"].get_seq_length(), kwargs["input_ids"].shape[1]))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (renamed in transformers 5.24)
+        calls.append((cache.get_seq_length(), kwargs["input_ids"].shape[1]))
 
     handle = small.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -444,6 +447,19 @@ def test_pool_extended_prism_sampling_follows_the_target_distribution():
         assert stat < chi2_quantile_999(df), f"{name}: chi2 {stat:.1f} with {df} dof"
 
 
+def test_schedule_given_to_ouroboros_drives_the_prism_draft(llama_target, trained_llama_draft):
+    """`Ouroboros(draft, draft_length_schedule=...)` schedules the draft's own part; unset, the draft's config does."""
+    prompt = training_prompts()[:1]
+    config = GenerationConfig(max_length=40)
+    default = Ouroboros(trained_llama_draft).build_candidate_generator(llama_target, prompt, config, None, {})
+    assert default.schedule == trained_llama_draft.config.num_draft_tokens_schedule
+    other = next(schedule for schedule in DRAFT_LENGTH_SCHEDULES if schedule != default.schedule)
+    assistant = Ouroboros(trained_llama_draft, draft_length_schedule=other)
+    assert assistant.build_candidate_generator(llama_target, prompt, config, None, {}).schedule == other
+    plain = llama_target.generate(prompt, **GREEDY)
+    assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+
+
 def test_prism_draft_of_another_target_is_refused(llama_target, trained_llama_draft):
     other = make_qwen2(seed=7)
     with pytest.raises(ValueError, match="This PRISM draft was made for .* does not fit the target"):
@@ -519,6 +535,77 @@ def test_clear_errors(llama_target):
         )
     with pytest.raises(ValueError, match="PhrasePool: phrase_length must be a positive integer, got 0"):
         PhrasePool(phrase_length=0)
+    with pytest.raises(ValueError, match=r"capacity \(4\) must be at least max_phrases_per_key \(8\)"):
+        PhrasePool(capacity=4)
+    with pytest.raises(
+        ValueError, match=r"unchecked_min_key_length must be an integer from 1 to the pool's longest key \(3\), got 4"
+    ):
+        Ouroboros(unchecked_min_key_length=4)
+    with pytest.raises(ValueError, match=r"longest key \(1\), got 2"):
+        Ouroboros(pool=PhrasePool(ngram_sizes=(1,)))
+    with pytest.raises(ValueError, match="confidence_threshold must be a number >= 0, got nan"):
+        Ouroboros(llama_target, confidence_threshold=float("nan"))
+    with pytest.raises(ValueError, match="draft_length_schedule must be one of"):
+        Ouroboros(draft_length_schedule="sometimes")
+
+
+@pytest.mark.parametrize("assistant", ["pool", "small model"])
+def test_requests_that_would_give_wrong_output_are_refused(llama_target, assistant):
+    """Requests that used to run and return other tokens than plain `generate` (or crash unclearly) are refused."""
+    prompt = prompts_with_repeats(1)
+    ouroboros = Ouroboros(make_qwen2(seed=7) if assistant == "small model" else None)
+    prefilled = DynamicCache(config=llama_target.config)
+    llama_target(prompt[:, :4], past_key_values=prefilled, use_cache=True)
+    with pytest.raises(
+        ValueError, match="starts from an empty KV cache; the `cache` passed to `generate` already holds 4"
+    ):
+        llama_target.generate(prompt, past_key_values=prefilled, assistant_model=ouroboros, **GREEDY)
+    with pytest.raises(ValueError, match=r"does not support classifier-free guidance \(guidance_scale=1.5\)"):
+        llama_target.generate(prompt, guidance_scale=1.5, assistant_model=ouroboros, **GREEDY)
+    embeddings = llama_target.get_input_embeddings()(prompt)
+    with pytest.raises(ValueError, match="Ouroboros drafting needs the prompt's token ids: pass `input_ids`"):
+        llama_target.generate(inputs_embeds=embeddings, assistant_model=ouroboros, **GREEDY)
+    for option in (dict(use_mtp=True), dict(assistant_early_exit=1)):
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"`{name}` and a Ouroboros assistant are two different drafting"):
+            llama_target.generate(prompt, assistant_model=ouroboros, **option, **GREEDY)
+    with pytest.raises(ValueError, match="Ouroboros drafts in the target's own vocabulary; `assistant_tokenizer`"):
+        llama_target.generate(
+            prompt, assistant_model=ouroboros, tokenizer=object(), assistant_tokenizer=object(), **GREEDY
+        )
+
+
+@pytest.mark.parametrize("small", ["none", "target", "other"])
+def test_prompt_given_as_ids_and_embeddings(llama_target, small):
+    """The target's first pass must read the caller's embeddings (not the ids), so it may not hold a draft."""
+    small_model = {"none": None, "target": llama_target, "other": make_qwen2(seed=7)}[small]
+    prompt = prompts_with_repeats(1)
+    embeddings = llama_target.get_input_embeddings()(prompt).detach() * 1.5  # not what the ids would give
+    plain = llama_target.generate(prompt, inputs_embeds=embeddings, **GREEDY)
+    assert not torch.equal(plain, llama_target.generate(prompt, **GREEDY))
+    out = llama_target.generate(prompt, inputs_embeds=embeddings, assistant_model=Ouroboros(small_model), **GREEDY)
+    assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("options", [{}, {"small_model_context": 4}, {"pool_suffix": True}])
+def test_sliding_window_small_model(llama_target, options):
+    """A rejected draft rolls the small model's cache back across several forwards, past a 6-token sliding window."""
+    small = make_gemma3(seed=1)
+    assistant = Ouroboros(small, pool=PhrasePool(), confidence_threshold=0.0, **options)
+    rejected = 0
+    for prompt in prompts_with_repeats():
+        prompt = prompt[None]
+        out = llama_target.generate(prompt, assistant_model=assistant, **GREEDY)
+        assert torch.equal(out, llama_target.generate(prompt, **GREEDY))
+        stats = assistant.last_generation_stats
+        rejected += stats.drafted_tokens - stats.accepted_tokens
+    assert rejected > 10
+    # the small model as its own target: its cached drafting must reproduce its own greedy tokens past the window
+    assistant = Ouroboros(small, pool=PhrasePool(), confidence_threshold=0.0, **options)
+    prompt = prompts_with_repeats(1)
+    assert torch.equal(small.generate(prompt, assistant_model=assistant, **GREEDY), small.generate(prompt, **GREEDY))
+    stats = assistant.last_generation_stats
+    assert stats.accepted_tokens == stats.drafted_tokens > GREEDY["max_new_tokens"] / 2
 
 
 # ------------------------------------------------------------------------------------------------- benchmark

@@ -23,13 +23,22 @@ _HF_DEFAULT_SCHEDULE = "constant"
 
 
 def check_exact_drafting(
-    strategy: str, target: PreTrainedModel, input_ids: torch.LongTensor, generation_config: GenerationConfig
+    strategy: str,
+    target: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    generation_config: GenerationConfig,
+    model_kwargs: dict[str, Any],
 ) -> None:
     """The requests every exact drafting strategy here refuses, with what to do instead."""
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"{strategy} drafting supports batch size 1 only (as does transformers' assisted generation), got a batch "
             f"of {input_ids.shape[0]}. Generate the sequences one at a time."
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError(
+            f"{strategy} drafting needs the prompt's token ids: pass `input_ids` (together with `inputs_embeds` if "
+            "you need custom embeddings); with `inputs_embeds` alone the drafter has no tokens to continue."
         )
     if target.device.type == "meta":
         raise ValueError(
@@ -39,6 +48,20 @@ def check_exact_drafting(
         )
     if generation_config.assistant_ensemble_weight is not None:
         raise ValueError(f"`assistant_ensemble_weight` is lossy; {strategy} drafting keeps generation exact.")
+    if generation_config.guidance_scale not in (None, 1):
+        # the guidance processor keeps its own one-token-per-call cache, which verification of several tokens breaks
+        raise ValueError(
+            f"{strategy} drafting does not support classifier-free guidance (guidance_scale="
+            f"{generation_config.guidance_scale}): its logits processor scores one new token per call, and a "
+            "verification pass scores several. Generate without an assistant."
+        )
+    for name in ("cache", "past_key_values"):
+        cache = model_kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"{strategy} drafting starts from an empty KV cache; the `{name}` passed to `generate` already holds "
+                f"{cache.get_seq_length()} positions. Pass a new cache (or none) with the whole prompt as input_ids."
+            )
 
 
 def resolve_draft_length(
@@ -147,7 +170,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
     ):
-        check_exact_drafting("PRISM", target, input_ids, generation_config)
+        check_exact_drafting("PRISM", target, input_ids, generation_config, model_kwargs)
         self.schedule, self.num_draft_tokens = resolve_draft_length(
             generation_config,
             draft_model.config.num_draft_tokens_schedule,

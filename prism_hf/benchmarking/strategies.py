@@ -143,7 +143,7 @@ def ouroboros_strategy(
     Cold (default), the pool is emptied before every call. `warm=True` keeps one pool across all calls of the run
     (starting from `pool` when given): prompts come grouped by category, so each prompt drafts from the earlier
     prompts of its category too, the paper's warm-start ("second pass") setting. `num_draft_tokens` and
-    `draft_length_schedule` default to `Ouroboros`'s (with a PRISM draft: the schedule is set on the draft's config);
+    `draft_length_schedule` default to `Ouroboros`'s;
     `options` are more `Ouroboros` arguments (e.g. `small_model_vocab=32768`).
     """
     label = "pool"
@@ -162,8 +162,6 @@ def ouroboros_strategy(
         kwargs["num_draft_tokens"] = num_draft_tokens
     if draft_length_schedule is not None:
         kwargs["draft_length_schedule"] = draft_length_schedule
-        if _is_prism_draft(small_model):
-            small_model.config.num_draft_tokens_schedule = draft_length_schedule
     assistant = (Ouroboros if warm else _ColdOuroboros)(small_model, pool=pool, **kwargs)
     temperature = "warm pool across calls" if warm else "fresh pool per call"
     drafter = "pool only" if small_model is None else f"small model {label} + pool"
