@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
@@ -104,9 +105,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self._from_pool: list[bool] = []
 
         if self.small_model is not None:
-            # Full (non-sliding) layers for every layer, even on sliding-window models: a rejected draft rolls back
-            # tokens fed over several forwards, further than a sliding layer keeps; the mask still applies the window.
-            self.small_cache = DynamicCache()
+            self.small_cache = _rollback_cache(self.small_model.config)
             # positions are counted in the whole sequence; the small model skips the start of a prompt longer than
             # `small_model_context` (the pool still holds all of it), so its cache begins there
             window = assistant.small_model_context
@@ -420,6 +419,16 @@ def _rows_of(head: nn.Linear, ids: torch.Tensor) -> nn.Linear:
         linear.bias = nn.Parameter(head.bias.detach()[ids], requires_grad=False)
     linear.__class__ = type(head)
     return linear
+
+
+def _rollback_cache(config: PretrainedConfig) -> DynamicCache:
+    """
+    The small model's cache, with full layers in place of sliding-window ones: a rejected draft rolls back tokens fed
+    over several forwards, further than a sliding layer keeps them (the attention mask still applies the window).
+    """
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _sync_tokens(tokens: list[int], input_ids: torch.LongTensor, pool: PhrasePool) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llama, make_qwen2
+from conftest import make_gemma3, make_llama, make_qwen2
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import prism_hf
@@ -39,8 +39,15 @@ def test_num_return_sequences(target, draft):
 
 
 def test_static_cache(target, draft):
-    with pytest.raises(ValueError, match="not supported with Static cache"):
-        target.generate(PROMPT, assistant_model=draft, cache_implementation="static", max_new_tokens=4)
+    """transformers >= 5.24 verifies on a static cache when all its layers can be cropped; sliding layers cannot."""
+    kwargs = dict(do_sample=False, max_new_tokens=12, pad_token_id=0)
+    plain = target.generate(PROMPT, **kwargs)
+    assert torch.equal(target.generate(PROMPT, assistant_model=draft, cache_implementation="static", **kwargs), plain)
+    sliding = make_gemma3()
+    with pytest.raises(ValueError, match="requires a cache that can be cropped"):
+        sliding.generate(
+            PROMPT, assistant_model=prism_hf.PrismDraftModel.from_target(sliding), cache_implementation="static"
+        )
 
 
 def test_prompt_lookup_together_with_draft(target, draft):
