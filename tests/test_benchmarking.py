@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def test_harness_measures_checks_and_reports(llama_target, trained_llama_draft, 
     assert len(payload["records"]) == 24
     table = (tmp_path / "results.md").read_text()
     assert "| prism | all |" in table and "| broken | all | n/a |" in table and "short / p0" in table
+    prism_row = next(line for line in table.splitlines() if line.startswith("| prism | all |"))
+    median = statistics.median(by[("plain", p.id)].seconds / by[("prism", p.id)].seconds for p in prompts)
+    assert prism_row.split(" | ")[4] == f"{median:.2f}x"  # the per-prompt median speedup column
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
