@@ -277,14 +277,15 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
     ):
-        super().__init__(assistant.small_model, target, input_ids, generation_config, logits_processor, model_kwargs)
-        if assistant.draft_length_schedule is not None:  # `Ouroboros(draft, draft_length_schedule=...)` wins
-            self.schedule, self.num_draft_tokens = resolve_draft_length(
-                generation_config,
-                assistant.draft_length_schedule,
-                self.draft.config.num_draft_tokens,
-                getattr(self.draft, "_heuristic_num_draft_tokens", None),
-            )
+        super().__init__(
+            assistant.small_model,
+            target,
+            input_ids,
+            generation_config,
+            logits_processor,
+            model_kwargs,
+            draft_length_schedule=assistant.draft_length_schedule,  # None: the draft config's
+        )
         self.assistant = assistant
         self.pool = assistant.pool
         self.stats = OuroborosStats()

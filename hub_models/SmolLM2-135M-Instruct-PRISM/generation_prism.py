@@ -154,9 +154,9 @@ class PrismCandidateGenerator(CandidateGenerator):
     Draft length: `num_assistant_tokens` of the `generate()` call when set, else the draft config's
     `num_draft_tokens`; `num_assistant_tokens_schedule` (else the config's `num_draft_tokens_schedule`) set to
     `"heuristic"` adapts it (+2 after a fully accepted round, -1 otherwise) and carries it over to the next call,
-    `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it. The generate-call values that
-    equal transformers' defaults (20 tokens, `"constant"`) cannot be told apart from "unset" and defer to the
-    draft config.
+    `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it (`draft_length_schedule`, when
+    given, replaces the config's). The generate-call values that equal transformers' defaults (20 tokens,
+    `"constant"`) cannot be told apart from "unset" and defer to the draft config.
     """
 
     requires_model_outputs = True
@@ -169,11 +169,12 @@ class PrismCandidateGenerator(CandidateGenerator):
         generation_config: GenerationConfig,
         logits_processor: LogitsProcessorList | None,
         model_kwargs: dict[str, Any],
+        draft_length_schedule: str | None = None,
     ):
         check_exact_drafting("PRISM", target, input_ids, generation_config, model_kwargs)
         self.schedule, self.num_draft_tokens = resolve_draft_length(
             generation_config,
-            draft_model.config.num_draft_tokens_schedule,
+            draft_length_schedule or draft_model.config.num_draft_tokens_schedule,
             draft_model.config.num_draft_tokens,
             getattr(draft_model, "_heuristic_num_draft_tokens", None),
         )
