@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
@@ -432,6 +432,24 @@ def _rollback_cache(config: PretrainedConfig) -> DynamicCache:
     return cache
 
 
+def _check_small_cache_rolls_back(small_model: PreTrainedModel) -> None:
+    """
+    Refuses small models with recurrent state (Mamba, linear attention, short convolutions: hybrid models such as
+    Qwen3-Next, Jamba or LFM2): a rejected draft must roll their cache back over tokens fed in several forwards, and
+    such a state only moves forward.
+    """
+    cache = _rollback_cache(small_model.config)
+    recurrent = sorted(
+        {type(layer).__name__ for layer in cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)}
+    )
+    if recurrent:
+        raise ValueError(
+            f"Ouroboros rolls the small model's cache back after rejected drafts, but {type(small_model).__name__} "
+            f"keeps a recurrent state ({', '.join(recurrent)}) that cannot be rolled back. Use a small model with "
+            "attention layers only, or no small model (the pool drafts alone)."
+        )
+
+
 def _sync_tokens(tokens: list[int], input_ids: torch.LongTensor, pool: PhrasePool) -> list[int]:
     """`tokens` brought level with `input_ids`, the new text added to `pool` (usually already done on update)."""
     if len(tokens) == input_ids.shape[1]:
@@ -545,6 +563,8 @@ class Ouroboros:
             )
         if small_model is not None and small_model.config.is_encoder_decoder:
             raise ValueError("Ouroboros drafts with decoder-only small models; this one is an encoder-decoder.")
+        if small_model is not None and not _is_prism_draft(small_model):
+            _check_small_cache_rolls_back(small_model)
         if pool is not None and not isinstance(pool, PhrasePool):
             raise TypeError(f"pool must be a prism_hf.PhrasePool, got {type(pool).__name__}.")
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:

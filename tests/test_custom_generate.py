@@ -5,6 +5,7 @@ transformers importable (prism_hf blocked), from the local folder and from a Hub
 
 from __future__ import annotations
 
+import importlib.metadata
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from conftest import training_prompts
 from hub_testing import folder_files, run_offline_script, write_hub_cache
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATE_DIR = REPO / "hub_models" / "prism-generate"
@@ -121,3 +123,11 @@ def test_repository_layout_and_card_metadata():
     assert metadata["library_name"] == "transformers" and "custom_generate" in metadata["tags"]
     for argument in ("prism_draft", "prism_draft_revision", "ouroboros_pool", "ouroboros_small_model"):
         assert f"`{argument}`" in card
+
+
+def test_requirements_match_the_package():
+    """The Hub repository declares the same transformers and torch ranges as prism_hf, whose behaviour it ships."""
+    lines = (GENERATE_DIR / "custom_generate" / "requirements.txt").read_text().split()
+    declared = {requirement.name: requirement.specifier for requirement in map(Requirement, lines)}
+    package = {r.name: r.specifier for r in map(Requirement, importlib.metadata.requires("prism-hf")) if not r.marker}
+    assert declared == {name: package[name] for name in ("transformers", "torch")}

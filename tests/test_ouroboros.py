@@ -10,6 +10,8 @@ import torch
 from conftest import VOCAB, make_gemma3, make_llama, make_peaked_llama, make_qwen2, training_prompts
 from test_sampling import chi2_quantile_999, chi2_two_sample
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     DynamicCache,
     GenerationConfig,
     LlamaConfig,
@@ -547,6 +549,24 @@ def test_clear_errors(llama_target):
         Ouroboros(llama_target, confidence_threshold=float("nan"))
     with pytest.raises(ValueError, match="draft_length_schedule must be one of"):
         Ouroboros(draft_length_schedule="sometimes")
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, layer",
+    [
+        ("mamba", dict(state_size=4), "LinearAttentionLayer"),
+        ("lfm2", dict(intermediate_size=64, num_attention_heads=2, layer_types=["conv", "full_attention"]), "Linear"),
+    ],
+)
+def test_small_model_with_recurrent_state_is_refused(model_type, fields, layer):
+    """Such a cache cannot roll back a rejected draft: generation used to crash inside transformers' `crop`."""
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, **fields)
+    small = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(
+        ValueError,
+        match=rf"but {type(small).__name__} keeps a recurrent state \({layer}\w*\) that cannot be rolled back",
+    ):
+        Ouroboros(small)
 
 
 @pytest.mark.parametrize("assistant", ["pool", "small model"])
