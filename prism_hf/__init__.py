@@ -3,7 +3,13 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_prism import PrismConfig
-from .cpu_linear import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
+from .cpu_linear import (
+    FastCpuLinear,
+    disable_fast_cpu_linears,
+    enable_fast_cpu_linears,
+    few_rows_kernel_available,
+    quantize_cpu_linears_int8,
+)
 from .generation_hooks import install_generation_hooks
 from .generation_ouroboros import (
     Ouroboros,
@@ -46,6 +52,7 @@ __all__ = [
     "__version__",
     "disable_fast_cpu_linears",
     "enable_fast_cpu_linears",
+    "few_rows_kernel_available",
     "load_reference_model",
     "push_draft",
     "quantize_cpu_linears_int8",

@@ -5,15 +5,21 @@ Speculative decoding pays when the target verifies k draft tokens in one forward
 On a GPU, or a CPU with native bfloat16, that holds. On an AVX2 CPU in float32, `torch.nn.functional.linear` goes
 through MKL kernels whose cost jumps with the number of rows: on the 2-core AMD machine of our benchmarks a
 Qwen2.5-Coder-1.5B forward over 4 new tokens costs 2.7x a one-token forward, so verification eats every accepted
-token (see `benchmarks/results/forward-cost-*.json`). The same product computed as `weight @ x.T`, with the rows
-padded to a power of two in a freshly allocated buffer, streams the weights once whatever the row count up to 4, and
-stays cheaper up to a few hundred rows: a 4-token forward then costs what a one-token forward does, and one-token
-forwards cost no more than before. Long inputs (prefills of long prompts) keep `F.linear`.
+token (see `benchmarks/results/forward-cost-*.json`).
 
-`enable_fast_cpu_linears(model)` switches a model's float32 `nn.Linear` layers on the CPU to that computation (the
-results equal `F.linear`'s up to float32 rounding); `disable_fast_cpu_linears(model)` switches them back. It is
+`enable_fast_cpu_linears(model)` switches a model's float32 `nn.Linear` layers on the CPU to [`FastCpuLinear`]
+(the results equal `F.linear`'s up to float32 rounding); `disable_fast_cpu_linears(model)` switches them back. It is
 opt-in and changes no weights, so a model saves and loads as before. Use it for the target and the draft or small
 model alike, and compare against plain `generate` with it enabled too: it is a faster kernel, not a change of method.
+Inputs of up to `KERNEL_ROWS_LIMIT` rows (decoding, verification, short prompts) go to a small C++ kernel
+(`csrc/few_rows_linear.cpp`, AVX2 + FMA, built with `torch.utils.cpp_extension` on first use and cached by torch,
+about 30 s once): it reads each weight once for all rows, so one-token forwards run at memory speed (a
+Qwen2.5-Coder-1.5B decoding step costs half what it does with `F.linear`) and 4 rows cost about 1.3x one; and every
+row's result is bit-identical to that row's one-row product, so verification computes its linear layers exactly as
+one-token decoding does. Where the kernel cannot be built (no compiler, not Linux x86 with AVX2, or
+`PRISM_HF_CPU_KERNEL=0`), the same product is computed as `weight @ x.T` with the rows padded to a power of two,
+which streams the weights once whatever the row count up to 4. Longer inputs (prefills of long prompts) keep
+`F.linear`, and so does anything that needs gradients.
 
 `quantize_cpu_linears_int8(model)` goes further for models that only draft (an Ouroboros small model, an HF
 assistant): their float32 CPU linear layers become int8 dynamically quantized ones (fbgemm kernels), which read a
@@ -23,33 +29,94 @@ change a little, the output does not: the target still verifies every token. Nev
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import platform
+import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-PADDED_ROWS_LIMIT = 32  # inputs with up to this many rows are padded to a power of two
+logger = logging.getLogger(__name__)
+
+KERNEL_ROWS_LIMIT = 32  # inputs with up to this many rows go to the few-row kernel, where it is built
+PADDED_ROWS_LIMIT = 32  # without it, inputs with up to this many rows are padded to a power of two
 TRANSPOSED_ROWS_LIMIT = 256  # longer inputs (prefills of long prompts) keep `F.linear`, as fast or faster there
 
 
 class FastCpuLinear(nn.Linear):
     """
-    An `nn.Linear` computing `(weight @ x.T).T` on an aligned, row-padded copy of `x` for inputs of up to
-    `TRANSPOSED_ROWS_LIMIT` rows (see the module docstring), `F.linear` beyond.
+    An `nn.Linear` computing few-row products with the few-row kernel (or, without it, `(weight @ x.T).T` on an
+    aligned, row-padded copy of `x`) for inputs of up to `TRANSPOSED_ROWS_LIMIT` rows (see the module docstring),
+    `F.linear` beyond and whenever gradients are needed.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         rows = input.reshape(-1, self.in_features)
         num_rows = rows.shape[0]
-        if num_rows > TRANSPOSED_ROWS_LIMIT:
+        needs_grad = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
+        if num_rows > TRANSPOSED_ROWS_LIMIT or needs_grad:
             return nn.functional.linear(input, self.weight, self.bias)
-        padded = 1 << max(1, (num_rows - 1).bit_length()) if num_rows <= PADDED_ROWS_LIMIT else num_rows
-        buffer = rows.new_zeros(padded, self.in_features)
-        buffer[:num_rows] = rows
-        output = torch.mm(self.weight, buffer.t()).t()[:num_rows]
+        kernel = _few_rows_kernel() if num_rows <= KERNEL_ROWS_LIMIT else None
+        if kernel is not None:
+            output = kernel(rows.contiguous(), self.weight.contiguous())
+        else:
+            padded = 1 << max(1, (num_rows - 1).bit_length()) if num_rows <= PADDED_ROWS_LIMIT else num_rows
+            buffer = rows.new_zeros(padded, self.in_features)
+            buffer[:num_rows] = rows
+            output = torch.mm(self.weight, buffer.t()).t()[:num_rows]
         if self.bias is not None:
             output = output + self.bias
         return output.reshape(*input.shape[:-1], self.out_features)
+
+
+def few_rows_kernel_available() -> bool:
+    """
+    Whether [`FastCpuLinear`] runs its few-row inputs through the compiled kernel (building it on first call, about
+    30 s once; torch caches it). `False` where it cannot be built; the layers then use the slower `torch.mm` path.
+    """
+    return _few_rows_kernel() is not None
+
+
+def _few_rows_kernel_loaded() -> bool:
+    """Whether this process already loaded the kernel (for benchmark metadata; never triggers a build)."""
+    return _few_rows_kernel.cache_info().currsize > 0 and _few_rows_kernel() is not None
+
+
+@functools.cache
+def _few_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """`few_rows_linear(x, weight)` from `csrc/few_rows_linear.cpp`, built once per process, or None."""
+    if os.environ.get("PRISM_HF_CPU_KERNEL", "1") == "0":
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    source = Path(__file__).resolve().parent / "csrc" / "few_rows_linear.cpp"
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("Loading prism_hf's few-row CPU kernel (built once, about 30 s, then cached by torch).")
+        module = load(
+            name="prism_hf_few_rows_linear",
+            sources=[str(source)],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, no Python headers...
+        warnings.warn(
+            f"prism_hf could not build its few-row CPU kernel ({type(error).__name__}: {error}); FastCpuLinear "
+            "falls back to torch.mm, which is slower for one-token and few-token forwards. Set "
+            "PRISM_HF_CPU_KERNEL=0 to skip the attempt.",
+            stacklevel=2,
+        )
+        return None
+    return module.few_rows_linear
 
 
 def enable_fast_cpu_linears(model: nn.Module) -> int:
@@ -57,11 +124,14 @@ def enable_fast_cpu_linears(model: nn.Module) -> int:
     Switches the float32 `nn.Linear` layers of `model` that live on the CPU to [`FastCpuLinear`]; returns how many.
 
     Layers of other types (quantized linears, subclasses), dtypes or devices are left alone, so enabling it on a
-    GPU or bfloat16 model is a no-op. Idempotent.
+    GPU or bfloat16 model is a no-op. Idempotent. The first call in a process loads the few-row kernel (see
+    [`few_rows_kernel_available`]).
     """
     switched = _float32_cpu_linears(model, (nn.Linear,))
     for module in switched.values():
         module.__class__ = FastCpuLinear
+    if switched:
+        _few_rows_kernel()  # build it now rather than inside the first forward
     return len(switched)
 
 

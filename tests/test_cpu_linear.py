@@ -14,23 +14,92 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 import prism_hf
-from prism_hf import FastCpuLinear, disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
+from prism_hf import (
+    FastCpuLinear,
+    cpu_linear,
+    disable_fast_cpu_linears,
+    enable_fast_cpu_linears,
+    few_rows_kernel_available,
+    quantize_cpu_linears_int8,
+)
+
+
+@pytest.fixture(params=["kernel", "torch.mm"])
+def few_rows_path(request, monkeypatch):
+    """FastCpuLinear's two few-row paths: the compiled kernel and the `torch.mm` fallback where it cannot be built."""
+    if request.param == "torch.mm":
+        monkeypatch.setattr(cpu_linear, "_few_rows_kernel", lambda: None)
+    elif not few_rows_kernel_available():
+        pytest.skip("the few-row kernel cannot be built on this machine (see the warning)")
+    return request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("features", [(48, 80), (13, 7)])  # a tail of input features; output features not 3k
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 70, 300])
-def test_fast_linear_equals_linear(rows, bias):
+def test_fast_linear_equals_linear(rows, features, bias, few_rows_path):
     torch.manual_seed(rows)
-    layer = nn.Linear(48, 80, bias=bias)
-    inputs = [torch.randn(rows, 48), torch.randn(1, rows, 48), torch.randn(2, rows, 48)]
-    inputs.append(torch.randn(rows * 2, 48)[::2])  # a non-contiguous view
+    layer = nn.Linear(*features, bias=bias)
+    inputs = [torch.randn(rows, features[0]), torch.randn(1, rows, features[0]), torch.randn(2, rows, features[0])]
+    inputs.append(torch.randn(rows * 2, features[0])[::2])  # a non-contiguous view
     expected = [nn.functional.linear(x, layer.weight, layer.bias) for x in inputs]
     assert enable_fast_cpu_linears(layer) == 1
     assert type(layer) is FastCpuLinear
     for x, reference in zip(inputs, expected, strict=True):
-        output = layer(x)
+        with torch.no_grad():
+            output = layer(x)
         assert output.shape == reference.shape
         torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rows_equal_one_row_products(monkeypatch):
+    """
+    With the kernel, each row of a k-row product is bit-identical to that row's one-row product (the same summation
+    order), so a verification forward computes its linear layers exactly as one-token decoding does.
+    """
+    if not few_rows_kernel_available():
+        pytest.skip("the few-row kernel cannot be built on this machine (see the warning)")
+    calls = []
+    kernel = cpu_linear._few_rows_kernel()
+    monkeypatch.setattr(cpu_linear, "_few_rows_kernel", lambda: lambda x, w: calls.append(len(x)) or kernel(x, w))
+    torch.manual_seed(0)
+    layer = nn.Linear(1536, 200)  # the width of Qwen2.5-1.5B
+    enable_fast_cpu_linears(layer)
+    with torch.no_grad():
+        for rows in range(2, cpu_linear.KERNEL_ROWS_LIMIT + 1):
+            x = torch.randn(rows, 1536)
+            product = layer(x)
+            for m in range(rows):
+                assert torch.equal(layer(x[m : m + 1])[0], product[m]), (rows, m)
+        layer(torch.randn(cpu_linear.KERNEL_ROWS_LIMIT + 1, 1536))  # longer inputs take another path
+    assert max(calls) == cpu_linear.KERNEL_ROWS_LIMIT and cpu_linear.KERNEL_ROWS_LIMIT + 1 not in calls
+
+
+def test_kernel_build_failure_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_linear.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_linear.sys, "platform", "linux")
+    monkeypatch.delenv("PRISM_HF_CPU_KERNEL", raising=False)
+    cpu_linear._few_rows_kernel.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"could not build its few-row CPU kernel \(RuntimeError: Ninja is"):
+            assert not few_rows_kernel_available()
+        layer = nn.Linear(8, 4)
+        enable_fast_cpu_linears(layer)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+        monkeypatch.setenv("PRISM_HF_CPU_KERNEL", "0")  # the opt-out does not even try
+        cpu_linear._few_rows_kernel.cache_clear()
+        assert not few_rows_kernel_available()
+    finally:
+        cpu_linear._few_rows_kernel.cache_clear()
 
 
 def test_fast_linear_backpropagates_like_linear():
@@ -83,7 +152,7 @@ def test_model_with_fast_linears_saves_and_reloads_unchanged(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_generation_with_fast_linears_is_exact(trained_llama_draft):
+def test_generation_with_fast_linears_is_exact(trained_llama_draft, few_rows_path):
     """Plain, PRISM and Ouroboros greedy outputs agree with fast linears on the target and the draft."""
     target = make_llama()  # the target `trained_llama_draft` was trained on, as a private copy
     draft = copy.deepcopy(trained_llama_draft)
