@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
             times = []
             for _ in range(args.repeats):
                 cache = DynamicCache(config=model.config)
-                model(input_ids=context, past_key_values=cache, use_cache=True)
+                model(input_ids=context, cache=cache, use_cache=True)
                 new = torch.randint(100, vocab, (1, k), generator=generator)
                 began = time.perf_counter()
-                model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=k)
+                model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=k)
                 times.append(time.perf_counter() - began)
             seconds[k] = statistics.median(times[1:])
     result = {

@@ -6,7 +6,9 @@ depend on the row count flips near-ties, as bfloat16 does).
 `python benchmarks/linear_kernels.py` times, for the Qwen2.5-Coder-1.5B layer shapes (random weights), median
 milliseconds per product for 1..32 rows and a 512-row prefill with:
 - `F.linear` (stock torch: MKL on x86),
-- `FastCpuLinear` (`prism_hf.enable_fast_cpu_linears`: `weight @ x.T` on rows padded to a power of two, at least 2),
+- `FastCpuLinear` (`prism_hf.enable_fast_cpu_linears`: the compiled few-row kernel for up to 32 rows where it can be
+  built, see `prism_hf/cpu_linear.py`),
+- its fallback without the kernel, `weight @ x.T` on rows padded to a power of two (at least 2),
 - oneDNN's `torch.ops.mkldnn._linear_pointwise` over the same dense weight, as is and with one row padded to two,
 and checks, per row count k, whether each row of a k-row product equals bit for bit that row computed alone (what
 greedy verification of k - 1 draft tokens needs to match one-token decoding exactly). With `--model NAME` it also
@@ -28,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from prism_hf.benchmarking.report import machine_metadata
-from prism_hf.cpu_linear import FastCpuLinear, enable_fast_cpu_linears
+from prism_hf.cpu_linear import FastCpuLinear, enable_fast_cpu_linears, padded_mm_linear
 from prism_hf.reference_models import load_reference_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,6 +54,7 @@ def kernels(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Te
     return {
         "F.linear": lambda x: nn.functional.linear(x, weight),
         "FastCpuLinear": fast,
+        "torch.mm on padded rows (fallback)": lambda x: padded_mm_linear(x, weight),
         "onednn": _onednn(weight, 1),
         "onednn, 1 row padded to 2": _onednn(weight, 2),
     }
@@ -76,15 +79,13 @@ def verification_against_decoding(model: nn.Module, context: int = 200, tokens: 
 
     def cached() -> DynamicCache:
         cache = DynamicCache(config=model.config)
-        model(input_ids=prompt, past_key_values=cache)
+        model(input_ids=prompt, cache=cache)
         return cache
 
     with torch.no_grad():
         cache = cached()
-        one_by_one = torch.cat(
-            [model(input_ids=new[:, i : i + 1], past_key_values=cache).logits[0] for i in range(tokens)]
-        )
-        together = model(input_ids=new, past_key_values=cached()).logits[0]
+        one_by_one = torch.cat([model(input_ids=new[:, i : i + 1], cache=cache).logits[0] for i in range(tokens)])
+        together = model(input_ids=new, cache=cached()).logits[0]
     return {
         "rows_bit_identical": int(sum(torch.equal(a, b) for a, b in zip(one_by_one, together, strict=True))),
         "rows": tokens,

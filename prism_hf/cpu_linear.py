@@ -11,15 +11,16 @@ token (see `benchmarks/results/forward-cost-*.json`).
 (the results equal `F.linear`'s up to float32 rounding); `disable_fast_cpu_linears(model)` switches them back. It is
 opt-in and changes no weights, so a model saves and loads as before. Use it for the target and the draft or small
 model alike, and compare against plain `generate` with it enabled too: it is a faster kernel, not a change of method.
+
 Inputs of up to `KERNEL_ROWS_LIMIT` rows (decoding, verification, short prompts) go to a small C++ kernel
 (`csrc/few_rows_linear.cpp`, AVX2 + FMA, built with `torch.utils.cpp_extension` on first use and cached by torch,
-about 30 s once): it reads each weight once for all rows, so one-token forwards run at memory speed (a
-Qwen2.5-Coder-1.5B decoding step costs half what it does with `F.linear`) and 4 rows cost about 1.3x one; and every
+about 30-50 s once). It reads each weight once for all rows, so one-token forwards run at memory speed (plain
+decoding of Qwen2.5-Coder-1.5B is about 1.3x faster than with `F.linear`) and 4 rows cost about 1.2x one; and every
 row's result is bit-identical to that row's one-row product, so verification computes its linear layers exactly as
-one-token decoding does. Where the kernel cannot be built (no compiler, not Linux x86 with AVX2, or
-`PRISM_HF_CPU_KERNEL=0`), the same product is computed as `weight @ x.T` with the rows padded to a power of two,
-which streams the weights once whatever the row count up to 4. Longer inputs (prefills of long prompts) keep
-`F.linear`, and so does anything that needs gradients.
+one-token decoding does (attention still rounds differently, so whole forwards stay only close). Where the kernel
+cannot be built (no compiler, not Linux x86 with AVX2, or `PRISM_HF_CPU_KERNEL=0`), the same product is computed as
+`weight @ x.T` with the rows padded to a power of two, which streams the weights once whatever the row count up to
+4. Longer inputs (prefills of long prompts) keep `F.linear`, and so does anything that needs gradients.
 
 `quantize_cpu_linears_int8(model)` goes further for models that only draft (an Ouroboros small model, an HF
 assistant): their float32 CPU linear layers become int8 dynamically quantized ones (fbgemm kernels), which read a
@@ -65,13 +66,19 @@ class FastCpuLinear(nn.Linear):
         if kernel is not None:
             output = kernel(rows.contiguous(), self.weight.contiguous())
         else:
-            padded = 1 << max(1, (num_rows - 1).bit_length()) if num_rows <= PADDED_ROWS_LIMIT else num_rows
-            buffer = rows.new_zeros(padded, self.in_features)
-            buffer[:num_rows] = rows
-            output = torch.mm(self.weight, buffer.t()).t()[:num_rows]
+            output = padded_mm_linear(rows, self.weight)
         if self.bias is not None:
             output = output + self.bias
         return output.reshape(*input.shape[:-1], self.out_features)
+
+
+def padded_mm_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`rows @ weight.T` as `(weight @ padded.T).T`, the rows copied into a buffer padded to a power of two (>= 2)."""
+    num_rows = rows.shape[0]
+    padded = 1 << max(1, (num_rows - 1).bit_length()) if num_rows <= PADDED_ROWS_LIMIT else num_rows
+    buffer = rows.new_zeros(padded, rows.shape[1])
+    buffer[:num_rows] = rows
+    return torch.mm(weight, buffer.t()).t()[:num_rows]
 
 
 def few_rows_kernel_available() -> bool:
