@@ -83,8 +83,8 @@ def padded_mm_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def few_rows_kernel_available() -> bool:
     """
-    Whether [`FastCpuLinear`] runs its few-row inputs through the compiled kernel (building it on first call, about
-    30 s once; torch caches it). `False` where it cannot be built; the layers then use the slower `torch.mm` path.
+    Whether [`FastCpuLinear`] runs its few-row inputs through the compiled kernel (building it on first call, 30-50 s
+    once; torch caches it). `False` where it cannot be built; the layers then use the slower `torch.mm` path.
     """
     return _few_rows_kernel() is not None
 
@@ -107,7 +107,7 @@ def _few_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("Loading prism_hf's few-row CPU kernel (built once, about 30 s, then cached by torch).")
+        logger.info("Loading prism_hf's few-row CPU kernel (built once, 30-50 s, then cached by torch).")
         module = load(
             name="prism_hf_few_rows_linear",
             sources=[str(source)],
