@@ -123,6 +123,12 @@ def _add_bench_parser(subparsers) -> None:
         help="also run HF assisted generation and Ouroboros with an int8 copy of their small model "
         "(prism_hf.quantize_cpu_linears_int8), named ...-int8",
     )
+    parser.add_argument(
+        "--no-float-small-model",
+        dest="float_small_model",
+        action="store_false",
+        help="with --small-model-int8: run HF assisted generation and Ouroboros with the int8 copies only",
+    )
     parser.add_argument("--prompt-sets", nargs="+", choices=PROMPT_SETS, default=["spec_bench", "humaneval"])
     parser.add_argument("--categories", nargs="+", help="Spec-Bench tasks or MT-Bench categories (default: all)")
     size = parser.add_mutually_exclusive_group()
@@ -146,7 +152,6 @@ def _ouroboros_options(text: str) -> dict[str, object]:
     from .generation_ouroboros import Ouroboros
 
     allowed = set(inspect.signature(Ouroboros).parameters) - {"small_model", "pool", "num_draft_tokens"}
-    allowed -= {"draft_length_schedule"}  # set for every strategy by their own flags
     options = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")

@@ -22,7 +22,8 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, Li
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
-from .cpu_linear import FastCpuLinear
+from .cpu_linear import FastCpuLinear, quantize_cpu_linears_int8
+from .generation_draft_length import CostAwareDraftLength
 from .generation_prism import (
     PrismCandidateGenerator,
     SpeculationStats,
@@ -31,6 +32,8 @@ from .generation_prism import (
 )
 from .modeling_prism import _same_key
 from .phrase_pool import PhrasePool
+
+_Int8Linear = torch.ao.nn.quantized.dynamic.Linear  # what `quantize_cpu_linears_int8` puts in
 
 
 @dataclass
@@ -56,8 +59,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     same way are corrected next time) and (c) earlier calls, since the pool outlives the generator.
 
     Draft length: at most `num_draft_tokens` per round; the `"heuristic"` schedules add 2 after a round whose full
-    budget was accepted and remove 1 after a rejection. The small model also stops at its first token whose
-    probability is below `confidence_threshold`.
+    budget was accepted and remove 1 after a rejection; `"cost_aware"` picks each round's budget (0 included) from the
+    acceptance and the costs measured in the call ([`CostAwareDraftLength`]). The small model also stops at its
+    first token whose probability is below `confidence_threshold`.
 
     Sampling: small-model tokens are sampled from the small model's processed distribution q and returned with it;
     pool tokens are deterministic proposals and get a one-hot q (logits `-inf` except the proposed token), so
@@ -93,6 +97,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
         self.stats = OuroborosStats()
+        self.length_controller = CostAwareDraftLength(self.num_draft_tokens) if self.schedule == "cost_aware" else None
         assistant.last_generation_stats = self.stats
         # The caller's `inputs_embeds` cover the prompt only: transformers feeds them to the target's first pass
         # only when that pass holds no draft, so the first round drafts nothing (as PRISM's always does).
@@ -131,6 +136,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
         began = time.perf_counter()
         self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
+        if self.length_controller is not None:
+            self.num_draft_tokens = self.length_controller.begin_round()
         budget = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         if self._verify_prompt_alone:
             self._verify_prompt_alone, budget = False, 0
@@ -143,6 +150,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             else:
                 logits = self._draft_with_small_model(input_ids, budget)
         self.stats.draft_seconds += time.perf_counter() - began
+        if self.length_controller is not None:
+            self.length_controller.end_draft(len(self._draft))
         if not self._draft:
             return input_ids, None
         draft = torch.tensor([self._draft], dtype=input_ids.dtype, device=input_ids.device)
@@ -244,7 +253,9 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         if self.small_model is not None:
             self.small_valid = min(self.small_cached, start + num_matches)
 
-        if self.schedule != "constant" and drafted > 0:
+        if self.length_controller is not None:
+            self.length_controller.end_verification(drafted, num_matches)
+        elif self.schedule != "constant" and drafted > 0:
             if num_matches == drafted and drafted >= self.num_draft_tokens:
                 self.num_draft_tokens += 2
             elif num_matches < drafted:
@@ -366,11 +377,13 @@ class ReducedVocabularyHead:
     def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int]):
         head = small_model.get_output_embeddings()
         weight = getattr(head, "weight", None)  # (a method on torch's quantized linears)
-        if type(head) not in (nn.Linear, FastCpuLinear) or not weight.is_floating_point():
-            kind = weight.dtype if isinstance(weight, torch.Tensor) else "no" if head is None else "quantized"
+        float_linear = type(head) in (nn.Linear, FastCpuLinear) and weight.is_floating_point()
+        if not float_linear and type(head) is not _Int8Linear:
+            kind = weight.dtype if isinstance(weight, torch.Tensor) else "quantized" if callable(weight) else "no"
             raise ValueError(
-                "small_model_vocab needs a small model whose output layer is a floating-point nn.Linear, got "
-                f"{type(head).__module__}.{type(head).__name__} with {kind} weights."
+                "small_model_vocab needs a small model whose output layer is a floating-point nn.Linear or an int8 "
+                f"one from quantize_cpu_linears_int8, got {type(head).__module__}.{type(head).__name__} with {kind} "
+                "weights."
             )
         self.head = head
         self.vocab_size = head.out_features
@@ -384,7 +397,7 @@ class ReducedVocabularyHead:
                 f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {ids.numel()} ids from "
                 f"{first} to {last}."
             )
-        self.parts = [(ids.to(head.weight.device), _rows_of(head, ids))]
+        self.parts = [(ids.to(_device_of(head)), _rows_of(head, ids))]
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -400,7 +413,7 @@ class ReducedVocabularyHead:
         missing = wanted[~kept[wanted]] if wanted.numel() else wanted
         extended = copy.copy(self)
         if missing.numel():
-            extended.parts = [*self.parts, (missing.to(self.head.weight.device), _rows_of(self.head, missing))]
+            extended.parts = [*self.parts, (missing.to(_device_of(self.head)), _rows_of(self.head, missing))]
         return extended
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -411,15 +424,31 @@ class ReducedVocabularyHead:
         return logits
 
 
-def _rows_of(head: nn.Linear, ids: torch.Tensor) -> nn.Linear:
-    """The rows `ids` of the linear layer `head`, as a layer of the same kind (a FastCpuLinear head stays fast)."""
-    ids = ids.to(head.weight.device)
-    linear = nn.Linear(head.in_features, ids.numel(), bias=head.bias is not None, device="meta")
-    linear.weight = nn.Parameter(head.weight.detach()[ids], requires_grad=False)
-    if head.bias is not None:
-        linear.bias = nn.Parameter(head.bias.detach()[ids], requires_grad=False)
+def _rows_of(head: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """
+    The rows `ids` of the linear layer `head`, as a layer of the same kind (a FastCpuLinear head stays fast, an int8
+    one is quantized again from its own dequantized rows).
+    """
+    if type(head) is _Int8Linear:
+        weight, bias = head.weight().dequantize(), head.bias()
+        bias = None if bias is None else bias.detach()
+    else:
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    ids = ids.to(weight.device)
+    linear = nn.Linear(head.in_features, ids.numel(), bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight[ids], requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias[ids], requires_grad=False)
+    if type(head) is _Int8Linear:
+        holder = nn.Sequential(linear)
+        quantize_cpu_linears_int8(holder)
+        return holder[0]
     linear.__class__ = type(head)
     return linear
+
+
+def _device_of(head: nn.Module) -> torch.device:
+    return torch.device("cpu") if type(head) is _Int8Linear else head.weight.device
 
 
 def _rollback_cache(config: PretrainedConfig) -> DynamicCache:
@@ -520,7 +549,10 @@ class Ouroboros:
             the most pool tokens appended after its draft (whose own length the draft's config sets).
         draft_length_schedule (`str`, *optional*):
             `"constant"`, `"heuristic"` (+2 after a fully accepted full-budget round, -1 after a rejection, carried
-            over to the next call) or `"heuristic_transient"` (the same within one call). Default:
+            over to the next call), `"heuristic_transient"` (the same within one call) or `"cost_aware"` (each
+            round's budget, from 0 to 16, maximises the expected tokens per second given the acceptance and the
+            drafting and verification times measured in the call; best where verifying more positions costs more,
+            as on CPUs). Default:
             `"heuristic_transient"`; with a PRISM draft, its config's `num_draft_tokens_schedule` (the schedule then
             adapts the draft's own part). `num_assistant_tokens_schedule` in the `generate` call overrides it (except
             the default `"constant"`).
@@ -608,7 +640,8 @@ class Ouroboros:
     def _reduced_vocabulary_head(self) -> ReducedVocabularyHead:
         """The small model's `small_model_vocab` head, built once (again if its output layer changed)."""
         head = self.small_model.get_output_embeddings()
-        weight = getattr(head, "weight", None)
+        # an int8 layer holds its weights in packed parameters, swapped (not changed in place) when they change
+        weight = head._packed_params if type(head) is _Int8Linear else getattr(head, "weight", None)
         # the same tensors, unchanged in place since, as for PRISM's reduced LM head (`modeling_prism._same_key`)
         key = ((head, weight), (getattr(weight, "_version", None), type(head)))
         if self._small_head_cache is None or not _same_key(self._small_head_cache[0], key):

@@ -226,3 +226,32 @@ def test_bench_config_int8_small_models(llama_target, tmp_path):
     assert all(r.identical and r.error is None for r in records)
     with pytest.raises(ValueError, match="small_model_int8 quantizes small models: also set assistant"):
         BenchmarkConfig(target="tiny", small_model_int8=True, device="cpu").resolved()  # before any model loads
+
+
+def test_bench_config_int8_copies_only_with_variants(tmp_path):
+    """`float_small_model=False` runs the int8 copies only; a variant's draft-length schedule replaces the run's."""
+    from prism_hf.benchmarking.suite import build_strategies
+
+    config = _small_model_config(
+        tmp_path,
+        seed=0,
+        small_model_int8=True,
+        float_small_model=False,
+        draft_length_schedule="constant",
+        ouroboros_variants=[{"draft_length_schedule": "heuristic_transient", "small_model_vocab": 64}],
+    )
+    strategies = build_strategies(make_llama(), config)
+    assert [s.name for s in strategies] == [
+        "plain",
+        "hf-assisted-small-int8",
+        "ouroboros-small-int8",
+        "ouroboros-small-int8-draft_length_scheduleheuristic_transient-small_model_vocab64",
+    ]
+    base, variant = (s.generate_kwargs["assistant_model"] for s in strategies[2:])
+    assert (base.draft_length_schedule, variant.draft_length_schedule) == ("constant", "heuristic_transient")
+    assert variant.small_model is base.small_model and variant.small_model_vocab == 64
+    assert isinstance(base.small_model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+    with pytest.raises(ValueError, match="float_small_model=False leaves out the float small model"):
+        BenchmarkConfig(target="t", assistant="s", float_small_model=False, device="cpu").resolved()
+    with pytest.raises(ValueError, match="draft_length_schedule='cost_aware' is prism_hf's own"):
+        BenchmarkConfig(target="t", assistant="s", draft_length_schedule="cost_aware", device="cpu").resolved()

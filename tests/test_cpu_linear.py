@@ -217,11 +217,16 @@ def test_generation_with_an_int8_small_model_is_exact(llama_target):
         assert torch.equal(llama_target.generate(prompt[None], assistant_model=ouroboros, **greedy), reference)
         assert ouroboros.last_generation_stats.accepted_tokens > 0
         assert torch.equal(llama_target.generate(prompt[None], assistant_model=small, **greedy), reference)
-    with pytest.raises(
-        ValueError,
-        match=r"small_model_vocab needs a small model whose output layer is a floating-point nn.Linear, got "
-        r"torch.ao.nn.quantized.dynamic.modules.linear.Linear with quantized weights",
-    ):
-        llama_target.generate(
-            training_prompts(num=1), assistant_model=prism_hf.Ouroboros(small, small_model_vocab=100), **greedy
-        )
+    # with a reduced vocabulary the int8 head keeps int8 rows (quantized again from their dequantized values)
+    reduced = prism_hf.Ouroboros(small, num_draft_tokens=4, small_model_vocab=100)
+    for prompt in training_prompts(num=2):
+        reference = llama_target.generate(prompt[None], **greedy)
+        assert torch.equal(llama_target.generate(prompt[None], assistant_model=reduced, **greedy), reference)
+        assert reduced.last_generation_stats.accepted_tokens > 0
+    head = reduced._reduced_vocabulary_head()
+    assert reduced._reduced_vocabulary_head() is head  # built once
+    assert {type(linear) for _, linear in head.parts} == {torch.ao.nn.quantized.dynamic.Linear}
+    hidden = torch.randn(3, small.config.hidden_size)
+    full = small.get_output_embeddings()(hidden)
+    torch.testing.assert_close(head(hidden)[:, :100], full[:, :100], atol=0.05, rtol=0.05)
+    assert torch.isinf(head(hidden)[:, 100:]).all()

@@ -397,6 +397,13 @@ def test_small_model_with_a_reduced_vocabulary(llama_target):
         ValueError, match=r"small_model_vocab must keep token ids in \[0, 256\), got 2 ids from 5 to 300"
     ):
         ReducedVocabularyHead(small, [5, 300])
+    small.lm_head = torch.nn.Identity()  # e.g. a head some other quantizer replaced
+    with pytest.raises(
+        ValueError,
+        match=r"small_model_vocab needs a small model whose output layer is a floating-point nn.Linear or an int8 one "
+        r"from quantize_cpu_linears_int8, got torch.nn.modules.linear.Identity with no weights",
+    ):
+        ReducedVocabularyHead(small, 100)
 
 
 # ------------------------------------------------------------------------------------------------- with a PRISM draft

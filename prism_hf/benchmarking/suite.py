@@ -132,19 +132,24 @@ class BenchmarkConfig:
             gaps; named `ouroboros-<draft name>`).
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
-        ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant`, each with these
-            `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`, named
-            `ouroboros-<small model>-small_model_vocab32768`).
+        ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant` (each copy of it that
+            runs, see `small_model_int8`), each with these `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`,
+            named `ouroboros-<small model>-small_model_vocab32768`; a `draft_length_schedule` given here replaces
+            the run's).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
-        draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
-            of them (default: each one's own). When either is set, HF assisted generation also runs at
+        draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"`, `"heuristic_transient"` or
+            `"cost_aware"` (PRISM drafts and Ouroboros only: transformers' assisted generation has no such schedule)
+            for all of them (default: each one's own). When either is set, HF assisted generation also runs at
             transformers' defaults (`hf-assisted-<name>-hf-defaults`), next to the run's draft length.
         fast_cpu_linears (`bool`): switch the float32 CPU linear layers of the target and of every draft and small
             model to `FastCpuLinear` (see `prism_hf.cpu_linear`), for every strategy including plain `generate`.
         small_model_int8 (`bool`): also run HF assisted generation (at the run's draft length) and Ouroboros with an
             int8 copy of their small model (`prism_hf.quantize_cpu_linears_int8`), named `...-int8`, next to the
             float ones, so both drafting methods get the cheaper small model.
+        float_small_model (`bool`): run HF assisted generation and Ouroboros with the float small model (default);
+            `False` with `small_model_int8` runs the int8 copies only (HF at transformers' defaults, which runs with
+            the float copy, is then left out).
         prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
@@ -178,6 +183,7 @@ class BenchmarkConfig:
     draft_length_schedule: str | None = None
     fast_cpu_linears: bool = False
     small_model_int8: bool = False
+    float_small_model: bool = True
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
     mode: str = "quick"
@@ -207,6 +213,15 @@ class BenchmarkConfig:
             )
         if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
             raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
+        if not self.float_small_model and not self.small_model_int8:
+            raise ValueError(
+                "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
+            )
+        if self.draft_length_schedule == "cost_aware" and self.assistant is not None:
+            raise ValueError(
+                "draft_length_schedule='cost_aware' is prism_hf's own: transformers' assisted generation (assistant) "
+                "has no such schedule. Give it to Ouroboros as a variant (ouroboros_variants) instead."
+            )
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         values["dtype"] = str(resolve_dtype(self.dtype, values["device"])).removeprefix("torch.")
@@ -236,27 +251,30 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                     f"{small.dtype}, device {small.device}); int8 drafting is for float32 models on the CPU."
                 )
     schedule = config.draft_length_schedule
+    # (suffix, {name: model}) for each precision of the small models that runs
+    copies = [("", small_models)] if config.float_small_model else []
+    if config.small_model_int8:
+        copies.append(("-int8", int8_small_models))
     if config.assistant is not None:
         name = f"hf-assisted-{Path(config.assistant).name.lower()}"
-        small = small_models[config.assistant]
-        strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, name, schedule))
-        if config.num_draft_tokens is not None or schedule is not None:
-            strategies.append(hf_assisted_strategy(small, target, name=f"{name}-hf-defaults"))
-        if config.small_model_int8:
-            small = int8_small_models[config.assistant]
-            strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, f"{name}-int8", schedule))
+        for suffix, smalls in copies:
+            small = smalls[config.assistant]
+            strategies.append(hf_assisted_strategy(small, target, config.num_draft_tokens, name + suffix, schedule))
+            if not suffix and (config.num_draft_tokens is not None or schedule is not None):
+                strategies.append(hf_assisted_strategy(small, target, name=f"{name}-hf-defaults"))
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
         strategies.append(prism_strategy(name, path, target, config.num_draft_tokens, config.draft_length_schedule))
     ouroboros = [(None, "pool", {})] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
-        small, label = small_models[config.ouroboros_assistant], Path(config.ouroboros_assistant).name.lower()
-        ouroboros.append((small, label, {}))
-        for options in config.ouroboros_variants:
-            ouroboros.append((small, "-".join([label, *(f"{k}{v}" for k, v in options.items())]), options))
-        if config.small_model_int8:
-            ouroboros.append((int8_small_models[config.ouroboros_assistant], f"{label}-int8", {}))
+        label = Path(config.ouroboros_assistant).name.lower()
+        for suffix, smalls in copies:
+            small = smalls[config.ouroboros_assistant]
+            ouroboros.append((small, label + suffix, {}))
+            for options in config.ouroboros_variants:
+                variant = "-".join([label + suffix, *(f"{k}{v}" for k, v in options.items())])
+                ouroboros.append((small, variant, options))
     if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
         ouroboros += [(load_draft(name, path, target), name, {}) for name, path in config.drafts.items()]
     for model, label, options in ouroboros:
@@ -269,8 +287,7 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                     warm=warm,
                     num_draft_tokens=config.num_draft_tokens,
                     name=name,
-                    draft_length_schedule=schedule,
-                    **options,
+                    **{"draft_length_schedule": schedule, **options},  # a variant's schedule replaces the run's
                 )
             )
     return strategies
@@ -341,6 +358,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "dtype": config.dtype,
         "fast_cpu_linears": config.fast_cpu_linears,
         "small_model_int8": config.small_model_int8,
+        "float_small_model": config.float_small_model,
         "draft_length_schedule": config.draft_length_schedule,
         "num_draft_tokens": config.num_draft_tokens,
         "target_quantization": config.target_quantization,
