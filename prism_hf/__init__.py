@@ -10,7 +10,6 @@ from .cpu_linear import (
     few_rows_kernel_available,
     quantize_cpu_linears_int8,
 )
-from .generation_draft_length import CostAwareDraftLength
 from .generation_hooks import install_generation_hooks
 from .generation_ouroboros import (
     Ouroboros,
@@ -37,7 +36,6 @@ PrismDraftModel.register_for_auto_class("AutoModel")
 install_generation_hooks()
 
 __all__ = [
-    "CostAwareDraftLength",
     "DraftTrainingArguments",
     "FastCpuLinear",
     "Ouroboros",

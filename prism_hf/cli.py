@@ -99,8 +99,8 @@ def _add_bench_parser(subparsers) -> None:
         default=[],
         type=_ouroboros_options,
         metavar="OPTION=VALUE[,...]",
-        help="also run Ouroboros with --ouroboros-assistant and these Ouroboros options, e.g. small_model_vocab=32768 "
-        "(repeat for more runs)",
+        help="also run Ouroboros with --ouroboros-assistant (each copy that runs) and these Ouroboros options, e.g. "
+        "small_model_vocab=32768 (a draft_length_schedule here replaces the run's; repeat for more runs)",
     )
     parser.add_argument(
         "--num-draft-tokens", type=int, help="initial draft length of PRISM drafts, --assistant and Ouroboros"

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-DRAFT_LENGTH_SCHEDULES = ("constant", "heuristic", "heuristic_transient", "cost_aware")
+DRAFT_LENGTH_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
 class PrismConfig(PretrainedConfig):
@@ -57,9 +57,7 @@ class PrismConfig(PretrainedConfig):
         num_draft_tokens_schedule (`str`, *optional*, defaults to `"heuristic_transient"`):
             How the draft length adapts when `generate()` leaves `num_assistant_tokens_schedule` at its default:
             `"constant"`, `"heuristic"` (+2 after a fully accepted round, -1 otherwise, carried over to the next
-            call), `"heuristic_transient"` (the same, restarting from `num_draft_tokens` at every call) or
-            `"cost_aware"` (each round's length maximises the expected tokens per second, from the acceptance and
-            costs measured in the call; see `CostAwareDraftLength`).
+            call) or `"heuristic_transient"` (the same, restarting from `num_draft_tokens` at every call).
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the SwiGLU MLP.
         initializer_range (`float`, *optional*, defaults to 0.02):

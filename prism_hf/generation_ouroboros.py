@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,6 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
 from .cpu_linear import FastCpuLinear, quantize_cpu_linears_int8
-from .generation_draft_length import CostAwareDraftLength
 from .generation_prism import (
     PrismCandidateGenerator,
     SpeculationStats,
@@ -59,9 +58,8 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     same way are corrected next time) and (c) earlier calls, since the pool outlives the generator.
 
     Draft length: at most `num_draft_tokens` per round; the `"heuristic"` schedules add 2 after a round whose full
-    budget was accepted and remove 1 after a rejection; `"cost_aware"` picks each round's budget (0 included) from the
-    acceptance and the costs measured in the call ([`CostAwareDraftLength`]). The small model also stops at its
-    first token whose probability is below `confidence_threshold`.
+    budget was accepted and remove 1 after a rejection. The small model also stops at its first token whose
+    probability is below `confidence_threshold`.
 
     Sampling: small-model tokens are sampled from the small model's processed distribution q and returned with it;
     pool tokens are deterministic proposals and get a one-hot q (logits `-inf` except the proposed token), so
@@ -97,7 +95,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
         self.max_length = generation_config.max_length
         self.stats = OuroborosStats()
-        self.length_controller = CostAwareDraftLength(self.num_draft_tokens) if self.schedule == "cost_aware" else None
         assistant.last_generation_stats = self.stats
         # The caller's `inputs_embeds` cover the prompt only: transformers feeds them to the target's first pass
         # only when that pass holds no draft, so the first round drafts nothing (as PRISM's always does).
@@ -136,8 +133,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
         began = time.perf_counter()
         self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
-        if self.length_controller is not None:
-            self.num_draft_tokens = self.length_controller.begin_round()
         budget = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         if self._verify_prompt_alone:
             self._verify_prompt_alone, budget = False, 0
@@ -150,8 +145,6 @@ class OuroborosCandidateGenerator(CandidateGenerator):
             else:
                 logits = self._draft_with_small_model(input_ids, budget)
         self.stats.draft_seconds += time.perf_counter() - began
-        if self.length_controller is not None:
-            self.length_controller.end_draft(len(self._draft))
         if not self._draft:
             return input_ids, None
         draft = torch.tensor([self._draft], dtype=input_ids.dtype, device=input_ids.device)
@@ -253,9 +246,7 @@ class OuroborosCandidateGenerator(CandidateGenerator):
         if self.small_model is not None:
             self.small_valid = min(self.small_cached, start + num_matches)
 
-        if self.length_controller is not None:
-            self.length_controller.end_verification(drafted, num_matches)
-        elif self.schedule != "constant" and drafted > 0:
+        if self.schedule != "constant" and drafted > 0:
             if num_matches == drafted and drafted >= self.num_draft_tokens:
                 self.num_draft_tokens += 2
             elif num_matches < drafted:
@@ -370,8 +361,9 @@ class ReducedVocabularyHead:
 
     `vocab`: an int N keeps the ids below N (byte-level BPE and SentencePiece vocabularies list frequent tokens
     first), a sequence keeps those ids. `with_tokens` adds more ids (a prompt's tokens, the end-of-sequence ids) as
-    a few extra rows, without copying the kept rows again. Logit transforms a model applies after its LM head
-    (softcapping, scaling) are skipped: they only shape drafts.
+    a few extra rows, without copying the kept rows again. The output layer may be an `nn.Linear`, a [`FastCpuLinear`]
+    or an int8 layer from [`quantize_cpu_linears_int8`]; the kept rows stay of that kind. Logit transforms a model
+    applies after its LM head (softcapping, scaling) are skipped: they only shape drafts.
     """
 
     def __init__(self, small_model: PreTrainedModel, vocab: int | Sequence[int]):
@@ -397,7 +389,8 @@ class ReducedVocabularyHead:
                 f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {ids.numel()} ids from "
                 f"{first} to {last}."
             )
-        self.parts = [(ids.to(_device_of(head)), _rows_of(head, ids))]
+        self._read_rows = _row_reader(head)
+        self.parts = [(ids.to(_device_of(head)), self._rows_of(ids))]
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -413,8 +406,26 @@ class ReducedVocabularyHead:
         missing = wanted[~kept[wanted]] if wanted.numel() else wanted
         extended = copy.copy(self)
         if missing.numel():
-            extended.parts = [*self.parts, (missing.to(_device_of(self.head)), _rows_of(self.head, missing))]
+            extended.parts = [*self.parts, (missing.to(_device_of(self.head)), self._rows_of(missing))]
         return extended
+
+    def _rows_of(self, ids: torch.Tensor) -> nn.Module:
+        """
+        The rows `ids` of the output layer, as a layer of the same kind (a FastCpuLinear head stays fast, an int8 one
+        is quantized again from its own dequantized rows).
+        """
+        head = self.head
+        weight, bias = self._read_rows(ids)
+        linear = nn.Linear(head.in_features, ids.numel(), bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=False)
+        if type(head) is _Int8Linear:
+            holder = nn.Sequential(linear)
+            quantize_cpu_linears_int8(holder)
+            return holder[0]
+        linear.__class__ = type(head)
+        return linear
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden]` final hidden states to `[rows, vocab_size]` logits."""
@@ -424,27 +435,34 @@ class ReducedVocabularyHead:
         return logits
 
 
-def _rows_of(head: nn.Module, ids: torch.Tensor) -> nn.Module:
+def _row_reader(head: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
     """
-    The rows `ids` of the linear layer `head`, as a layer of the same kind (a FastCpuLinear head stays fast, an int8
-    one is quantized again from its own dequantized rows).
+    Reads rows of an output layer's weight and bias (float32). An int8 layer's weights are unpacked once, here
+    (fbgemm's packed format takes seconds to unpack), and kept as int8 values with their per-row scales: a quarter of
+    the float size, read again for every call's extra rows.
     """
     if type(head) is _Int8Linear:
-        weight, bias = head.weight().dequantize(), head.bias()
+        packed, bias = head.weight(), head.bias()
+        values, scales, zero_points = (
+            packed.int_repr(),
+            packed.q_per_channel_scales(),
+            packed.q_per_channel_zero_points(),
+        )
         bias = None if bias is None else bias.detach()
-    else:
-        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
-    ids = ids.to(weight.device)
-    linear = nn.Linear(head.in_features, ids.numel(), bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight[ids], requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias[ids], requires_grad=False)
-    if type(head) is _Int8Linear:
-        holder = nn.Sequential(linear)
-        quantize_cpu_linears_int8(holder)
-        return holder[0]
-    linear.__class__ = type(head)
-    return linear
+
+        def read_int8(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = ((values[ids].double() - zero_points[ids, None]) * scales[ids, None]).float()
+            return weight, None if bias is None else bias[ids]
+
+        return read_int8
+    weight = head.weight.detach()
+    bias = None if head.bias is None else head.bias.detach()
+
+    def read_float(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = ids.to(weight.device)
+        return weight[ids], None if bias is None else bias[ids]
+
+    return read_float
 
 
 def _device_of(head: nn.Module) -> torch.device:
@@ -549,10 +567,7 @@ class Ouroboros:
             the most pool tokens appended after its draft (whose own length the draft's config sets).
         draft_length_schedule (`str`, *optional*):
             `"constant"`, `"heuristic"` (+2 after a fully accepted full-budget round, -1 after a rejection, carried
-            over to the next call), `"heuristic_transient"` (the same within one call) or `"cost_aware"` (each
-            round's budget, from 0 to 16, maximises the expected tokens per second given the acceptance and the
-            drafting and verification times measured in the call; best where verifying more positions costs more,
-            as on CPUs). Default:
+            over to the next call) or `"heuristic_transient"` (the same within one call). Default:
             `"heuristic_transient"`; with a PRISM draft, its config's `num_draft_tokens_schedule` (the schedule then
             adapts the draft's own part). `num_assistant_tokens_schedule` in the `generate` call overrides it (except
             the default `"constant"`).

@@ -12,7 +12,6 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
-from .generation_draft_length import CostAwareDraftLength
 from .modeling_prism import PrismKeyValues
 
 if TYPE_CHECKING:
@@ -155,8 +154,7 @@ class PrismCandidateGenerator(CandidateGenerator):
     Draft length: `num_assistant_tokens` of the `generate()` call when set, else the draft config's
     `num_draft_tokens`; `num_assistant_tokens_schedule` (else the config's `num_draft_tokens_schedule`) set to
     `"heuristic"` adapts it (+2 after a fully accepted round, -1 otherwise) and carries it over to the next call,
-    `"heuristic_transient"` adapts it within the call only, `"cost_aware"` picks each round's length from the measured
-    acceptance and costs ([`CostAwareDraftLength`]), `"constant"` keeps it (`draft_length_schedule`, when
+    `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it (`draft_length_schedule`, when
     given, replaces the config's). The generate-call values that equal transformers' defaults (20 tokens,
     `"constant"`) cannot be told apart from "unset" and defer to the draft config.
     """
@@ -189,7 +187,6 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.num_cached_pairs = 0
         self.stats = SpeculationStats()
         self._round_is_prefill = True
-        self.length_controller = CostAwareDraftLength(self.num_draft_tokens) if self.schedule == "cost_aware" else None
         draft_model.last_generation_stats = self.stats
 
         # Ask the verification passes for the draft's feature layers only (all of them if the user wants them).
@@ -209,10 +206,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         **kwargs: Any,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         self._round_is_prefill = is_first_iteration
-        if self.length_controller is not None:
-            self.num_draft_tokens = self.length_controller.begin_round()
         if is_first_iteration:
-            self._end_draft(0)
             return input_ids, None
         if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
             raise ValueError("PRISM drafting needs the target's hidden states; the verification pass returned none.")
@@ -221,16 +215,10 @@ class PrismCandidateGenerator(CandidateGenerator):
         length = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
         if length < 1:
             self.stats.draft_seconds += time.perf_counter() - began
-            self._end_draft(0)
             return input_ids, None
         candidate_ids, candidate_logits = self._draft(input_ids, draft_hidden, length)
         self.stats.draft_seconds += time.perf_counter() - began
-        self._end_draft(length)
         return candidate_ids, candidate_logits
-
-    def _end_draft(self, num_drafted: int) -> None:
-        if self.length_controller is not None:
-            self.length_controller.end_draft(num_drafted)
 
     def _extend(self, input_ids: torch.LongTensor, hidden_states: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """Runs module 0 over the newly verified positions; returns the draft feature of the last one."""
@@ -290,13 +278,8 @@ class PrismCandidateGenerator(CandidateGenerator):
         self._adapt_draft_length(drafted, num_matches)
 
     def _adapt_draft_length(self, drafted: int, num_matches: int) -> None:
-        """
-        The `"heuristic"` schedules: +2 after a round whose `drafted` tokens were all accepted, -1 otherwise;
-        `"cost_aware"`: tells its controller the outcome.
-        """
-        if self.length_controller is not None:
-            self.length_controller.end_verification(drafted, num_matches)
-        elif self.schedule != "constant" and drafted > 0:
+        """The `"heuristic"` schedules: +2 after a round whose `drafted` tokens were all accepted, -1 otherwise."""
+        if self.schedule != "constant" and drafted > 0:
             if num_matches == drafted:
                 self.num_draft_tokens += 2
             else:

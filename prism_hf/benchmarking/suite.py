@@ -138,9 +138,8 @@ class BenchmarkConfig:
             the run's).
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
-        draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"`, `"heuristic_transient"` or
-            `"cost_aware"` (PRISM drafts and Ouroboros only: transformers' assisted generation has no such schedule)
-            for all of them (default: each one's own). When either is set, HF assisted generation also runs at
+        draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
+            of them (default: each one's own). When either is set, HF assisted generation also runs at
             transformers' defaults (`hf-assisted-<name>-hf-defaults`), next to the run's draft length.
         fast_cpu_linears (`bool`): switch the float32 CPU linear layers of the target and of every draft and small
             model to `FastCpuLinear` (see `prism_hf.cpu_linear`), for every strategy including plain `generate`.
@@ -216,11 +215,6 @@ class BenchmarkConfig:
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
-            )
-        if self.draft_length_schedule == "cost_aware" and self.assistant is not None:
-            raise ValueError(
-                "draft_length_schedule='cost_aware' is prism_hf's own: transformers' assisted generation (assistant) "
-                "has no such schedule. Give it to Ouroboros as a variant (ouroboros_variants) instead."
             )
         values = {k: v for k, v in MODES[self.mode].items() if getattr(self, k) is None}
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
