@@ -466,6 +466,7 @@ def _row_reader(head: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor,
 
 
 def _device_of(head: nn.Module) -> torch.device:
+    """Where an output layer's weights live (torch's int8 layers are CPU-only)."""
     return torch.device("cpu") if type(head) is _Int8Linear else head.weight.device
 
 

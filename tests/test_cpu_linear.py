@@ -230,3 +230,10 @@ def test_generation_with_an_int8_small_model_is_exact(llama_target):
     full = small.get_output_embeddings()(hidden)
     torch.testing.assert_close(head(hidden)[:, :100], full[:, :100], atol=0.05, rtol=0.05)
     assert torch.isinf(head(hidden)[:, 100:]).all()
+    # the extra rows of later calls come from the rows unpacked once (fbgemm takes seconds to unpack its weights)
+    unpacked = []
+    packed_weight = small.lm_head.weight
+    small.lm_head.weight = lambda: unpacked.append(1) or packed_weight()
+    extended = head.with_tokens([150, 200])
+    assert unpacked == [] and extended.token_ids.tolist() == [*range(100), 150, 200]
+    torch.testing.assert_close(extended(hidden)[:, [150, 200]], full[:, [150, 200]], atol=0.05, rtol=0.05)
