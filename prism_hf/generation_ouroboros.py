@@ -390,7 +390,8 @@ class ReducedVocabularyHead:
                 f"{first} to {last}."
             )
         self._read_rows = _row_reader(head)
-        self.parts = [(ids.to(_device_of(head)), self._rows_of(ids))]
+        device = torch.device("cpu") if type(head) is _Int8Linear else head.weight.device  # (int8: CPU-only)
+        self.parts = [(ids.to(device), self._rows_of(ids))]
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -406,7 +407,8 @@ class ReducedVocabularyHead:
         missing = wanted[~kept[wanted]] if wanted.numel() else wanted
         extended = copy.copy(self)
         if missing.numel():
-            extended.parts = [*self.parts, (missing.to(_device_of(self.head)), self._rows_of(missing))]
+            device = self.parts[0][0].device  # where the kept ids already live
+            extended.parts = [*self.parts, (missing.to(device), self._rows_of(missing))]
         return extended
 
     def _rows_of(self, ids: torch.Tensor) -> nn.Module:
@@ -463,11 +465,6 @@ def _row_reader(head: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor,
         return weight[ids], None if bias is None else bias[ids]
 
     return read_float
-
-
-def _device_of(head: nn.Module) -> torch.device:
-    """Where an output layer's weights live (torch's int8 layers are CPU-only)."""
-    return torch.device("cpu") if type(head) is _Int8Linear else head.weight.device
 
 
 def _rollback_cache(config: PretrainedConfig) -> DynamicCache:
