@@ -162,8 +162,8 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
     output stays identical to plain `generate` and sampling stays exact. Applied to the target, it would change the
     model's output: don't. In place and not reversible (the float weights are dropped); the model is for drafting in
     this process, not for `save_pretrained`. Layers of other types, dtypes or devices are left alone, so a GPU or
-    bfloat16 model returns 0. `Ouroboros(small_model_vocab=...)` works with the int8 output layer (its kept rows are
-    quantized again).
+    bfloat16 model returns 0. `Ouroboros(small_model_vocab=...)` works with the int8 output layer (its kept rows stay
+    the same int8 rows).
     """
     if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
         raise RuntimeError(

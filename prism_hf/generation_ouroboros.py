@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, Li
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES
-from .cpu_linear import FastCpuLinear, quantize_cpu_linears_int8
+from .cpu_linear import FastCpuLinear
 from .generation_prism import (
     PrismCandidateGenerator,
     SpeculationStats,
@@ -377,7 +377,6 @@ class ReducedVocabularyHead:
                 f"one from quantize_cpu_linears_int8, got {type(head).__module__}.{type(head).__name__} with {kind} "
                 "weights."
             )
-        self.head = head
         self.vocab_size = head.out_features
         if isinstance(vocab, int):
             ids = torch.arange(min(max(vocab, 0), self.vocab_size))
@@ -389,7 +388,7 @@ class ReducedVocabularyHead:
                 f"small_model_vocab must keep token ids in [0, {self.vocab_size}), got {ids.numel()} ids from "
                 f"{first} to {last}."
             )
-        self._read_rows = _row_reader(head)
+        self._rows_of = _row_slicer(head)
         device = torch.device("cpu") if type(head) is _Int8Linear else head.weight.device  # (int8: CPU-only)
         self.parts = [(ids.to(device), self._rows_of(ids))]
 
@@ -411,24 +410,6 @@ class ReducedVocabularyHead:
             extended.parts = [*self.parts, (missing.to(device), self._rows_of(missing))]
         return extended
 
-    def _rows_of(self, ids: torch.Tensor) -> nn.Module:
-        """
-        The rows `ids` of the output layer, as a layer of the same kind (a FastCpuLinear head stays fast, an int8 one
-        is quantized again from its own dequantized rows).
-        """
-        head = self.head
-        weight, bias = self._read_rows(ids)
-        linear = nn.Linear(head.in_features, ids.numel(), bias=bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=False)
-        if type(head) is _Int8Linear:
-            holder = nn.Sequential(linear)
-            quantize_cpu_linears_int8(holder)
-            return holder[0]
-        linear.__class__ = type(head)
-        return linear
-
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[rows, hidden]` final hidden states to `[rows, vocab_size]` logits."""
         logits = hidden.new_full((hidden.shape[0], self.vocab_size), float("-inf"))
@@ -437,34 +418,41 @@ class ReducedVocabularyHead:
         return logits
 
 
-def _row_reader(head: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+def _row_slicer(head: nn.Module) -> Callable[[torch.Tensor], nn.Module]:
     """
-    Reads rows of an output layer's weight and bias (float32). An int8 layer's weights are unpacked once, here
-    (fbgemm's packed format takes seconds to unpack), and kept as int8 values with their per-row scales: a quarter of
-    the float size, read again for every call's extra rows.
+    Makes layers from rows of an output layer, of its kind: a FastCpuLinear head gives FastCpuLinear rows, an int8
+    head int8 rows with the very same int8 values and per-row scales (so their logits equal the full head's). An int8
+    layer's weights are unpacked once, here (fbgemm's packed format takes seconds to unpack), and kept unpacked for
+    every call's extra rows.
     """
     if type(head) is _Int8Linear:
-        packed, bias = head.weight(), head.bias()
+        packed, bias = head._weight_bias()  # one unpack for both (`weight()` and `bias()` unpack each)
         values, scales, zero_points = (
             packed.int_repr(),
             packed.q_per_channel_scales(),
             packed.q_per_channel_zero_points(),
         )
-        bias = None if bias is None else bias.detach()
 
-        def read_int8(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            weight = ((values[ids].double() - zero_points[ids, None]) * scales[ids, None]).float()
-            return weight, None if bias is None else bias[ids]
+        def int8_rows(ids: torch.Tensor) -> nn.Module:
+            rows = _Int8Linear(head.in_features, ids.numel(), bias_=bias is not None, dtype=torch.qint8)
+            weight = torch._make_per_channel_quantized_tensor(values[ids], scales[ids], zero_points[ids], 0)
+            rows.set_weight_bias(weight, None if bias is None else bias[ids])
+            return rows
 
-        return read_int8
+        return int8_rows
     weight = head.weight.detach()
     bias = None if head.bias is None else head.bias.detach()
 
-    def read_float(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def float_rows(ids: torch.Tensor) -> nn.Module:
         ids = ids.to(weight.device)
-        return weight[ids], None if bias is None else bias[ids]
+        rows = nn.Linear(head.in_features, ids.numel(), bias=bias is not None, device="meta")
+        rows.weight = nn.Parameter(weight[ids], requires_grad=False)
+        if bias is not None:
+            rows.bias = nn.Parameter(bias[ids], requires_grad=False)
+        rows.__class__ = type(head)  # nn.Linear or FastCpuLinear
+        return rows
 
-    return read_float
+    return float_rows
 
 
 def _rollback_cache(config: PretrainedConfig) -> DynamicCache:
