@@ -13,8 +13,8 @@ opt-in and changes no weights, so a model saves and loads as before. Use it for 
 model alike, and compare against plain `generate` with it enabled too: it is a faster kernel, not a change of method.
 
 Inputs of up to `KERNEL_ROWS_LIMIT` rows (decoding, verification, short prompts) go to a small C++ kernel
-(`csrc/few_rows_linear.cpp`, AVX2 + FMA, built with `torch.utils.cpp_extension` on first use and cached by torch,
-about 30-50 s once). It reads each weight once for all rows, so one-token forwards run at memory speed (plain
+(`csrc/few_rows_linear.cpp`, AVX2 + FMA, built with `torch.utils.cpp_extension` on first use, about 30-50 s once,
+and cached per torch version). It reads each weight once for all rows, so one-token forwards run at memory speed (plain
 decoding of Qwen2.5-Coder-1.5B is about 1.3x faster than with `F.linear`) and 4 rows cost about 1.2x one; and every
 row's result is bit-identical to that row's one-row product, so verification computes its linear layers exactly as
 one-token decoding does (attention still rounds differently, so whole forwards stay only close). Where the kernel
@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 KERNEL_ROWS_LIMIT = 32  # inputs with up to this many rows go to the few-row kernel, where it is built
 PADDED_ROWS_LIMIT = 32  # without it, inputs with up to this many rows are padded to a power of two
 TRANSPOSED_ROWS_LIMIT = 256  # longer inputs (prefills of long prompts) keep `F.linear`, as fast or faster there
+STALE_BUILD_LOCK_SECONDS = 600  # a kernel build takes 30-50 s: a lock older than this was left by an interrupted one
 
 
 class FastCpuLinear(nn.Linear):
@@ -84,7 +86,7 @@ def padded_mm_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def few_rows_kernel_available() -> bool:
     """
     Whether [`FastCpuLinear`] runs its few-row inputs through the compiled kernel (building it on first call, 30-50 s
-    once; torch caches it). `False` where it cannot be built; the layers then use the slower `torch.mm` path.
+    once; then cached). `False` where it cannot be built; the layers then use the slower `torch.mm` path.
     """
     return _few_rows_kernel() is not None
 
@@ -107,12 +109,16 @@ def _few_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("Loading prism_hf's few-row CPU kernel (built once, 30-50 s, then cached by torch).")
+        build_directory = _kernel_build_directory()
+        build_directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_build_lock(build_directory / "lock")
+        logger.info("Loading prism_hf's few-row CPU kernel (built once, 30-50 s, then cached in %s).", build_directory)
         module = load(
             name="prism_hf_few_rows_linear",
             sources=[str(source)],
             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            build_directory=str(build_directory),
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, no Python headers...
@@ -124,6 +130,38 @@ def _few_rows_kernel() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] |
         )
         return None
     return module.few_rows_linear
+
+
+def _kernel_build_directory() -> Path:
+    """
+    Where the kernel is built and cached: under `TORCH_EXTENSIONS_DIR` if set, else the prism_hf cache, in a folder
+    of its own per Python and torch version (the library links against both, so an upgrade builds afresh).
+    """
+    from .reference_models import get_cache_dir
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(root).expanduser() if root else get_cache_dir() / "torch_extensions"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return root / f"prism_hf_few_rows_linear-{python}-torch{torch.__version__}"
+
+
+def _remove_stale_build_lock(lock: Path) -> None:
+    """
+    Removes torch's build lock when it is older than any build takes: a build interrupted (Ctrl-C, a killed process)
+    leaves the file behind, and torch then waits on it forever, silently. A recent lock is left alone (another
+    process may be building now; torch waits for it).
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_SECONDS:
+        warnings.warn(
+            f"prism_hf removes a stale lock of its few-row kernel's build ({lock}, {age / 60:.0f} minutes old), left "
+            "by an interrupted build; the kernel is built again.",
+            stacklevel=3,
+        )
+        lock.unlink(missing_ok=True)
 
 
 def enable_fast_cpu_linears(model: nn.Module) -> int:

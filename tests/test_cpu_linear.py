@@ -6,6 +6,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
+import time
+import types
+import warnings
 
 import pytest
 import torch
@@ -82,11 +87,7 @@ def test_kernel_build_failure_warns_and_falls_back(monkeypatch):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(cpu_linear.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_linear.sys, "platform", "linux")
-    monkeypatch.delenv("PRISM_HF_CPU_KERNEL", raising=False)
-    cpu_linear._few_rows_kernel.cache_clear()
+    _pretend_an_avx2_linux_machine(monkeypatch)
     try:
         with pytest.warns(UserWarning, match=r"could not build its few-row CPU kernel \(RuntimeError: Ninja is"):
             assert not few_rows_kernel_available()
@@ -98,6 +99,55 @@ def test_kernel_build_failure_warns_and_falls_back(monkeypatch):
         monkeypatch.setenv("PRISM_HF_CPU_KERNEL", "0")  # the opt-out does not even try
         cpu_linear._few_rows_kernel.cache_clear()
         assert not few_rows_kernel_available()
+    finally:
+        cpu_linear._few_rows_kernel.cache_clear()
+
+
+def _pretend_an_avx2_linux_machine(monkeypatch):
+    """Where the kernel would be built (whatever this machine is), with the cached build forgotten."""
+    monkeypatch.setattr(cpu_linear.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_linear.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_linear.sys, "platform", "linux")
+    monkeypatch.delenv("PRISM_HF_CPU_KERNEL", raising=False)
+    cpu_linear._few_rows_kernel.cache_clear()
+
+
+def test_kernel_build_directory_and_a_stale_lock(monkeypatch, tmp_path):
+    """
+    The kernel is built in a folder per Python and torch version; a lock left by an interrupted build (on which torch
+    would wait forever) is removed with a warning, a recent one (a build running now) is left for torch to wait on.
+    """
+    import torch.utils.cpp_extension
+
+    builds = []
+
+    def load(name, sources, build_directory, **kwargs):
+        builds.append((build_directory, os.path.exists(os.path.join(build_directory, "lock"))))
+        return types.SimpleNamespace(few_rows_linear=lambda x, weight: x @ weight.T)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _pretend_an_avx2_linux_machine(monkeypatch)
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    build_directory = tmp_path / f"prism_hf_few_rows_linear-{version}"
+    try:
+        build_directory.mkdir()
+        lock = build_directory / "lock"
+        lock.touch()
+        hour_ago = time.time() - 3600
+        os.utime(lock, (hour_ago, hour_ago))
+        with pytest.warns(UserWarning, match=r"removes a stale lock of its few-row kernel's build .* 60 minutes old"):
+            assert few_rows_kernel_available()
+        assert builds == [(str(build_directory), False)] and not lock.exists()
+        lock.touch()
+        cpu_linear._few_rows_kernel.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning: the lock is left alone
+            assert few_rows_kernel_available()
+        assert builds[1] == (str(build_directory), True) and lock.exists()
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+        monkeypatch.setenv("PRISM_HF_CACHE", str(tmp_path / "cache"))
+        assert cpu_linear._kernel_build_directory() == tmp_path / "cache" / "torch_extensions" / build_directory.name
     finally:
         cpu_linear._few_rows_kernel.cache_clear()
 
