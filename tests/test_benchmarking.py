@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from prism_hf.benchmarking import (
     parse_draft_spec,
     prism_strategy,
     prompt_lookup_strategy,
+    report,
     run_benchmark,
     run_suite,
     write_results,
@@ -253,3 +255,30 @@ def test_bench_config_int8_copies_only_with_variants(tmp_path):
     assert isinstance(base.small_model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
     with pytest.raises(ValueError, match="float_small_model=False leaves out the float small model"):
         BenchmarkConfig(target="t", assistant="s", float_small_model=False, device="cpu").resolved()
+
+
+def test_machine_metadata_names_the_source_commit(monkeypatch, tmp_path):
+    """Results name the commit that measured them: "+changes" when tracked files differ, None outside a checkout."""
+
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    checkout = tmp_path / "checkout"
+    module = checkout / "prism_hf" / "benchmarking" / "report.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("# measured\n")
+    git("init", "-q", cwd=checkout)
+    git("add", "-A", cwd=checkout)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c", cwd=checkout)
+    commit = git("rev-parse", "HEAD", cwd=checkout)
+    monkeypatch.setattr(report, "__file__", str(module))
+    assert report.machine_metadata()["prism_hf_commit"] == commit
+    module.write_text("# changed since\n")
+    assert report.machine_metadata()["prism_hf_commit"] == commit + "+changes"
+    # a package inside another repository (say an environment under version control) is not a checkout of its own
+    nested = checkout / "site-packages" / "prism_hf" / "benchmarking" / "report.py"
+    nested.parent.mkdir(parents=True)
+    monkeypatch.setattr(report, "__file__", str(nested))
+    assert report.machine_metadata()["prism_hf_commit"] is None
+    monkeypatch.setattr(report, "__file__", str(tmp_path / "elsewhere" / "prism_hf" / "benchmarking" / "report.py"))
+    assert report.machine_metadata()["prism_hf_commit"] is None

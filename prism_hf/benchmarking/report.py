@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,32 @@ def machine_metadata(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "prism_hf": prism_hf_version,
+        # which code measured: a results folder is committed later than the code it measured, often many commits on
+        "prism_hf_commit": _source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _source_commit() -> str | None:
+    """
+    The git commit of the prism_hf source checkout, with "+changes" when its tracked files differ from it; None for
+    an installed (non-editable) package or without git.
+    """
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None  # the package sits inside some other repository (an environment under version control)
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
 
 
 def _cpu_model_name() -> str:
