@@ -158,7 +158,7 @@ def _remove_stale_build_lock(lock: Path) -> None:
     if age > STALE_BUILD_LOCK_SECONDS:
         warnings.warn(
             f"prism_hf removes a stale lock of its few-row kernel's build ({lock}, {age / 60:.0f} minutes old), left "
-            "by an interrupted build; the kernel is built again.",
+            "by an interrupted build; the build goes on.",
             stacklevel=3,
         )
         lock.unlink(missing_ok=True)
