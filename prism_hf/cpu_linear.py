@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .reference_models import get_cache_dir
+
 logger = logging.getLogger(__name__)
 
 KERNEL_ROWS_LIMIT = 32  # inputs with up to this many rows go to the few-row kernel, where it is built
@@ -137,8 +139,6 @@ def _kernel_build_directory() -> Path:
     Where the kernel is built and cached: under `TORCH_EXTENSIONS_DIR` if set, else the prism_hf cache, in a folder
     of its own per Python and torch version (the library links against both, so an upgrade builds afresh).
     """
-    from .reference_models import get_cache_dir
-
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     root = Path(root).expanduser() if root else get_cache_dir() / "torch_extensions"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
