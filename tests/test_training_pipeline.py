@@ -24,6 +24,8 @@ from prism_hf.training.data import (
     render_conversation,
     select_draft_vocabulary,
 )
+from prism_hf.training import compute_target_features
+from prism_hf.training import features as features_module
 from prism_hf.training.features import FeatureStore, collate
 
 SPECIALS = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>"]
@@ -96,20 +98,51 @@ def test_draft_vocabulary_takes_most_frequent_assistant_tokens():
     assert vocab.tolist() == sorted([2, tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b")])
 
 
-def test_feature_cache_resumes_and_refuses_other_settings(tiny_chat_model, tmp_path):
+def test_feature_cache_resumes_and_never_reuses_other_settings(tiny_chat_model, tmp_path):
     target_dir, data, _ = tiny_chat_model
     from prism_hf.training.pipeline import load_conversations
 
     target = LlamaForCausalLM.from_pretrained(target_dir).eval()
     examples = build_examples(make_tokenizer(), load_conversations(str(data)), 6, 128)
     first = FeatureStore.build(target, examples, [-1], cache_dir=tmp_path, shard_size=4, progress=False)
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    (tmp_path / "shard-00001.safetensors").unlink()  # as if interrupted after the first shard
-    resumed = FeatureStore.build(target, examples, [-1], cache_dir=tmp_path, shard_size=4, progress=False)
-    a, b = collate(first.features), collate(resumed.features)
-    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.last_hidden_state, b.last_hidden_state)
-    with pytest.raises(ValueError, match="was built for"):
-        FeatureStore.build(target, examples, [1, -1], cache_dir=tmp_path, shard_size=4, progress=False)
+    files = sorted(tmp_path.glob("shard-*"))
+    assert [p.name.split("-")[1] for p in files] == ["00000", "00001"]
+    files[1].unlink()  # as if interrupted after the first shard
+    calls = []
+    original = features_module.compute_features_batched
+
+    def spy(target, examples, *args, **kwargs):
+        calls.append(len(examples))
+        return original(target, examples, *args, **kwargs)
+
+    features_module.compute_features_batched = spy
+    try:
+        resumed = FeatureStore.build(target, examples, [-1], cache_dir=tmp_path, shard_size=4, progress=False)
+        assert calls == [2]  # only the missing shard was computed
+        a, b = collate(first.features), collate(resumed.features)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.last_hidden_state, b.last_hidden_state)
+        # other layers (or other examples) get files of their own: nothing computed from other settings is reused
+        other = FeatureStore.build(target, examples, [1, -1], cache_dir=tmp_path, shard_size=4, progress=False)
+        assert calls == [2, 4, 2] and len(list(tmp_path.glob("shard-*"))) == 4
+        assert len(other.features[0].hidden_states) == 2
+    finally:
+        features_module.compute_features_batched = original
+
+
+def test_batched_features_equal_one_sequence_at_a_time(tiny_chat_model):
+    target_dir, data, _ = tiny_chat_model
+    from prism_hf.training.pipeline import load_conversations
+
+    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
+    examples = build_examples(make_tokenizer(), load_conversations(str(data)), 6, 128)
+    batched = features_module.compute_features_batched(target, examples, [1, -1], storage_dtype=torch.float32)
+    for example, item in zip(examples, batched, strict=True):
+        alone = compute_target_features(target, example.input_ids[None], [1, -1])
+        assert torch.equal(item.input_ids, example.input_ids[None]) and torch.equal(
+            item.loss_mask[0], example.loss_mask
+        )
+        torch.testing.assert_close(item.hidden_states[0], alone.hidden_states[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(item.last_hidden_state, alone.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
@@ -153,7 +186,17 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
         "training_record.json",
     } <= files
     record = json.loads((out / "training_record.json").read_text())
-    assert record["num_examples"] == 6 and record["num_tokens"] > 6 * 40
+    # one of the six conversations is held out, never trained on, and scored
+    assert record["num_examples"] == 5 and record["num_tokens"] > 5 * 40 and record["heldout_examples"] == 1
+    assert record["heldout_tokens"] > 20
+    assert len(record["heldout_step_accuracy"]) == len(record["heldout_predicted_tau"]) == 5
+    assert record["heldout_predicted_tau"][0] == pytest.approx(1 + record["heldout_step_accuracy"][0], abs=1e-3)
+    assert 0 <= record["heldout_vocab_coverage"] <= 1
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [(entry["phase"], entry["update"]) for entry in log] == [("warmup", 150), ("finetune", 75)]
+    best = record["heldout_by_phase"]["finetune"]
+    assert best["metrics"]["predicted_tau"] == record["heldout_predicted_tau"]
+    assert set(record["train_tokens_per_second"]) == {"warmup", "finetune"}
     assert record["regenerate_seconds"] is None and 0 <= record["feature_seconds"] <= record["total_seconds"]
     # the recorded command reproduces the saved arguments
     saved_args = json.loads((out / "training_args.json").read_text())
@@ -179,9 +222,16 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     with torch.no_grad():
         assert prism_loss(trained, batch, WARMUP_PHASE)[0] < prism_loss(random_draft, batch, WARMUP_PHASE)[0]
 
-    # and acceptance rose over a random draft, with output identical to plain greedy decoding
+    # and acceptance rose over a random draft on the conversations trained on, with output identical to plain greedy
+    from prism_hf.training.pipeline import split_heldout
+
+    _, (heldout,) = split_heldout(examples, 0.05)
+    trained_questions = [
+        q for q, e in zip(questions, examples, strict=True) if not torch.equal(e.input_ids, heldout.input_ids)
+    ]
+    assert len(trained_questions) == 5
     taus = {"trained": [], "random": []}
-    for question in questions:
+    for question in trained_questions:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )

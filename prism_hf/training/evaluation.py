@@ -10,10 +10,15 @@ tokens, so the chain statistics below are what greedy `generate` would see from 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..modeling_prism import PrismDraftModel
 from .recipe import TargetFeatures
@@ -129,3 +134,63 @@ def evaluate_draft(draft: PrismDraftModel, batches: Iterable[TargetFeatures], nu
         predicted_tau=[round(t, 4) for t in predicted_tau(conditional)],
         vocab_coverage=round(covered / max(reply_tokens, 1), 4),
     )
+
+
+class HeldOutTracker:
+    """
+    Evaluates a draft during a training phase, logs each evaluation and keeps the weights with the best held-out
+    predicted tau (at the longest scored draft length), so the phase can end on them rather than on its last update.
+
+    The best weights are also written to `state_path` (with their metrics in its metadata) so that a resumed run keeps
+    them; `log_path` receives one JSON line per evaluation.
+    """
+
+    def __init__(
+        self,
+        model: PrismDraftModel,
+        evaluate: Callable[[], HeldOutMetrics],
+        phase: str,
+        log_path: str | Path | None = None,
+        state_path: str | Path | None = None,
+        resume: bool = False,
+    ):
+        self.model, self._evaluate, self.phase = model, evaluate, phase
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.best: dict | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.seconds = 0.0  # time spent evaluating (not training)
+        if resume and self.state_path is not None and self.state_path.is_file():
+            self.best_state = load_file(self.state_path)
+            with safe_open(self.state_path, framework="pt") as handle:
+                self.best = json.loads(handle.metadata()["best"])
+
+    def evaluate(self, update: int, train_metrics: dict[str, float] | None = None) -> dict[str, float]:
+        """Scores the model now; returns short numbers for a progress bar."""
+        started = time.perf_counter()
+        metrics = self._evaluate()
+        self.seconds += time.perf_counter() - started
+        entry = {"phase": self.phase, "update": update, **metrics.to_dict()}
+        if train_metrics:
+            entry["train"] = {key: round(value, 4) for key, value in train_metrics.items()}
+        if self.log_path is not None:
+            with self.log_path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(entry) + "\n")
+        if self.best is None or metrics.predicted_tau[-1] > self.best["metrics"]["predicted_tau"][-1]:
+            self.best = {"update": update, "metrics": asdict(metrics)}
+            self.best_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+            if self.state_path is not None:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(
+                    {k: v.contiguous() for k, v in self.best_state.items()},
+                    self.state_path,
+                    metadata={"best": json.dumps(self.best)},
+                )
+        return metrics.summary()
+
+    def restore_best(self) -> dict:
+        """Loads the best weights into the model; returns `{"update": n, "metrics": {...}}` of that evaluation."""
+        if self.best is None or self.best_state is None:
+            raise RuntimeError(f"Phase {self.phase!r} was never evaluated on held-out data.")
+        self.model.load_state_dict(self.best_state)
+        return self.best

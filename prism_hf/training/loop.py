@@ -41,7 +41,7 @@ def train_phase(
     batches: Iterable[TargetFeatures],
     phase: PhaseConfig,
     num_updates: int,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], dict[str, float] | None] | None = None,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
@@ -54,15 +54,17 @@ def train_phase(
     and at the end of the phase; `resume=True` restores the latest of them and skips the batches already consumed
     (batch order must be deterministic, as `FeatureStore.batches` is), so an interrupted run continues exactly.
     With several processes, `batches` are this process's own and the returned metrics are averaged over processes.
+    `on_step(step, metrics)` runs after each update (e.g. a held-out evaluation); numbers it returns are shown in the
+    progress bar.
     """
     # a fresh Accelerator per phase (they share the process state) holds exactly this phase's objects in checkpoints
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=phase.mixed_precision)
     draft.train()
     # the shared embedding and LM head belong to the target: never train them
     draft.verifier.embed_tokens.requires_grad_(False)
     draft.verifier.lm_head.requires_grad_(False)
     params = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=phase.learning_rate, betas=phase.betas, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=phase.learning_rate, betas=phase.betas, weight_decay=phase.weight_decay)
     warmup = max(1, int(phase.warmup_ratio * num_updates))
 
     def lr_factor(step: int) -> float:
@@ -104,7 +106,9 @@ def train_phase(
             metrics = dict(zip(names, averaged.tolist(), strict=True))
         history.append(metrics)
         if on_step is not None:
-            on_step(step, metrics)
+            shown = on_step(step, metrics)
+            if shown:
+                bar.set_postfix(shown, refresh=False)
         done = step + 1
         if checkpoint is not None and (done == num_updates or (checkpoint_every and done % checkpoint_every == 0)):
             _save_checkpoint(accelerator, checkpoint, done)

