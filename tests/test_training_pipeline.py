@@ -17,15 +17,14 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 import prism_hf
 from prism_hf.cli import build_parser
 from prism_hf.cli import main as cli_main
-from prism_hf.training import WARMUP_PHASE, prism_loss
+from prism_hf.training import WARMUP_PHASE, compute_target_features, prism_loss
+from prism_hf.training import features as features_module
 from prism_hf.training.data import (
     build_examples,
     regenerate_responses,
     render_conversation,
     select_draft_vocabulary,
 )
-from prism_hf.training import compute_target_features
-from prism_hf.training import features as features_module
 from prism_hf.training.features import FeatureStore, collate
 
 SPECIALS = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>"]
