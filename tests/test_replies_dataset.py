@@ -59,6 +59,31 @@ def test_greedy_replies_are_the_targets_own(target, one_thread):
         assert finished == (expected[-1] in stop)
 
 
+def test_continuous_batches_give_the_same_greedy_replies(target, monkeypatch, one_thread):
+    """Rows leave as their replies end and waiting prompts join (batch_size 2 of 5): replies stay the target's own."""
+    model, tokenizer = target
+    texts = ["hi", "owls?", "tell me about bread and tea", "chess", "why do bees buzz so much"]
+    prompts = [_render_ids(tokenizer, [{"role": "user", "content": text}]) for text in texts]
+    # the random target rarely ends a reply: a token of its own first reply serves as the stop token
+    first = model.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=20, eos_token_id=None)
+    stop_token = int(first[0, len(prompts[0]) + 4])
+    order, joins = [], []
+    join = replies_module._join
+    monkeypatch.setattr(replies_module, "_join", lambda *args: joins.append(1) or join(*args))
+    answers = generate_replies(model, prompts, 20, {stop_token}, 0, batch_size=2, on_reply=order.append)
+    assert sorted(order) == list(range(5))
+    for prompt, (reply, finished) in zip(prompts, answers, strict=True):
+        plain = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=20, eos_token_id=stop_token, pad_token_id=0
+        )
+        expected = plain[0, len(prompt) :].tolist()
+        expected = expected[: expected.index(stop_token) + 1] if stop_token in expected else expected
+        assert reply == expected
+        assert finished == (reply[-1] == stop_token)
+    # replies of different lengths ended at different steps, and waiting prompts joined rows still decoding
+    assert len({len(reply) for reply, _ in answers}) > 1 and joins
+
+
 def test_sampled_replies_follow_the_seed(target, one_thread):
     model, tokenizer = target
     prompt = [_render_ids(tokenizer, [{"role": "user", "content": "hi"}])]

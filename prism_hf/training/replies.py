@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -185,30 +185,33 @@ def _reply_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     return cache
 
 
-@torch.no_grad()
-def generate_replies(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    stop_token_ids: set[int],
-    pad_token_id: int,
-    temperature: float | None = None,
-    generator: torch.Generator | None = None,
-) -> list[tuple[list[int], bool]]:
-    """
-    Answers a batch of tokenized prompts: greedy when `temperature` is None, else sampled at that temperature.
-    Returns `(reply ids, finished)` per prompt, the stop token included when one ended the reply.
+@dataclass
+class _DecodingRows:
+    """The rows being decoded together: their KV cache, attention mask, next positions and next-token logits."""
 
-    Unlike `generate`, rows that finished are dropped from the batch (and from the KV cache) at once, so a batch costs
-    what its replies need rather than its longest reply times the batch size.
-    """
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [rows, length], 0 on left padding
+    next_position: torch.Tensor  # [rows]
+    logits: torch.Tensor  # [rows, vocab]
+    prompts: list[int]  # which prompt each row answers
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.attention_mask, self.next_position = self.attention_mask[keep], self.next_position[keep]
+        self.logits = self.logits[keep]
+        self.prompts = [self.prompts[i] for i in keep.tolist()]
+
+
+def _prefill(
+    model: PreTrainedModel, prompts: list[list[int]], indices: list[int], pad_token_id: int, max_new_tokens: int
+) -> _DecodingRows:
     device = next(model.parameters()).device
-    length = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, length - len(prompt) :] = 1
+    length = max(len(prompts[i]) for i in indices)
+    input_ids = torch.full((len(indices), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, index in enumerate(indices):
+        input_ids[row, length - len(prompts[index]) :] = torch.tensor(prompts[index])
+        attention_mask[row, length - len(prompts[index]) :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = _reply_cache(model, length + max_new_tokens)
@@ -220,38 +223,112 @@ def generate_replies(
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1]
-    next_position = position_ids[:, -1] + 1
+    return _DecodingRows(cache, attention_mask, position_ids[:, -1] + 1, logits, list(indices))
+
+
+def _can_join(rows: _DecodingRows) -> bool:
+    return all(isinstance(layer, _PreallocatedLayer) and layer.is_initialized for layer in rows.cache.layers)
+
+
+def _join(model: PreTrainedModel, a: _DecodingRows, b: _DecodingRows, max_new_tokens: int) -> _DecodingRows:
+    """
+    One batch of rows from two: the shorter one is padded on the left (masked out), so every row keeps its own
+    positions and keys; each layer gets a fresh buffer with room for `max_new_tokens` more positions.
+    """
+    length = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
+    layers = []
+    for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+        joined = _PreallocatedLayer(length + max_new_tokens)
+        for name in ("keys", "values"):
+            part_a, part_b = getattr(layer_a, name), getattr(layer_b, name)
+            batch = part_a.shape[0] + part_b.shape[0]
+            buffer = part_a.new_zeros((batch, part_a.shape[1], joined.capacity, part_a.shape[3]))
+            buffer[: part_a.shape[0], :, length - part_a.shape[2] : length] = part_a
+            buffer[part_a.shape[0] :, :, length - part_b.shape[2] : length] = part_b
+            setattr(joined, "_key_buffer" if name == "keys" else "_value_buffer", buffer)
+            setattr(joined, name, buffer[:, :, :length])
+        joined.device, joined.is_initialized = layer_a.device, True
+        layers.append(joined)
+    cache = DynamicCache(config=model.config)
+    cache.layers = layers
+
+    def pad_left(mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mask.new_zeros((mask.shape[0], length - mask.shape[1])), mask], dim=1)
+
+    return _DecodingRows(
+        cache,
+        torch.cat([pad_left(a.attention_mask), pad_left(b.attention_mask)]),
+        torch.cat([a.next_position, b.next_position]),
+        torch.cat([a.logits, b.logits]),
+        a.prompts + b.prompts,
+    )
+
+
+@torch.no_grad()
+def generate_replies(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_token_ids: set[int],
+    pad_token_id: int,
+    temperature: float | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    on_reply: Callable[[int], None] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """
+    Answers tokenized prompts: greedy when `temperature` is None, else sampled at that temperature. Returns
+    `(reply ids, finished)` per prompt, the stop token included when one ended the reply (`finished` is False for a
+    reply cut at `max_new_tokens`). `on_reply(prompt index)` is called as each reply ends.
+
+    At most `batch_size` prompts (default: all) decode together, continuously: a row leaves the batch (and the KV
+    cache) as soon as its reply ends, and once half the rows have left, the next waiting prompts are prefilled and
+    join. A batch so costs what its replies need, not its longest reply times the batch size, as with `generate`.
+    """
+    device = next(model.parameters()).device
+    batch_size = batch_size or len(prompts)
+    waiting = list(range(len(prompts)))
     replies: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    rows = list(range(len(prompts)))  # which prompt each batch row answers
     stop = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=device)
-    for step in range(max_new_tokens):
+    rows: _DecodingRows | None = None
+    while waiting or rows is not None:
+        if waiting and (rows is None or (len(rows.prompts) <= batch_size // 2 and _can_join(rows))):
+            room = batch_size - (0 if rows is None else len(rows.prompts))
+            taken, waiting = waiting[:room], waiting[room:]
+            joining = _prefill(model, prompts, taken, pad_token_id, max_new_tokens)
+            rows = joining if rows is None else _join(model, rows, joining, max_new_tokens)
         if temperature is None:
-            tokens = logits.argmax(-1)
+            tokens = rows.logits.argmax(-1)
         else:
-            probs = (logits.float() / temperature).softmax(-1)
+            probs = (rows.logits.float() / temperature).softmax(-1)
             tokens = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
         ended = torch.isin(tokens, stop)
-        for row, token in zip(rows, tokens.tolist(), strict=True):
-            replies[row].append(token)
-        for row in (r for r, e in zip(rows, ended.tolist(), strict=True) if e):
-            finished[row] = True
-        if step + 1 == max_new_tokens or bool(ended.all()):
-            break
-        if bool(ended.any()):
-            keep = (~ended).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            attention_mask, tokens, next_position = attention_mask[keep], tokens[keep], next_position[keep]
-            rows = [rows[i] for i in keep.tolist()]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
-        logits = model(
+        done = []
+        for row, (index, token, stopped) in enumerate(zip(rows.prompts, tokens.tolist(), ended.tolist(), strict=True)):
+            replies[index].append(token)
+            finished[index] = stopped
+            if stopped or len(replies[index]) == max_new_tokens:
+                done.append(row)
+                if on_reply is not None:
+                    on_reply(index)
+        if done:
+            if len(done) == len(rows.prompts):
+                rows = None
+                continue
+            leaving = set(done)
+            keep = torch.tensor([r for r in range(len(rows.prompts)) if r not in leaving], device=device)
+            rows.select(keep)
+            tokens = tokens[keep]
+        rows.attention_mask = torch.cat([rows.attention_mask, rows.attention_mask.new_ones((len(tokens), 1))], dim=1)
+        rows.logits = model(
             input_ids=tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_position[:, None],
-            cache=cache,
+            attention_mask=rows.attention_mask,
+            position_ids=rows.next_position[:, None],
+            cache=rows.cache,
             use_cache=True,
         ).logits[:, -1]
-        next_position = next_position + 1
+        rows.next_position = rows.next_position + 1
     return list(zip(replies, finished, strict=True))
 
 
@@ -281,23 +358,16 @@ def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     return ids
 
 
-def _batches(
-    records: list[tuple[int, PromptRecord]], args: ReplyDatasetArguments
-) -> Iterator[list[tuple[int, PromptRecord]]]:
-    """Same-mode, similar-length batches (less padding), at most `batch_size` and `max_batch_tokens`."""
+def _mode_groups(records: list[PromptRecord], args: ReplyDatasetArguments) -> Iterator[tuple[list[int], int]]:
+    """
+    Places of the records of each mode, shortest prompt first (rows decoding together then need little padding), with
+    the batch size that keeps batch size x (longest prompt + reply) within `max_batch_tokens`.
+    """
     for mode in ("greedy", "sampled"):
-        group = sorted((r for r in records if r[1].mode == mode), key=lambda r: len(r[1].input_ids))
-        start = 0
-        while start < len(group):
-            size = 1
-            while (
-                start + size < len(group)
-                and size < args.batch_size
-                and (size + 1) * (len(group[start + size][1].input_ids) + args.max_new_tokens) <= args.max_batch_tokens
-            ):
-                size += 1
-            yield group[start : start + size]
-            start += size
+        places = sorted((i for i, r in enumerate(records) if r.mode == mode), key=lambda i: len(records[i].input_ids))
+        if places:
+            longest = len(records[places[-1]].input_ids) + args.max_new_tokens
+            yield places, max(1, min(args.batch_size, args.max_batch_tokens // longest))
 
 
 def shard_path(output_dir: str | Path, index: int) -> Path:
@@ -408,17 +478,25 @@ def _write_shards(
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
         rows: dict[int, dict] = {}  # by the record's place in the shard
         reply_tokens = 0
-        for batch in _batches(list(enumerate(records)), args):
+        for places, batch_size in _mode_groups(records, args):
+            mode = records[places[0]].mode
+
+            def replied(_: int) -> None:
+                bar.update(1)
+
             answers = generate_replies(
                 model,
-                [r.input_ids for _, r in batch],
+                [records[place].input_ids for place in places],
                 args.max_new_tokens,
                 stop_ids,
                 pad_id,
-                temperature=args.temperature if batch[0][1].mode == "sampled" else None,
+                temperature=args.temperature if mode == "sampled" else None,
                 generator=generator,
+                batch_size=batch_size,
+                on_reply=replied,
             )
-            for (place, record), (reply, finished) in zip(batch, answers, strict=True):
+            for place, (reply, finished) in zip(places, answers, strict=True):
+                record = records[place]
                 rows[place] = {
                     "id": record.id,
                     "source": record.source,
@@ -429,7 +507,6 @@ def _write_shards(
                     "loss_mask": record.dataset_mask + [1] * len(reply),
                 }
                 reply_tokens += len(reply)
-            bar.update(len(batch))
             bar.set_postfix(tok_per_s=f"{reply_tokens / (time.perf_counter() - started):.0f}")
         seconds = time.perf_counter() - started
         _write_shard(path, [rows[place] for place in range(len(records))])
