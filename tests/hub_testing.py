@@ -28,6 +28,7 @@ class HubRepo:
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
     private: bool | None = None
+    repo_type: str = "model"
     branches: set[str] = field(default_factory=lambda: {"main"})
 
 
@@ -94,11 +95,19 @@ class FakeHub:
             url = {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id}
             if repo_id in self.repos:  # the Hub keeps the existing repo (and its visibility) and answers 409
                 return self._reply(request, {"error": "You already created this model repo", **url}, status=409)
-            self.repos[repo_id] = HubRepo(private=payload.get("visibility") == "private")
+            self.repos[repo_id] = HubRepo(
+                private=payload.get("visibility") == "private", repo_type=payload.get("type") or "model"
+            )
             return self._reply(request, url)
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(request, json.loads(body)["content"])
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "preupload":
+        if (
+            method == "POST"
+            and len(parts) == 6
+            and parts[0] == "api"
+            and parts[1] in ("models", "datasets")
+            and parts[4] == "preupload"
+        ):
             files = json.loads(body)["files"]
             modes = [
                 {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(self.LFS_SUFFIXES) else "regular"}
@@ -119,13 +128,25 @@ class FakeHub:
                 return self._reply(request, {"error": "sha256 mismatch"}, status=400)
             self.lfs_objects[parts[1]] = body
             return self._reply(request, {})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "branch":
+        if (
+            method == "POST"
+            and len(parts) == 6
+            and parts[0] == "api"
+            and parts[1] in ("models", "datasets")
+            and parts[4] == "branch"
+        ):
             repo = self.repos[f"{parts[2]}/{parts[3]}"]
             if parts[5] in repo.branches:
                 return self._reply(request, {"error": "Reference already exists"}, status=409)
             repo.branches.add(parts[5])
             return self._reply(request, {})
-        if method == "POST" and len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
+        if (
+            method == "POST"
+            and len(parts) == 6
+            and parts[0] == "api"
+            and parts[1] in ("models", "datasets")
+            and parts[4] == "commit"
+        ):
             repo_id = f"{parts[2]}/{parts[3]}"
             if repo_id not in self.repos:
                 return self._reply(request, {"error": f"Repository {repo_id} not found"}, status=404)

@@ -202,3 +202,40 @@ def test_cli_data(tiny_chat_target, chat_data, tmp_path, capsys, one_thread):
     assert manifest["max_new_tokens"] == 8 and manifest["resolved_dtype"] == "torch.float32"
     with gzip.open(out / "data" / "shard-00001.jsonl.gz", "rt") as handle:
         assert len(handle.read().splitlines()) == 2
+
+
+def test_push_publishes_a_dataset_repo(tiny_chat_target, chat_data, tmp_path, monkeypatch, capsys, one_thread):
+    import huggingface_hub.constants
+    from hub_testing import FakeHub
+
+    from prism_hf.hub import push_reply_dataset
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    out = tmp_path / "tiny-replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=4), progress=False)
+    dry = push_reply_dataset(out, "org/tiny-replies", dry_run=True, base_model="org/tiny-chat")
+    assert [f.path for f in dry.files] == [
+        "README.md",
+        "manifest.json",
+        "shards.jsonl",
+        "data/shard-00000.jsonl.gz",
+        "data/shard-00001.jsonl.gz",
+    ]
+    card = (out / "README.md").read_text()
+    assert "data_files: data/*.jsonl.gz" in card and "prism-hf data --target" in card
+    with FakeHub() as hub:
+        cli_main(
+            ["push", str(out), "--repo-id", "org/tiny-replies", "--base-model", "org/tiny-chat"]
+            + ["--token", "hf_test", "--endpoint", hub.url]
+        )
+    repo = hub.repos["org/tiny-replies"]
+    assert repo.repo_type == "dataset" and hub.unhandled == []
+    assert repo.files == {f.path: (out / f.path).read_bytes() for f in dry.files}
+    assert "uploaded:" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="--refresh-code apply to drafts"):
+        cli_main(["push", str(out), "--repo-id", "org/x", "--refresh-code", "--dry-run"])
+    (out / "data" / "shard-00002.jsonl.gz.partial").write_bytes(b"")
+    with pytest.raises(ValueError, match="still being written or interrupted"):
+        push_reply_dataset(out, "org/tiny-replies", dry_run=True, base_model="org/tiny-chat")
