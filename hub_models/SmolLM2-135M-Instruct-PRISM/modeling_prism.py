@@ -507,6 +507,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         features: torch.Tensor,
         num_steps: int = 3,
         detach_step_inputs: bool = False,
+        output_logits: bool = True,
     ) -> PrismDraftOutput:
         """
         Unrolled multi-step forward used in training, computing exactly what drafting computes.
@@ -515,7 +516,8 @@ class PrismDraftModel(PrismPreTrainedModel):
         `p` is the verifier state after token `p`). Step 1 runs module 0 over every pair `(feature p, token p+1)`;
         step `k` feeds back step `k - 1`'s draft features, attends to module-0 keys of the context up to
         `p - k + 1` and to its own earlier steps' keys on the diagonal, just as the shared draft KV cache does at
-        inference. Tokens stay the true ones (teacher forcing).
+        inference. Tokens stay the true ones (teacher forcing). With `output_logits=False` only the draft features are
+        returned (evaluation computes logits chunk by chunk instead of holding every step's at once).
         """
         if input_ids.shape[1] < 2:
             raise ValueError("The training forward needs sequences of at least 2 tokens.")
@@ -541,8 +543,11 @@ class PrismDraftModel(PrismPreTrainedModel):
             keys.append(new_kv.keys)
             values.append(new_kv.values)
             step_hidden.append(hidden)
-            step_logits.append(self.compute_logits(hidden))
-        return PrismDraftOutput(step_hidden_states=tuple(step_hidden), step_logits=tuple(step_logits))
+            if output_logits:
+                step_logits.append(self.compute_logits(hidden))
+        return PrismDraftOutput(
+            step_hidden_states=tuple(step_hidden), step_logits=tuple(step_logits) if output_logits else None
+        )
 
     @staticmethod
     def _unrolled_mask(step: int, positions: torch.Tensor) -> torch.Tensor:
