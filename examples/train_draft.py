@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--data", default="sharegpt")
     parser.add_argument("--output-dir", default="my-prism-draft")
     parser.add_argument("--num-examples", type=int, default=600)
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--num-modules", type=int, default=2)
     parser.add_argument("--draft-vocab-size", type=int, help="keep only the most frequent target tokens")
     parser.add_argument("--warmup-epochs", type=float, default=2.0)
@@ -53,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     draft = prism_hf.train_draft(training, target=target, tokenizer=tokenizer).eval()
     record = json.loads((Path(args.output_dir) / "training_record.json").read_text())
-    print(f"trained in {record['total_seconds']} s: {record['final_metrics']}")
+    print(f"trained in {record['total_seconds']} s")
+    print(
+        f"held out ({record['heldout_examples']} conversations never trained on): predicted tau "
+        f"{record['heldout_predicted_tau']} at draft lengths 1-{len(record['heldout_predicted_tau'])}"
+    )
 
     # the "sharegpt" data's held-out split is never trained on; a JSONL file gives its last conversations
     if args.data == "sharegpt":

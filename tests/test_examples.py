@@ -39,9 +39,13 @@ def test_train_draft(tiny_chat_target, chat_data, tmp_path, capsys):
     result = load_example("train_draft").main(argv)
     assert result == {"identical": 2, "prompts": 2, "tau": result["tau"]} and result["tau"] >= 1.0
     record = json.loads((output_dir / "training_record.json").read_text())
-    assert record["num_examples"] == 8 and record["command"].startswith("prism-hf train ")
+    # one of the 8 conversations is held out, never trained on, and scored
+    assert record["num_examples"] == 7 and record["heldout_examples"] == 1
+    assert record["command"].startswith("prism-hf train ")
+    out = capsys.readouterr().out
+    assert "held out (1 conversations never trained on): predicted tau" in out
     assert prism_hf.PrismDraftModel.from_pretrained(output_dir).config.num_modules == 2
-    assert f"prism-hf push {output_dir} --repo-id YOUR_NAME/my-draft --dry-run" in capsys.readouterr().out
+    assert f"prism-hf push {output_dir} --repo-id YOUR_NAME/my-draft --dry-run" in out
 
 
 def test_benchmark_results_feed_the_model_card(tiny_chat_target, tiny_draft, tmp_path):

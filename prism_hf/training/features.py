@@ -101,11 +101,22 @@ class FeatureStore:
     def num_tokens(self) -> int:
         return sum(item.input_ids.shape[1] for item in self.features)
 
-    def batches(self, batch_size: int, seed: int = 0) -> Iterator[TargetFeatures]:
-        """One epoch of right-padded batches in a seeded random order (pads are masked out of the loss)."""
-        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(seed)).tolist()
-        for start in range(0, len(order), batch_size):
-            yield collate([self.features[i] for i in order[start : start + batch_size]])
+    def batches(self, batch_size: int, seed: int = 0, bucket_batches: int = 64) -> Iterator[TargetFeatures]:
+        """
+        One epoch of right-padded batches in a seeded random order (pads are masked out of the loss). The shuffled
+        examples are taken `bucket_batches` batches at a time and sorted by length inside, so that a batch holds
+        sequences of similar lengths: padding costs compute (attention quadratically), and lengths here range from
+        tens to thousands of tokens. The batches are then shuffled again.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.features), generator=generator).tolist()
+        chunk = batch_size * max(1, bucket_batches)
+        batches = []
+        for start in range(0, len(order), chunk):
+            bucket = sorted(order[start : start + chunk], key=lambda i: self.features[i].input_ids.shape[1])
+            batches += [bucket[i : i + batch_size] for i in range(0, len(bucket), batch_size)]
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            yield collate([self.features[i] for i in batches[index]])
 
 
 @torch.no_grad()

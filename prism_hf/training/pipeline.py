@@ -185,7 +185,8 @@ def train_draft(
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     regenerate_seconds = None  # the time the target spent writing replies (part of total_seconds)
-    accelerator = Accelerator()
+    # the process-wide accelerate state takes its mixed precision from the first Accelerator: the phases' must agree
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != world:
