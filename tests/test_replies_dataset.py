@@ -239,3 +239,30 @@ def test_push_publishes_a_dataset_repo(tiny_chat_target, chat_data, tmp_path, mo
     (out / "data" / "shard-00002.jsonl.gz.partial").write_bytes(b"")
     with pytest.raises(ValueError, match="still being written or interrupted"):
         push_reply_dataset(out, "org/tiny-replies", dry_run=True, base_model="org/tiny-chat")
+
+
+def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """benchmarks/draft_training.py scaling: entries keyed by training tokens and num_modules, with a chart."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_training.py"
+    spec = importlib.util.spec_from_file_location("draft_training", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path / "replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=10, heldout_fraction=0.2), progress=False)
+    out = tmp_path / "scaling"
+    argv = ["scaling", "--data", str(data), "--target", str(tiny_chat_target), "--budgets", "60", "400"]
+    argv += ["--output-dir", str(out), "--drafts-dir", str(tmp_path / "drafts")]
+    argv += ["--override", "draft_vocab_size=null", "warmup_epochs=2", "finetune_epochs=1", "batch_size=2"]
+    runs = module.main(argv)
+    assert [(r["variant"], r["num_modules"]) for r in runs] == [
+        ("60-m2", 2),
+        ("60-m1", 1),
+        ("400-m2", 2),
+        ("400-m1", 1),
+    ]
+    assert runs[0]["train_tokens"] < runs[2]["train_tokens"] and runs[0]["updates"] == runs[1]["updates"]
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "results.png"}
+    assert module.main(argv) == runs  # finished runs are not trained again

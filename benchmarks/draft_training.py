@@ -1,0 +1,212 @@
+"""
+Draft training runs compared on held-out numbers: every run trains on the same replies dataset and is scored on its
+held-out conversations (per-step acceptance, predicted tau at draft lengths 1-5, vocabulary coverage).
+
+Two experiments:
+
+- `ablations`: recipe variants at one token budget (`--max-train-tokens`), each changing the candidate recipe in
+  one respect: `python benchmarks/draft_training.py ablations --data DIR --target smollm2-135m-instruct
+  --max-train-tokens 200000` writes `benchmarks/results/<target>-recipe-ablations/`.
+- `scaling`: one recipe at several token budgets, PRISM (M = 2) beside the M = 1 baseline at equal data and updates:
+  `python benchmarks/draft_training.py scaling --data DIR --target smollm2-135m-instruct --budgets 100000 400000
+  1600000 3200000` writes `benchmarks/results/<target>-data-scaling/` (entries keyed by training tokens and
+  `num_modules`, with a chart).
+
+Each writes `results.json` and `results.md`; a run already in `results.json` is skipped, so an interrupted
+experiment continues. Features are computed once into `--feature-cache-dir` and shared by runs with the same
+feature layers; drafts go to `--drafts-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from prism_hf.benchmarking.report import machine_metadata
+from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The recipe the pipeline had before held-out evaluation existed (the committed drafts were trained with it).
+TODAY = dict(
+    warmup_learning_rate=1e-3,
+    finetune_learning_rate=3e-4,
+    warmup_epochs=2.0,
+    finetune_epochs=1.0,
+    batch_size=4,
+    num_steps=3,
+    draft_vocab_size=8192,
+)
+# Each variant changes the candidate recipe in one respect (the candidate is `base`).
+BASE = dict(TODAY, draft_vocab_size=32768)
+VARIANTS: dict[str, dict] = {
+    "today": TODAY,
+    "base": BASE,
+    "vocab-16k": dict(BASE, draft_vocab_size=16384),
+    "feature-noise-0.2": dict(BASE, feature_noise=0.2),
+    "weight-decay-0.01": dict(BASE, weight_decay=0.01),
+    "init-from-target": dict(BASE, init_from_target=True),
+    "steps-5": dict(BASE, num_steps=5),
+    "lr-3e-3": dict(BASE, warmup_learning_rate=3e-3, finetune_learning_rate=1e-3),
+    "lr-3e-4": dict(BASE, warmup_learning_rate=3e-4, finetune_learning_rate=1e-4),
+    "fused-low-mid-high": dict(BASE, feature_layers=[3, 16, 28]),
+    "m1": dict(BASE, num_modules=1),
+}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", choices=["ablations", "scaling"])
+    parser.add_argument("--data", required=True, help="a replies dataset folder (prism-hf data)")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--max-train-tokens", type=int, help="ablations: the token budget of every variant")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="ablations: which (default: all)")
+    parser.add_argument("--budgets", type=int, nargs="+", help="scaling: training-token budgets")
+    parser.add_argument("--recipe", choices=sorted(VARIANTS), default="base", help="scaling: the recipe")
+    parser.add_argument("--output-dir", type=Path)
+    parser.add_argument("--feature-cache-dir", type=Path)
+    parser.add_argument("--drafts-dir", type=Path, help="where the trained drafts go (default: under /tmp)")
+    parser.add_argument("--target-dtype", default="float32")
+    parser.add_argument("--mixed-precision", default="no", help="'bf16' autocasts training matmuls")
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="FIELD=JSON",
+        help="training arguments set for every run, e.g. draft_vocab_size=16384 warmup_epochs=1.5",
+    )
+    args = parser.parse_args(argv)
+    try:
+        common = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.override)}
+    except ValueError as error:
+        parser.error(f"--override takes FIELD=JSON items: {error}")
+    name = Path(args.target).name
+    if args.experiment == "ablations":
+        if args.max_train_tokens is None:
+            parser.error("ablations need --max-train-tokens")
+        runs = [(v, VARIANTS[v] | common, args.max_train_tokens) for v in (args.variants or VARIANTS)]
+        output = args.output_dir or RESULTS / f"{name}-recipe-ablations"
+    else:
+        if not args.budgets:
+            parser.error("scaling needs --budgets")
+        recipe = VARIANTS[args.recipe] | common
+        runs = [
+            (f"{budget}-m{modules}", dict(recipe, num_modules=modules), budget)
+            for budget in sorted(args.budgets)
+            for modules in (2, 1)
+        ]
+        output = args.output_dir or RESULTS / f"{name}-data-scaling"
+    output.mkdir(parents=True, exist_ok=True)
+    results_path = output / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    done = {run["variant"] for run in results["runs"]}
+    drafts = args.drafts_dir or Path("/tmp") / f"prism-hf-{args.experiment}-{name}"
+    for run_name, overrides, budget in runs:
+        if run_name in done:
+            print(f"{run_name}: already measured")
+            continue
+        training = DraftTrainingArguments(
+            target=args.target,
+            output_dir=str(drafts / run_name),
+            data=args.data,
+            max_train_tokens=budget,
+            target_dtype=args.target_dtype,
+            mixed_precision=args.mixed_precision,
+            eval_every=args.eval_every,
+            feature_cache_dir=str(args.feature_cache_dir) if args.feature_cache_dir else None,
+            **overrides,
+        )
+        started = time.perf_counter()
+        train_draft(training)
+        results["runs"].append(_run_entry(run_name, overrides, drafts / run_name, time.perf_counter() - started))
+        results["experiment"] = args.experiment
+        results["machine"] = machine_metadata()
+        results["args"] = {k: str(v) for k, v in vars(args).items()}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        (output / "results.md").write_text(render(results))
+        if args.experiment == "scaling":
+            plot_scaling(results, output / "results.png")
+        print(json.dumps(results["runs"][-1]))
+    return results["runs"]
+
+
+def _run_entry(name: str, overrides: dict, draft_dir: Path, seconds: float) -> dict:
+    record = json.loads((draft_dir / "training_record.json").read_text())
+    return {
+        "variant": name,
+        "overrides": overrides,
+        "num_modules": overrides.get("num_modules", 2),
+        "command": record["command"],
+        "train_tokens": record["num_tokens"],
+        "train_reply_tokens": record["num_loss_tokens"],
+        "updates": _updates(draft_dir),
+        "heldout_tokens": record["heldout_tokens"],
+        "heldout_predicted_tau": record["heldout_predicted_tau"],
+        "heldout_step_accuracy": record["heldout_step_accuracy"],
+        "heldout_vocab_coverage": record["heldout_vocab_coverage"],
+        "train_tokens_per_second": record["train_tokens_per_second"],
+        "feature_tokens_per_second": record["feature_tokens_per_second"],
+        "seconds": round(seconds, 1),
+    }
+
+
+def plot_scaling(results: dict, path: Path) -> None:
+    """Held-out predicted tau (longest draft length) against training tokens, one line per number of modules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for modules in sorted({run["num_modules"] for run in results["runs"]}, reverse=True):
+        runs = sorted((r for r in results["runs"] if r["num_modules"] == modules), key=lambda r: r["train_tokens"])
+        label = f"PRISM M = {modules}" if modules > 1 else "M = 1 baseline"
+        axis.plot([r["train_tokens"] for r in runs], [r["heldout_predicted_tau"][-1] for r in runs], "o-", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("training tokens")
+    axis.set_ylabel("held-out predicted tau (draft length 5)")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _updates(draft_dir: Path) -> dict[str, int]:
+    """Updates per phase, from the training log's last evaluation of each phase."""
+    counts: dict[str, int] = {}
+    for line in (draft_dir / "training_log.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        counts[entry["phase"]] = entry["update"]
+    return counts
+
+
+def render(results: dict) -> str:
+    machine = results.get("machine", {})
+    lines = [
+        f"# Draft training: {results.get('experiment', 'ablations')} (held-out numbers)",
+        "",
+        f"Machine: {machine.get('device_name')} ({machine.get('cpu_capability')}), "
+        f"{machine.get('torch_threads')} torch threads, prism_hf {machine.get('prism_hf_commit')}.",
+        "",
+        "| variant | changes | train tokens | updates | held-out tau @1..5 | step acc @1..3 | vocab coverage | "
+        "train tok/s | minutes |",
+        "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
+    ]
+    for run in results["runs"]:
+        changes = {k: v for k, v in run["overrides"].items() if TODAY.get(k) != v} or "-"
+        taus = " / ".join(f"{t:.2f}" for t in run["heldout_predicted_tau"])
+        accs = " / ".join(f"{a:.3f}" for a in run["heldout_step_accuracy"][:3])
+        speed = " / ".join(f"{v:.0f}" for v in run["train_tokens_per_second"].values())
+        lines.append(
+            f"| {run['variant']} | {changes} | {run['train_tokens']} | {sum(run['updates'].values())} | {taus} | "
+            f"{accs} | {run['heldout_vocab_coverage']:.3f} | {speed} | {run['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
