@@ -54,7 +54,11 @@ class DraftTrainingArguments:
         metadata={"help": "conversations to use, held-out ones included (default: 1000; a replies dataset: all)"},
     )
     max_train_tokens: int | None = field(
-        default=None, metadata={"help": "train on the first conversations up to this many tokens (scaling runs)"}
+        default=None,
+        metadata={
+            "help": "train on the first conversations up to this many tokens (scaling runs; the draft vocabulary "
+            "still comes from all training replies)"
+        },
     )
     max_length: int = field(default=2048, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
     heldout_fraction: float = field(
@@ -242,6 +246,9 @@ def train_draft(
         train, heldout = split_heldout(examples, args.heldout_fraction)
         train_shards = [(f"train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
         heldout_shards = [("heldout-00000", heldout)]
+    # the draft vocabulary comes from every training reply there is, whatever the budget: counting is cheap, and a
+    # token missing from the vocabulary is a certain rejection
+    vocabulary_examples = [e for _, shard in train_shards for e in shard]
     train_shards = _limit_tokens(train_shards, args.max_train_tokens)
     train_examples = [e for _, shard in train_shards for e in shard]
     heldout_examples = [e for _, shard in heldout_shards for e in shard]
@@ -292,7 +299,7 @@ def train_draft(
         eos = tokenizer.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         vocab = select_draft_vocabulary(
-            train_examples, args.draft_vocab_size, draft.config.verifier_vocab_size, eos_ids
+            vocabulary_examples, args.draft_vocab_size, draft.config.verifier_vocab_size, eos_ids
         )
         draft.draft_to_target.copy_(vocab)
         draft.bind_target(target)
