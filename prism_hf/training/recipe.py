@@ -116,19 +116,23 @@ def prism_loss(
     total = torch.zeros((), device=draft.device)
     metrics: dict[str, float] = {}
     for k, hidden in enumerate(output.step_hidden_states, start=1):
-        keep = pair_index >= k - 1  # step k needs context up to p - k + 1
+        # step k needs context up to p - k + 1: the first k - 1 pairs of a sequence weigh 0 (cheaper than gathering
+        # [positions, vocabulary] rows without them)
+        keep = (pair_index >= k - 1).to(torch.float32)
         count = keep.sum().clamp(min=1)
-        step_hidden = hidden[:, :seq][token_mask][keep]
-        logits = draft.compute_logits(step_hidden).float()
-        ce = -(target_probs[keep] * logits.log_softmax(-1)).sum(-1).sum() / count
+        step_hidden = hidden[:, :seq][token_mask]
+        logits = draft.compute_logits(step_hidden)
+        with torch.no_grad():
+            hits = (logits.argmax(-1) == target_top1).to(torch.float32)
+        per_position = F.cross_entropy(logits.float(), target_probs, reduction="none")  # soft labels
+        ce = (per_position * keep).sum() / count
         step_loss = phase.ce_weight * ce
         if phase.regression_weight:
-            reg = F.smooth_l1_loss(step_hidden.float(), scored[keep].float(), reduction="none").mean(-1)
-            step_loss = step_loss + phase.regression_weight * reg.sum() / count
+            reg = F.smooth_l1_loss(step_hidden.float(), scored.float(), reduction="none").mean(-1)
+            step_loss = step_loss + phase.regression_weight * (reg * keep).sum() / count
         total = total + step_loss
-        with torch.no_grad():
-            metrics[f"acc_step{k}"] = float((logits.argmax(-1) == target_top1[keep]).sum() / count)
-            metrics[f"ce_step{k}"] = float(ce)
+        metrics[f"acc_step{k}"] = float((hits * keep).sum() / count)
+        metrics[f"ce_step{k}"] = float(ce.detach())
     metrics["loss"] = float(total.detach())
     return total, metrics
 
