@@ -21,7 +21,6 @@ from prism_hf.training import WARMUP_PHASE, compute_target_features, prism_loss
 from prism_hf.training import features as features_module
 from prism_hf.training.data import (
     build_examples,
-    regenerate_responses,
     render_conversation,
     select_draft_vocabulary,
 )
@@ -196,7 +195,7 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     best = record["heldout_by_phase"]["finetune"]
     assert best["metrics"]["predicted_tau"] == record["heldout_predicted_tau"]
     assert set(record["train_tokens_per_second"]) == {"warmup", "finetune"}
-    assert record["regenerate_seconds"] is None and 0 <= record["feature_seconds"] <= record["total_seconds"]
+    assert record["data_kind"] == "conversations" and 0 <= record["feature_seconds"] <= record["total_seconds"]
     # the recorded command reproduces the saved arguments
     saved_args = json.loads((out / "training_args.json").read_text())
     command = shlex.split(record["command"])
@@ -243,53 +242,6 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
             taus[name].append(draft.last_generation_stats.mean_accepted_tokens)
     mean = {name: sum(v) / len(v) for name, v in taus.items()}
     assert mean["trained"] > mean["random"] + 0.5, mean
-
-
-def test_regenerated_replies_are_the_targets_own_greedy_answers(tiny_chat_model):
-    target_dir, _, questions = tiny_chat_model
-    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
-    tokenizer = make_tokenizer()
-    conversations = [
-        [{"role": "user", "content": q}, {"role": "assistant", "content": "dataset answer"}] for q in questions[:4]
-    ]
-    regenerated = regenerate_responses(
-        target, tokenizer, conversations, num_conversations=3, max_new_tokens=12, batch_size=2, progress=False
-    )
-    assert len(regenerated) == 3
-    for conversation in regenerated:
-        prompt = tokenizer.apply_chat_template(
-            conversation[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        alone = target.generate(**prompt, do_sample=False, max_new_tokens=12)
-        expected = tokenizer.decode(alone[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        assert conversation[1] == {"role": "assistant", "content": expected}
-
-
-def test_regenerated_replies_are_cached_and_resumed(tiny_chat_model, tmp_path):
-    """A half-finished reply cache is completed, a full one is reused without the target, a foreign one is refused."""
-    target_dir, _, questions = tiny_chat_model
-    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
-    tokenizer = make_tokenizer()
-    conversations = [[{"role": "user", "content": q}] for q in questions[:4]]
-    options = {"max_new_tokens": 8, "batch_size": 2, "progress": False}
-    cache = tmp_path / "replies.jsonl"
-    expected = regenerate_responses(target, tokenizer, conversations, 4, cache_path=cache, **options)
-    assert [json.loads(line)["messages"] for line in cache.read_text().splitlines()] == expected
-    cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:2]))  # interrupted after one batch
-    assert regenerate_responses(target, tokenizer, conversations, 4, cache_path=cache, **options) == expected
-    assert len(cache.read_text().splitlines()) == 4
-
-    class NoGeneration(torch.nn.Module):
-        device = torch.device("cpu")
-
-        def generate(self, **kwargs):
-            raise AssertionError("a complete cache must not run the target")
-
-    assert regenerate_responses(NoGeneration(), tokenizer, conversations, 4, cache_path=cache, **options) == expected
-
-    other = [[{"role": "user", "content": q + " again"}] for q in questions[:4]]
-    with pytest.raises(ValueError, match="Cached replies in .* were generated for other prompts"):
-        regenerate_responses(target, tokenizer, other, 4, cache_path=cache, **options)
 
 
 def test_interrupted_phase_resumes_exactly_from_its_checkpoint(llama_target, tmp_path):
@@ -353,18 +305,25 @@ def test_interrupted_phase_resumes_exactly_from_its_checkpoint(llama_target, tmp
 
 def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model, tmp_path):
     """
-    `accelerate launch` with 2 CPU processes: replies and features split between them, gradients averaged, one saved
-    draft.
+    `accelerate launch` with 2 CPU processes on a replies dataset: features split between them, gradients averaged,
+    one saved draft.
     """
+    from prism_hf.training.replies import ReplyDatasetArguments, write_reply_dataset
+
     target_dir, data, _ = tiny_chat_model
+    replies = tmp_path / "replies"
+    options = dict(num_prompts=6, shard_size=3, max_new_tokens=16, heldout_fraction=0.3, dtype="float32")
+    write_reply_dataset(
+        ReplyDatasetArguments(target=str(target_dir), output_dir=str(replies), source=str(data), **options),
+        progress=False,
+    )
     out = tmp_path / "draft"
     command = [
         *("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
         *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prism_hf.cli", "train"),
-        *("--target", str(target_dir), "--data", str(data), "--output-dir", str(out), "--num-examples", "6"),
+        *("--target", str(target_dir), "--data", str(replies), "--output-dir", str(out)),
         *("--max-length", "128", "--warmup-epochs", "4", "--finetune-epochs", "2", "--batch-size", "1"),
         *("--target-dtype", "float32", "--feature-cache-dir", str(tmp_path / "features"), "--checkpoint-every", "2"),
-        *("--regenerate-responses", "--regenerate-max-new-tokens", "8"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -374,20 +333,16 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode != 0 and "set ACCELERATE_USE_CPU=true" in refused.stderr
     record = json.loads((out / "training_record.json").read_text())
-    assert record["num_processes"] == 2
-    assert isinstance(record["regenerate_seconds"], float)  # replies were written, and timed apart
-    assert record["regenerate_seconds"] + record["feature_seconds"] <= record["total_seconds"]
-    # 6 examples x 4 epochs / (batch 1 x 2 processes) = 12 warm-up updates, then 6 fine-tuning updates
-    assert record["num_examples"] == 6
+    assert record["num_processes"] == 2 and record["data_kind"] == "replies dataset"
+    assert record["num_examples"] + record["heldout_examples"] == 6 and record["heldout_examples"] >= 1
     first, second = record["parameter_checksums"]
     assert first == second  # gradients were synchronised: both processes hold the same weights
-    # each process computed the features of its own half of the examples
+    # each process computed the features of its own share of each training shard (and all held-out ones)
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["rank0-of-2", "rank1-of-2"]
     for rank in range(2):
-        manifest = json.loads((tmp_path / "features" / f"rank{rank}-of-2" / "manifest.json").read_text())
-        assert manifest["num_examples"] == 3
-        # and generated the target's replies to its own half of the prompts
-        assert len((tmp_path / "features" / f"rank{rank}-of-2" / "replies.jsonl").read_text().splitlines()) == 3
+        names = sorted(p.name for p in (tmp_path / "features" / f"rank{rank}-of-2").iterdir())
+        assert any(name.startswith(f"train-00000-rank{rank}-of-2-") for name in names), names
+        assert any(name.startswith("heldout-") for name in names), names
     assert not (out / "checkpoints").exists()
     draft = prism_hf.PrismDraftModel.from_pretrained(out)
     assert draft.config.num_modules == 2

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -99,83 +97,3 @@ def select_draft_vocabulary(
     while len(chosen) < size:  # tiny corpora: pad with the lowest unused ids so the size matches the config
         chosen.add(next(filler))
     return torch.tensor(sorted(chosen), dtype=torch.long)
-
-
-@torch.no_grad()
-def regenerate_responses(
-    target: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Iterable[list[dict[str, str]]],
-    num_conversations: int,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
-    max_prompt_length: int = 256,
-    progress: bool = True,
-    cache_path: str | Path | None = None,
-    shard: tuple[int, int] = (0, 1),
-) -> list[list[dict[str, str]]]:
-    """
-    Self-distillation data: the target answers the first user turn of each conversation itself (greedy,
-    batched with left padding; prompts longer than `max_prompt_length` tokens are skipped). A draft trained on the
-    target's own replies learns the text it will actually verify, which matters most for small targets whose
-    style differs from the dataset's answers.
-
-    With `cache_path`, finished conversations are appended to that JSONL file batch by batch: an interrupted run, or a
-    second run on the same data (e.g. the M = 1 baseline), continues from it instead of generating again.
-    `shard=(index, count)` answers only prompts `index::count` of the length-sorted list (one process's share).
-    """
-    from tqdm.auto import tqdm
-
-    prompts: list[list[dict[str, str]]] = []
-    lengths: list[int] = []
-    for messages in conversations:
-        head = [m for m in messages[:2] if m["role"] == "system"] + [next(m for m in messages if m["role"] == "user")]
-        length = len(_render(tokenizer, head, add_generation_prompt=True))
-        if length > max_prompt_length:  # long prompts would dominate the batched generation time
-            continue
-        prompts.append(head)
-        lengths.append(length)
-        if len(prompts) >= num_conversations:
-            break
-    # similar lengths in one batch waste less compute on padding
-    prompts = [prompts[i] for i in sorted(range(len(prompts)), key=lengths.__getitem__)]
-    index, count = shard
-    prompts = prompts[index::count]
-    results = _load_cached_replies(cache_path, prompts) if cache_path is not None else []
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        starts = range(len(results), len(prompts), batch_size)
-        for start in tqdm(starts, desc="target replies", disable=not progress):
-            batch = prompts[start : start + batch_size]
-            texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in batch]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(target.device)
-            output = target.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            replies = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            finished = [p + [{"role": "assistant", "content": r.strip()}] for p, r in zip(batch, replies, strict=True)]
-            results.extend(finished)
-            if cache_path is not None:
-                with Path(cache_path).open("a", encoding="utf-8") as handle:
-                    handle.writelines(json.dumps({"messages": m}) + "\n" for m in finished)
-    finally:
-        tokenizer.padding_side = padding_side
-    return results
-
-
-def _load_cached_replies(path: str | Path, prompts: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
-    """The conversations already in `path`, checked against the prompts they must answer, in order."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    cached = [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(cached) > len(prompts) or any(c[:-1] != p for c, p in zip(cached, prompts[: len(cached)], strict=True)):
-        raise ValueError(
-            f"Cached replies in {path} were generated for other prompts (different data, --num-examples or "
-            "tokenizer): use another --feature-cache-dir."
-        )
-    return cached

@@ -68,7 +68,19 @@ def predicted_tau(conditional_accuracy: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate_draft(draft: PrismDraftModel, batches: Iterable[TargetFeatures], num_steps: int = 5) -> HeldOutMetrics:
+def target_top1(draft: PrismDraftModel, batch: TargetFeatures) -> torch.Tensor:
+    """The target's greedy token after each pair position of `batch` (`[batch, seq - 2]`), whole vocabulary."""
+    last = batch.last_hidden_state[:, 1:-1].to(device=draft.device, dtype=draft.verifier.head_dtype)
+    return _chunked_argmax(draft.verifier.lm_head, last)
+
+
+@torch.no_grad()
+def evaluate_draft(
+    draft: PrismDraftModel,
+    batches: Iterable[TargetFeatures],
+    num_steps: int = 5,
+    targets: Iterable[torch.Tensor] | None = None,
+) -> HeldOutMetrics:
     """
     Held-out acceptance of `draft` over `batches` of target features (see the module docstring).
 
@@ -82,17 +94,16 @@ def evaluate_draft(draft: PrismDraftModel, batches: Iterable[TargetFeatures], nu
     scored = torch.zeros(num_steps, dtype=torch.float64)
     chain_reached = torch.zeros(num_steps + 1, dtype=torch.float64)  # rounds whose steps 1..k all matched (k = 0..K)
     covered, reply_tokens = 0, 0
-    lm_head = draft.verifier.lm_head
     in_vocab = None
     if draft.draft_to_target is not None:
         in_vocab = torch.zeros(draft.config.verifier_vocab_size, dtype=torch.bool, device=draft.device)
         in_vocab[draft.draft_to_target] = True
+    targets = iter(targets) if targets is not None else None
     for batch in batches:
         batch = batch.to(draft.device)
         features = draft.fuse_features(batch.hidden_states)
         output = draft(batch.input_ids, features, num_steps=num_steps, output_logits=False)
-        last = batch.last_hidden_state[:, 1:-1].to(draft.verifier.head_dtype)
-        target_top1 = _chunked_argmax(lm_head, last)  # [batch, pairs], over the whole vocabulary
+        top1 = next(targets).to(draft.device) if targets is not None else target_top1(draft, batch)
         token_mask = batch.loss_mask[:, 2:].bool()  # pair p scores token p + 2
         pairs = token_mask.shape[1]
         match = []
@@ -100,7 +111,7 @@ def evaluate_draft(draft: PrismDraftModel, batches: Iterable[TargetFeatures], nu
             drafted = _chunked_argmax(draft.compute_logits, hidden[:, :pairs])
             if draft.draft_to_target is not None:
                 drafted = draft.draft_to_target[drafted]
-            hit = (drafted == target_top1) & token_mask
+            hit = (drafted == top1) & token_mask
             valid = token_mask.clone()
             valid[:, : k - 1] = False
             matched[k - 1] += float((hit & valid).sum())

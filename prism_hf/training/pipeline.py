@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from ..modeling_prism import PrismDraftModel
 from ..reference_models import load_reference_model, resolve_dtype
-from .data import TrainingExample, build_examples, regenerate_responses, select_draft_vocabulary
-from .evaluation import HeldOutTracker, evaluate_draft
-from .features import FeatureStore
+from .data import TrainingExample, build_examples, select_draft_vocabulary
+from .evaluation import HeldOutTracker, evaluate_draft, target_top1
+from .features import FeatureStore, collate
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
 from .replies import is_reply_dataset, load_reply_examples
@@ -65,6 +64,9 @@ class DraftTrainingArguments:
         default=0.05,
         metadata={"help": "share of conversations held out for evaluation (a replies dataset carries its own split)"},
     )
+    max_heldout_tokens: int | None = field(
+        default=None, metadata={"help": "score only the first held-out conversations up to this many tokens"}
+    )
     eval_every: int = field(default=200, metadata={"help": "updates between held-out evaluations (0: end only)"})
     eval_steps: int = field(default=5, metadata={"help": "draft steps scored in held-out evaluation"})
     num_modules: int = field(
@@ -95,12 +97,10 @@ class DraftTrainingArguments:
     )
     feature_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "cache the target's features (safetensors shards) and regenerated replies here (resumable)"},
+        metadata={
+            "help": "cache the target's features here (safetensors shards; a re-run computes only what is missing)"
+        },
     )
-    regenerate_responses: bool = field(
-        default=False, metadata={"help": "replace the dataset's replies by the target's own greedy replies"}
-    )
-    regenerate_max_new_tokens: int = field(default=256, metadata={"help": "longest regenerated reply"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of both phases"})
     feature_noise: float = field(
         default=0.0, metadata={"help": "std of uniform noise on the target's features in phase 1 (EAGLE)"}
@@ -188,7 +188,6 @@ def train_draft(
     """
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    regenerate_seconds = None  # the time the target spent writing replies (part of total_seconds)
     # the process-wide accelerate state takes its mixed precision from the first Accelerator: the phases' must agree
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -219,28 +218,7 @@ def train_draft(
     else:
         if examples is None:
             conversations = load_conversations(args.data)
-            num_examples = args.num_examples or 1000
-            if args.regenerate_responses:
-                regenerate_started = time.perf_counter()
-                replies_cache = None
-                if cache_dir is not None:
-                    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-                    replies_cache = Path(cache_dir) / "replies.jsonl"
-                conversations = regenerate_responses(
-                    target,
-                    tokenizer,
-                    conversations,
-                    num_examples,
-                    max_new_tokens=args.regenerate_max_new_tokens,
-                    progress=progress,
-                    cache_path=replies_cache,
-                    shard=(rank, world),
-                )
-                if world > 1:  # every process needs all of them (e.g. for the draft vocabulary): gather, in order
-                    indexed = [(rank + i * world, c) for i, c in enumerate(conversations)]
-                    conversations = [c for _, c in sorted(gather_object(indexed), key=lambda pair: pair[0])]
-                regenerate_seconds = time.perf_counter() - regenerate_started
-            examples = build_examples(tokenizer, conversations, num_examples, args.max_length)
+            examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
         if not examples:
             raise ValueError(f"No usable training examples in {args.data!r}.")
         train, heldout = split_heldout(examples, args.heldout_fraction)
@@ -250,6 +228,7 @@ def train_draft(
     # token missing from the vocabulary is a certain rejection
     vocabulary_examples = [e for _, shard in train_shards for e in shard]
     train_shards = _limit_tokens(train_shards, args.max_train_tokens)
+    heldout_shards = _limit_tokens(heldout_shards, args.max_heldout_tokens)
     train_examples = [e for _, shard in train_shards for e in shard]
     heldout_examples = [e for _, shard in heldout_shards for e in shard]
     if not train_examples:
@@ -325,12 +304,15 @@ def train_draft(
     mixed_precision = args.mixed_precision
 
     train_speed: dict[str, float] = {}
+    # the held-out sequences and the target's greedy tokens on them, fixed for every evaluation
+    heldout_batches = [collate([item]) for item in heldout_store.features]
+    heldout_targets = [target_top1(draft, batch) for batch in heldout_batches]
 
     def run_phase(name: str, model: PrismDraftModel, phase: PhaseConfig, num_updates: int, seed: int) -> None:
         phase_started = time.perf_counter()
         tracker = HeldOutTracker(
             model,
-            lambda: evaluate_draft(model, heldout_store.batches(1, seed=0), num_steps=args.eval_steps),
+            lambda: evaluate_draft(model, heldout_batches, num_steps=args.eval_steps, targets=heldout_targets),
             phase=name,
             log_path=log_path if accelerator.is_main_process else None,
             state_path=checkpoints / f"{name}-best.safetensors",
@@ -398,7 +380,7 @@ def train_draft(
             "heldout_tokens": heldout_tokens,
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
-            "regenerate_seconds": None if regenerate_seconds is None else round(regenerate_seconds, 1),
+            "data_kind": "replies dataset" if is_reply_dataset(args.data) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
             "feature_tokens_per_second": round(
                 (store.num_tokens + heldout_store.num_tokens) / max(feature_seconds, 1e-9), 1
