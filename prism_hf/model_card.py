@@ -248,7 +248,7 @@ _DATASET_TEMPLATE = """
 # {name}
 
 Replies written by **[{base_model}](https://huggingface.co/{base_model})** itself to {num_prompts} chat prompts, for
-training speculative-decoding drafts for it with [prism-hf](https://github.com/prism-hf/prism-hf): a draft learns
+training speculative-decoding drafts for it with prism-hf: a draft learns
 best the text it will verify, which is the target's own, not a dataset's.
 
 - Prompts: {source}; a conversation contributes the turns up to one of its user turns (earlier replies are the

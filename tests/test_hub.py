@@ -245,3 +245,20 @@ def test_card_states_the_time_spent_regenerating_replies(draft_copy):
     record_path.write_text(json.dumps({**record, "regenerate_seconds": 1520.4}))
     card = write_model_card(draft_copy).read_text()
     assert "- Time: 3195.1 s on cpu (regenerating replies: 1520.4 s; target features: 290.0 s)." in card
+
+
+DATASET_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/manifest.json"))
+
+
+@pytest.mark.parametrize("dataset_dir", DATASET_DIRS, ids=[p.name for p in DATASET_DIRS])
+def test_committed_replies_dataset_is_complete_and_its_card_current(dataset_dir, tmp_path):
+    copy = Path(shutil.copytree(dataset_dir, tmp_path / dataset_dir.name))
+    plan = prism_hf.hub.push_reply_dataset(copy, f"{NAMESPACE}/{dataset_dir.name}", dry_run=True)
+    # the committed card is what the code writes from the folder (regenerate it with the dry run, never edit it)
+    assert (copy / "README.md").read_text() == (dataset_dir / "README.md").read_text(), (
+        f"hub_models/{dataset_dir.name}/README.md is stale: regenerate it with `prism-hf push hub_models/"
+        f"{dataset_dir.name} --repo-id {NAMESPACE}/{dataset_dir.name} --dry-run`"
+    )
+    shards = [f.path for f in plan.files if f.path.startswith("data/")]
+    log = [json.loads(line) for line in (dataset_dir / "shards.jsonl").read_text().splitlines()]
+    assert sorted({entry["shard"] for entry in log}) == list(range(len(shards)))
