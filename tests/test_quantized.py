@@ -105,14 +105,18 @@ def test_trained_draft_on_quantized_target_matches_plain(quantized_llama, traine
 
 
 @requires_bnb
-def test_reduced_vocabulary_reads_quantized_lm_head(quantized_llama, llama_target):
+def test_reduced_vocabulary_reads_quantized_lm_head(quantized_llama, saved_llama, request):
+    # a copy that has run no forward yet: bitsandbytes' CPU backend repacks 4-bit weights in place at the first
+    # forward on AVX-512 processors, after which dequantizing the stored data gives other rows (see the closing note)
+    quantized_llama = load_quantized(saved_llama, request.node.callspec.params["quantized_llama"])
     draft = prism_hf.PrismDraftModel.from_target(quantized_llama, draft_vocab_size=64)
     draft.draft_to_target.copy_(torch.arange(0, VOCAB, 4))
     draft.bind_target(quantized_llama)
     sliced = draft.verifier.draft_lm_weight
-    assert sliced.dtype == torch.float32 and sliced.shape == (64, llama_target.config.hidden_size)
+    source = AutoModelForCausalLM.from_pretrained(saved_llama, dtype=torch.float32)  # what was quantized
+    assert sliced.dtype == torch.float32 and sliced.shape == (64, source.config.hidden_size)
     # the dequantized rows are the original LM head's rows, up to quantization error
-    original = llama_target.lm_head.weight.detach()[draft.draft_to_target]
+    original = source.lm_head.weight.detach()[draft.draft_to_target]
     assert (sliced - original).abs().max() <= 0.15 * original.abs().max()
     assert not torch.equal(sliced, original)
     # binding again reuses the slice; changing the vocabulary re-reads it
@@ -133,7 +137,9 @@ def test_dequantized_slice_matches_the_4bit_head_forward(saved_llama):
     draft = prism_hf.PrismDraftModel.from_target(target, draft_vocab_size=32)
     hidden = torch.randn(3, target.config.hidden_size)
     expected = target.lm_head(hidden)[:, draft.draft_to_target]
-    torch.testing.assert_close(hidden @ draft.verifier.draft_lm_weight.T, expected, rtol=1e-5, atol=1e-5)
+    # on CPUs with native bfloat16 (AMX / AVX512-BF16) bitsandbytes' CPU backend computes NF4 layers in bfloat16
+    tolerance = 3e-2 if prism_hf.reference_models._cpu_has_native_bfloat16() else 1e-5
+    torch.testing.assert_close(hidden @ draft.verifier.draft_lm_weight.T, expected, rtol=tolerance, atol=tolerance)
 
 
 @requires_bnb
