@@ -243,6 +243,10 @@ def chat_inputs(tokenizer, prompt: str) -> dict:
 @pytest.mark.slow
 @requires_bnb
 def test_smollm2_4bit_greedy_equality_with_committed_draft():
+    if prism_hf.reference_models._cpu_has_native_bfloat16():
+        # there bitsandbytes computes NF4 layers in bfloat16, so logits depend on how many tokens one forward holds,
+        # as with LLM.int8 (next test): exact equality with one-token decoding is not a property of that target
+        pytest.skip("bitsandbytes computes NF4 in bfloat16 on CPUs with native bfloat16 (AMX / AVX512-BF16)")
     target, tokenizer = load_smollm2("4bit")
     draft = prism_hf.PrismDraftModel.from_pretrained(COMMITTED_DRAFT).float()
     accepted = 0
