@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from prism_hf import enable_fast_cpu_linears, quantize_cpu_linears_int8
-from prism_hf.benchmarking.report import machine_metadata
+from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.reference_models import load_reference_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=6, help="forwards per size (the first is discarded)")
     parser.add_argument("--fast-cpu-linears", action="store_true", help="switch to prism_hf.FastCpuLinear layers")
     parser.add_argument("--int8", action="store_true", help="quantize the linear layers to int8 (drafting models)")
+    parser.add_argument("--output", type=Path, help="results file (default: under benchmarks/results)")
     args = parser.parse_args(argv)
+    print(f"Machine: {describe_machine()}", flush=True)
     if args.int8 and args.fast_cpu_linears:
         parser.error("--int8 replaces every float32 linear layer: it cannot be combined with --fast-cpu-linears.")
 
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-fast-linears" if args.fast_cpu_linears else "-int8" if args.int8 else ""
     out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}{suffix}.json"
+    out = args.output or out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["forwards"], indent=2))
     return result

@@ -4,7 +4,8 @@ prompts: does the kernel change plain decoding, and do the outputs stay identica
 
 `python benchmarks/plain_kernels.py --model smollm2-135m-instruct` writes
 `benchmarks/results/plain-kernels-<model>.json`: per prompt, the seconds of every call (each mode runs `--rounds`
-times, alternating) and whether the outputs agree; in all, the summed median seconds of each mode and their ratio.
+times, alternating in ABBA order) and whether the outputs agree; in all, the summed median seconds of each mode and
+their ratio.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from prism_hf import disable_fast_cpu_linears, enable_fast_cpu_linears
 from prism_hf.benchmarking.prompts import encode_prompt, load_prompt_sets
-from prism_hf.benchmarking.report import machine_metadata
+from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.reference_models import load_reference_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-category", type=int, default=1, help="Spec-Bench prompts per task")
     parser.add_argument("--limit", type=int, default=2, help="HumanEval prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="calls per mode and prompt")
+    parser.add_argument("--rounds", type=int, default=4, help="calls per mode and prompt")
     parser.add_argument("--spec-bench-path", help="a Spec-Bench question.jsonl (default: shared/data/spec_bench)")
+    parser.add_argument("--output", type=Path, help="results file (default: under benchmarks/results)")
     args = parser.parse_args(argv)
+    print(f"Machine: {describe_machine()}", flush=True)
 
     model, tokenizer = load_reference_model(args.model, dtype=torch.float32)
     prompt_sets = load_prompt_sets(
@@ -45,8 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     for prompt in (p for group in prompt_sets.values() for p in group):
         input_ids = encode_prompt(tokenizer, prompt).input_ids[None]
         seconds, outputs = {mode: [] for mode in SWITCHES}, {}
-        for _ in range(args.rounds):
-            for mode, switch in SWITCHES.items():
+        for round_index in range(args.rounds):
+            # ABBA order: whichever mode runs second in a pair may pay for the first (allocator, clock), so each
+            # mode runs first in every other round
+            order = list(SWITCHES.items())
+            for mode, switch in order if round_index % 2 == 0 else order[::-1]:
                 switch(model)
                 began = time.perf_counter()
                 outputs[mode] = model.generate(input_ids, do_sample=False, max_new_tokens=args.max_new_tokens)
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"plain-kernels-{Path(args.model).name.lower()}.json"
+    out = args.output or out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("total_median_seconds", "stock_over_fast", "identical", "prompts")}))
     return result

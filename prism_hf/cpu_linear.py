@@ -22,6 +22,15 @@ cannot be built (no compiler, not Linux x86 with AVX2, or `PRISM_HF_CPU_KERNEL=0
 `weight @ x.T` with the rows padded to a power of two, which streams the weights once whatever the row count up to
 4. Longer inputs (prefills of long prompts) keep `F.linear`, and so does anything that needs gradients.
 
+Whether the few-row path beats `F.linear` depends on the machine: on the AVX2 AMD machine it wins at every row
+count, on an AVX-512 Xeon MKL's own kernels win some shapes and row counts. So the choice is measured, not assumed:
+when layers are switched, each distinct weight shape is timed against `F.linear` at row counts 1, 2, 4, ..., 256 (a
+few seconds for a 1.5B model, see [`time_routing`]), and an input goes to the few-row path only where that path
+measured faster for its shape and row-count bucket (`routing="measured"`, the default). The table is cached per
+machine (processor, ISA, threads, torch version) in the prism_hf cache, so later processes skip the measurement.
+`routing="always"` sends every input of up to `TRANSPOSED_ROWS_LIMIT` rows to the few-row path (tests and kernel
+benchmarks).
+
 `quantize_cpu_linears_int8(model)` goes further for models that only draft (an Ouroboros small model, an HF
 assistant): their float32 CPU linear layers become int8 dynamically quantized ones (fbgemm kernels), which read a
 quarter of the weight bytes; a Qwen2.5-Coder-0.5B forward over 1-4 tokens then costs about 2.5x less. The drafts
@@ -31,14 +40,17 @@ change a little, the output does not: the target still verifies every token. Nev
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -51,29 +63,55 @@ KERNEL_ROWS_LIMIT = 32  # inputs with up to this many rows go to the few-row ker
 PADDED_ROWS_LIMIT = 32  # without it, inputs with up to this many rows are padded to a power of two
 TRANSPOSED_ROWS_LIMIT = 256  # longer inputs (prefills of long prompts) keep `F.linear`, as fast or faster there
 STALE_BUILD_LOCK_SECONDS = 600  # a kernel build takes 30-50 s: a lock older than this was left by an interrupted one
+# Row-count buckets of the measured routing: an input of n rows falls in bucket (n - 1).bit_length(), i.e. 1, 2, 3-4,
+# 5-8, ..., 129-256 rows, and is timed at the bucket's largest row count.
+ROW_BUCKETS = tuple(1 << i for i in range((TRANSPOSED_ROWS_LIMIT - 1).bit_length() + 1))
+ROUTING_MARGIN = 0.97  # the few-row path is used where it took under 97% of F.linear's time (timing noise)
+SWEEP_ROWS_LIMIT = 8  # buckets up to this many rows are timed over sweeps through the layers (weights from memory)
+SWEEP_MAX_BYTES = 1 << 30  # a sweep covers the first layers up to this many weight bytes (beyond any CPU's cache)
+ROUTING_MAX_WEIGHT_BYTES = 64 << 20  # larger weights (LM heads) are timed on their first rows up to this size
+ROUTING_CACHE_FILE = "cpu_linear_routing.json"
 
 
 class FastCpuLinear(nn.Linear):
     """
     An `nn.Linear` computing few-row products with the few-row kernel (or, without it, `(weight @ x.T).T` on an
     aligned, row-padded copy of `x`) for inputs of up to `TRANSPOSED_ROWS_LIMIT` rows (see the module docstring),
-    `F.linear` beyond and whenever gradients are needed.
+    `F.linear` beyond and whenever gradients are needed. With measured routing (`fast_row_buckets`, set by
+    [`enable_fast_cpu_linears`]) a row-count bucket where `F.linear` measured faster for this shape keeps `F.linear`.
     """
 
+    fast_row_buckets: tuple[bool, ...] | None = None  # per bucket of ROW_BUCKETS; None: the few-row path throughout
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        rows = input.reshape(-1, self.in_features)
-        num_rows = rows.shape[0]
-        needs_grad = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
-        if num_rows > TRANSPOSED_ROWS_LIMIT or needs_grad:
-            return nn.functional.linear(input, self.weight, self.bias)
-        kernel = _few_rows_kernel() if num_rows <= KERNEL_ROWS_LIMIT else None
-        if kernel is not None:
-            output = kernel(rows.contiguous(), self.weight.contiguous())
-        else:
-            output = padded_mm_linear(rows, self.weight)
-        if self.bias is not None:
-            output = output + self.bias
+        # the checks are ordered cheapest first: a layer may be called a few hundred times per decoded token
+        num_rows = input.numel() // self.in_features if self.in_features else 0
+        buckets = self.fast_row_buckets
+        if (
+            num_rows > TRANSPOSED_ROWS_LIMIT
+            or num_rows == 0
+            or (buckets is not None and not buckets[(num_rows - 1).bit_length()])
+            or (torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad))
+        ):
+            return _linear(input, self.weight, self.bias)
+        output = _few_rows_forward(input.reshape(num_rows, self.in_features), self.weight, self.bias)
         return output.reshape(*input.shape[:-1], self.out_features)
+
+
+_linear = nn.functional.linear
+
+
+def _few_rows_forward(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    output = few_rows_product(rows, weight)
+    return output if bias is None else output + bias
+
+
+def few_rows_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`rows @ weight.T` for 2-D `rows` of at most `TRANSPOSED_ROWS_LIMIT` rows by the few-row path (no bias)."""
+    kernel = _few_rows_kernel() if rows.shape[0] <= KERNEL_ROWS_LIMIT else None
+    if kernel is not None:
+        return kernel(rows.contiguous(), weight.contiguous())
+    return padded_mm_linear(rows, weight)
 
 
 def padded_mm_linear(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -164,20 +202,173 @@ def _remove_stale_build_lock(lock: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def enable_fast_cpu_linears(model: nn.Module) -> int:
+def enable_fast_cpu_linears(model: nn.Module, routing: Literal["measured", "always"] = "measured") -> int:
     """
     Switches the float32 `nn.Linear` layers of `model` that live on the CPU to [`FastCpuLinear`]; returns how many.
 
     Layers of other types (quantized linears, subclasses), dtypes or devices are left alone, so enabling it on a
     GPU or bfloat16 model is a no-op. Idempotent. The first call in a process loads the few-row kernel (see
     [`few_rows_kernel_available`]).
+
+    `routing="measured"` (default) sends an input to the few-row path only for the layer shapes and row-count buckets
+    where it measured faster than `F.linear` on this machine (see the module docstring; measured on first use of a
+    shape, a few seconds for a 1.5B model, then cached per machine), so the switch never makes a layer slower.
+    `routing="always"` uses the few-row path for every input of up to `TRANSPOSED_ROWS_LIMIT` rows.
     """
+    if routing not in ("measured", "always"):
+        raise ValueError(f"routing must be 'measured' or 'always', got {routing!r}.")
     switched = _float32_cpu_linears(model, (nn.Linear,))
     for module in switched.values():
         module.__class__ = FastCpuLinear
     if switched:
         _few_rows_kernel()  # build it now rather than inside the first forward
+    if routing == "measured":
+        table = measured_routing(module for module in model.modules() if type(module) is FastCpuLinear)
+        for module in model.modules():
+            if type(module) is FastCpuLinear:
+                module.fast_row_buckets = table[_shape_key(module)]
+    else:
+        for module in model.modules():
+            if type(module) is FastCpuLinear:
+                module.fast_row_buckets = None
     return len(switched)
+
+
+def measured_routing(layers: Iterable[FastCpuLinear]) -> dict[str, tuple[bool, ...]]:
+    """
+    For each distinct weight shape among `layers` (`"out x in"`, in model order), whether the few-row path beats
+    `F.linear` in each bucket of `ROW_BUCKETS` on this machine: read from the per-machine cache, or timed by
+    [`time_routing`] and added to it.
+    """
+    layers = list(layers)
+    shapes = {_shape_key(layer) for layer in layers}
+    path = get_cache_dir() / ROUTING_CACHE_FILE
+    machine = routing_machine_key()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    known = cache.get(machine, {})
+    missing = {key for key in shapes if len(known.get(key, ())) != len(ROW_BUCKETS)}
+    if missing:
+        started = time.perf_counter()
+        timed = time_routing(layers)
+        known.update({key: timed[key] for key in missing})
+        logger.info(
+            "Timed the few-row path against F.linear for %d layer shape(s) in %.1f s (cached in %s).",
+            len(missing),
+            time.perf_counter() - started,
+            path,
+        )
+        cache[machine] = known
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+            partial.replace(path)
+        except OSError as error:  # a read-only cache: measure again next time
+            logger.warning("Could not cache the CPU linear routing in %s: %s", path, error)
+    return {key: tuple(known[key]) for key in shapes}
+
+
+def _shape_key(layer: nn.Linear) -> str:
+    return f"{layer.out_features}x{layer.in_features}"
+
+
+@torch.no_grad()
+def time_routing(layers: list[nn.Linear], repeats: int = 3) -> dict[str, list[bool]]:
+    """
+    Per weight shape among `layers` and bucket of `ROW_BUCKETS`: whether the few-row path's median time is under
+    `ROUTING_MARGIN` x that of `F.linear`.
+
+    Up to `SWEEP_ROWS_LIMIT` rows a product is bound by reading its weight, so where the weight comes from decides:
+    in decoding every layer runs once per token and a model's weights stream from memory, so these buckets are timed
+    over sweeps through `layers` in order (as a forward runs them; the first layers up to `SWEEP_MAX_BYTES`, more
+    than any CPU cache holds, and the first layer of each shape not among them), each path in whole sweeps of its
+    own, a shape's time summed over its layers. Larger buckets are bound by arithmetic and are timed on each shape's
+    first layer (its first rows up to `ROUTING_MAX_WEIGHT_BYTES`), the two paths alternating.
+    """
+    by_shape: dict[str, nn.Linear] = {}
+    for layer in layers:
+        by_shape.setdefault(_shape_key(layer), layer)
+    swept, swept_bytes = [], 0
+    for layer in layers:  # the first layers up to SWEEP_MAX_BYTES, then the first of each shape not among them
+        size = layer.weight.numel() * layer.weight.element_size()
+        if swept_bytes + size <= SWEEP_MAX_BYTES or not swept:
+            swept.append(layer)
+            swept_bytes += size
+    swept += [layer for key, layer in by_shape.items() if all(_shape_key(s) != key for s in swept)]
+    paths = {
+        "fast": lambda x, w, b: _few_rows_forward(x, w, b),
+        "stock": lambda x, w, b: nn.functional.linear(x, w, b),
+    }
+    faster: dict[str, list[bool]] = {key: [] for key in by_shape}
+    for rows in ROW_BUCKETS:
+        inputs = {n: torch.randn(rows, n) for n in {layer.in_features for layer in layers}}
+        seconds: dict[str, dict[str, list[float]]] = {key: {"fast": [], "stock": []} for key in by_shape}
+        for step in range(repeats + 1):  # the first round warms up and is dropped
+            for name, product in paths.items():
+                if rows <= SWEEP_ROWS_LIMIT:
+                    sweep = dict.fromkeys(by_shape, 0.0)
+                    for layer in swept:
+                        started = time.perf_counter()
+                        product(inputs[layer.in_features], layer.weight, layer.bias)
+                        sweep[_shape_key(layer)] += time.perf_counter() - started
+                else:
+                    sweep = {}
+                    for key, layer in by_shape.items():
+                        max_rows = max(
+                            1, ROUTING_MAX_WEIGHT_BYTES // (layer.in_features * layer.weight.element_size())
+                        )
+                        weight = layer.weight[:max_rows]
+                        bias = None if layer.bias is None else layer.bias[:max_rows]
+                        started = time.perf_counter()
+                        product(inputs[layer.in_features], weight, bias)
+                        sweep[key] = time.perf_counter() - started
+                if step:
+                    for key, value in sweep.items():
+                        seconds[key][name].append(value)
+        for key, timings in seconds.items():
+            fast, stock = (statistics.median(timings[name]) for name in ("fast", "stock"))
+            faster[key].append(fast < ROUTING_MARGIN * stock)
+    return faster
+
+
+def routing_machine_key() -> str:
+    """What the measured routing depends on: processor, ISA, torch threads and version, and the kernel's presence."""
+    return (
+        f"{cpu_model_name()} | {torch.backends.cpu.get_cpu_capability()} {' '.join(cpu_isa_flags())} | "
+        f"threads {torch.get_num_threads()} | torch {torch.__version__} | kernel {_few_rows_kernel() is not None}"
+    )
+
+
+def cpu_model_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# the flags that decide CPU matmul speed: AVX2/FMA (the few-row kernel), AVX-512, and native bfloat16 / int8 units
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_isa_flags() -> list[str]:
+    """Which of the ISA extensions that matter for matmuls this processor has (empty where /proc/cpuinfo is absent)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in _ISA_FLAGS if flag in present]
+    return []
+
+
+@functools.cache
+def _cpuinfo_lines() -> tuple[str, ...]:
+    try:
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return ()
 
 
 def disable_fast_cpu_linears(model: nn.Module) -> int:
@@ -185,6 +376,7 @@ def disable_fast_cpu_linears(model: nn.Module) -> int:
     restored = 0
     for module in model.modules():
         if type(module) is FastCpuLinear:
+            module.__dict__.pop("fast_row_buckets", None)
             module.__class__ = nn.Linear
             restored += 1
     return restored

@@ -450,6 +450,9 @@ def _row_slicer(head: nn.Module) -> Callable[[torch.Tensor], nn.Module]:
         if bias is not None:
             rows.bias = nn.Parameter(bias[ids], requires_grad=False)
         rows.__class__ = type(head)  # nn.Linear or FastCpuLinear
+        if type(head) is FastCpuLinear:
+            # the head's measured routing (a rows-only shape would need a timing per prompt's extra rows)
+            rows.fast_row_buckets = head.fast_row_buckets
         return rows
 
     return float_rows

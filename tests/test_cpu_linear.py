@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 import time
@@ -69,7 +70,7 @@ def test_kernel_rows_equal_one_row_products(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_few_rows_kernel", lambda: lambda x, w: calls.append(len(x)) or kernel(x, w))
     torch.manual_seed(0)
     layer = nn.Linear(1536, 200)  # the width of Qwen2.5-1.5B
-    enable_fast_cpu_linears(layer)
+    enable_fast_cpu_linears(layer, routing="always")
     with torch.no_grad():
         for rows in range(2, cpu_linear.KERNEL_ROWS_LIMIT + 1):
             x = torch.randn(rows, 1536)
@@ -289,3 +290,72 @@ def test_generation_with_an_int8_small_model_is_exact(llama_target):
     extended = head.with_tokens([150, 200])
     assert unpacks == [1] and extended.token_ids.tolist() == [*range(100), 150, 200]
     assert torch.equal(extended(hidden)[:, [150, 200]], full[:, [150, 200]])
+
+
+def test_measured_routing_keeps_linear_where_it_measured_faster(monkeypatch, tmp_path):
+    """
+    Each shape's row-count buckets go to the few-row path only where it was measured faster; the table is measured
+    once per shape and machine, cached in the prism_hf cache, and reused by later calls.
+    """
+    monkeypatch.setenv("PRISM_HF_CACHE", str(tmp_path))
+    measured = []
+    pattern = [rows <= 4 or rows == 64 for rows in cpu_linear.ROW_BUCKETS]  # 1-4 rows and 33-64 rows: few-row path
+
+    def fake_timing(layers):
+        measured.append([cpu_linear._shape_key(layer) for layer in layers])
+        return {cpu_linear._shape_key(layer): pattern for layer in layers}
+
+    monkeypatch.setattr(cpu_linear, "time_routing", fake_timing)
+    calls = []
+    product = cpu_linear.few_rows_product
+    monkeypatch.setattr(cpu_linear, "few_rows_product", lambda x, w: calls.append(len(x)) or product(x, w))
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    assert enable_fast_cpu_linears(layer) == 1
+    assert layer.fast_row_buckets == tuple(pattern)
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 5, 8, 9, 32, 33, 64, 65, 256, 257):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert calls == [1, 2, 3, 4, 33, 64]
+    cache = json.loads((tmp_path / cpu_linear.ROUTING_CACHE_FILE).read_text())
+    assert cache == {cpu_linear.routing_machine_key(): {"48x64": pattern}}
+    again, other = nn.Linear(64, 48), nn.Linear(32, 48)
+    enable_fast_cpu_linears(nn.ModuleList([again, other]))
+    assert measured == [["48x64"], ["48x64", "48x32"]]  # timed together, only the new shape is taken from it
+    assert json.loads((tmp_path / cpu_linear.ROUTING_CACHE_FILE).read_text())[cpu_linear.routing_machine_key()] == {
+        "48x64": pattern,
+        "48x32": pattern,
+    }
+    assert again.fast_row_buckets == tuple(pattern)
+    enable_fast_cpu_linears(other, routing="always")  # already switched: only the routing changes
+    assert other.fast_row_buckets is None
+    assert disable_fast_cpu_linears(again) == 1 and "fast_row_buckets" not in vars(again)
+    with pytest.raises(ValueError, match="routing must be 'measured' or 'always', got 'fastest'"):
+        enable_fast_cpu_linears(again, routing="fastest")
+
+
+def test_routing_measurement_picks_the_faster_product(monkeypatch):
+    """The few-row path wins a bucket only when its median time is clearly under F.linear's, timed interleaved."""
+    slow_from = 8
+
+    def few_rows(x, weight):
+        time.sleep(0.004 if len(x) >= slow_from else 0.0)
+        return x.new_zeros(len(x), weight.shape[0])
+
+    def linear(x, weight, bias=None):
+        time.sleep(0.002)
+        return x.new_zeros(len(x), weight.shape[0])
+
+    monkeypatch.setattr(cpu_linear, "few_rows_product", few_rows)
+    monkeypatch.setattr(cpu_linear.nn.functional, "linear", linear)
+    layers = [nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 8)]  # two shapes, one of them twice
+    expected = [rows < slow_from for rows in cpu_linear.ROW_BUCKETS]
+    assert cpu_linear.time_routing(layers, repeats=3) == {"8x16": expected, "16x8": expected}
+
+
+def test_routing_machine_key_names_the_processor_and_its_isa():
+    key = cpu_linear.routing_machine_key()
+    assert cpu_linear.cpu_model_name() in key and torch.backends.cpu.get_cpu_capability() in key
+    assert f"threads {torch.get_num_threads()}" in key and torch.__version__ in key
+    assert set(cpu_linear.cpu_isa_flags()) <= set(cpu_linear._ISA_FLAGS)

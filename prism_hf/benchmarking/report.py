@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import transformers
 
-from ..cpu_linear import _few_rows_kernel_loaded
+from ..cpu_linear import _few_rows_kernel_loaded, cpu_isa_flags, cpu_model_name
 from .runner import RunRecord
 from .strategies import PLAIN
 
@@ -129,9 +129,10 @@ def machine_metadata(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
         # e.g. AVX2 vs AVX512/AMX: decides whether bfloat16 is fast or ~100x slower than float32 on a CPU
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": cpu_isa_flags(),  # avx2 / avx512f / avx512_bf16 / amx_bf16...: which kernels can win here
         # FastCpuLinear's few-row kernel, when fast linears are on (else torch.mm: plain decoding ~1.3x slower)
         "few_rows_kernel": _few_rows_kernel_loaded(),
         "torch": torch.__version__,
@@ -141,6 +142,15 @@ def machine_metadata(device: torch.device | str = "cpu") -> dict[str, Any]:
         "prism_hf_commit": _source_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def describe_machine() -> str:
+    """One line naming the processor, its ISA extensions and the torch threads: printed before CPU numbers."""
+    flags = " ".join(cpu_isa_flags()) or "ISA flags unknown"
+    return (
+        f"{cpu_model_name()} ({torch.backends.cpu.get_cpu_capability()}; {flags}), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
 
 
 def _source_commit() -> str | None:
@@ -163,16 +173,6 @@ def _source_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def plot_results(summary: dict[str, dict[str, dict[str, Any]]], path: str | os.PathLike) -> None:
