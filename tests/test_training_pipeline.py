@@ -348,3 +348,30 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     assert draft.config.num_modules == 2
     checksum = sum(float(p.detach().double().sum()) for p in draft.parameters())
     assert checksum == pytest.approx(first, rel=1e-6)
+
+
+def test_compiled_loss_matches_eager_loss_and_gradients(llama_target):
+    """`compile_loss` fuses the vocabulary-wide cross-entropy; losses, accuracies and gradients stay those of eager."""
+    from conftest import training_prompts
+
+    from prism_hf.training import PhaseConfig, compute_target_features, prism_loss
+
+    sequences = llama_target.generate(
+        training_prompts(), do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=None
+    )
+    batch = compute_target_features(llama_target, sequences, [-1])
+    torch.manual_seed(0)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, num_modules=1, step_module_map=[0])
+    results = {}
+    for compile_loss in (False, True):
+        draft.zero_grad()
+        loss, metrics = prism_loss(draft, batch, PhaseConfig(compile_loss=compile_loss))
+        loss.backward()
+        results[compile_loss] = (loss.detach(), metrics, [p.grad.clone() for p in draft.parameters()])
+    (eager_loss, eager_metrics, eager_grads), (loss, metrics, grads) = results[False], results[True]
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert metrics.keys() == eager_metrics.keys()
+    for key in metrics:
+        assert metrics[key] == pytest.approx(eager_metrics[key], rel=1e-5, abs=1e-6), key
+    for grad, eager_grad in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)

