@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict] = {
     "lr-3e-4": dict(BASE, warmup_learning_rate=3e-4, finetune_learning_rate=1e-4),
     "fused-low-mid-high": dict(BASE, feature_layers=[3, 16, 28]),
     "m1": dict(BASE, num_modules=1),
+    "ce-weight-1": dict(BASE, ce_weight=1.0),  # cross-entropy as heavy as the regression
+    "ce-only": dict(BASE, ce_weight=1.0, regression_weight=0.0),  # EAGLE-3: no feature regression
     # what the 80K-token ablations and the references (EAGLE/HASS noise, the artifact's AdamW decay) point to
     "candidate": dict(BASE, feature_noise=0.2, weight_decay=0.01),
 }
@@ -196,7 +198,8 @@ def render(results: dict) -> str:
     lines = [
         f"# Draft training: {results.get('experiment', 'ablations')} (held-out numbers)",
         "",
-        f"Machine: {machine.get('device_name')} ({machine.get('cpu_capability')}), "
+        f"Machine: {machine.get('device_name')} ({machine.get('cpu_capability')}"
+        f"{'; ' + ' '.join(machine['cpu_isa']) if machine.get('cpu_isa') else ''}), "
         f"{machine.get('torch_threads')} torch threads, prism_hf {machine.get('prism_hf_commit')}.",
         "",
         "| variant | changes | train tokens | updates | held-out tau @1..5 | step acc @1..3 | vocab coverage | "

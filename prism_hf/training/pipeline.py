@@ -101,6 +101,12 @@ class DraftTrainingArguments:
             "help": "cache the target's features here (safetensors shards; a re-run computes only what is missing)"
         },
     )
+    ce_weight: float = field(
+        default=0.1, metadata={"help": "weight of the soft cross-entropy against the target, both phases"}
+    )
+    regression_weight: float = field(
+        default=1.0, metadata={"help": "weight of the feature regression in phase 1 (0: cross-entropy only)"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of both phases"})
     feature_noise: float = field(
         default=0.0, metadata={"help": "std of uniform noise on the target's features in phase 1 (EAGLE)"}
@@ -349,6 +355,8 @@ def train_draft(
 
     warmup = PhaseConfig(
         num_steps=args.num_steps,
+        ce_weight=args.ce_weight,
+        regression_weight=args.regression_weight,
         learning_rate=args.warmup_learning_rate,
         weight_decay=args.weight_decay,
         feature_noise=args.feature_noise,
@@ -362,6 +370,7 @@ def train_draft(
             draft = expand_modules(draft, args.num_modules)
         finetune = PhaseConfig(
             num_steps=args.num_steps,
+            ce_weight=args.ce_weight,
             regression_weight=0.0,
             detach_step_inputs=False,
             learning_rate=args.finetune_learning_rate,
