@@ -222,15 +222,10 @@ def enable_fast_cpu_linears(model: nn.Module, routing: Literal["measured", "alwa
         module.__class__ = FastCpuLinear
     if switched:
         _few_rows_kernel()  # build it now rather than inside the first forward
-    if routing == "measured":
-        table = measured_routing(module for module in model.modules() if type(module) is FastCpuLinear)
-        for module in model.modules():
-            if type(module) is FastCpuLinear:
-                module.fast_row_buckets = table[_shape_key(module)]
-    else:
-        for module in model.modules():
-            if type(module) is FastCpuLinear:
-                module.fast_row_buckets = None
+    fast_layers = [module for module in model.modules() if type(module) is FastCpuLinear]
+    table = measured_routing(fast_layers) if routing == "measured" else {}
+    for module in fast_layers:
+        module.fast_row_buckets = table.get(_shape_key(module))
     return len(switched)
 
 
@@ -297,7 +292,8 @@ def time_routing(layers: list[nn.Linear], repeats: int = 3) -> dict[str, list[bo
         if swept_bytes + size <= SWEEP_MAX_BYTES or not swept:
             swept.append(layer)
             swept_bytes += size
-    swept += [layer for key, layer in by_shape.items() if all(_shape_key(s) != key for s in swept)]
+    swept_shapes = {_shape_key(layer) for layer in swept}
+    swept += [layer for key, layer in by_shape.items() if key not in swept_shapes]
     paths = {
         "fast": lambda x, w, b: _few_rows_forward(x, w, b),
         "stock": lambda x, w, b: nn.functional.linear(x, w, b),
