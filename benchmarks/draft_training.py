@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict] = {
     "steps-5": dict(BASE, num_steps=5),
     "lr-3e-3": dict(BASE, warmup_learning_rate=3e-3, finetune_learning_rate=1e-3),
     "lr-3e-4": dict(BASE, warmup_learning_rate=3e-4, finetune_learning_rate=1e-4),
+    "batch-2": dict(BASE, batch_size=2),  # twice the updates per training token
     "fused-low-mid-high": dict(BASE, feature_layers=[3, 16, 28]),
     "m1": dict(BASE, num_modules=1),
     "ce-weight-1": dict(BASE, ce_weight=1.0),  # cross-entropy as heavy as the regression
@@ -58,8 +59,8 @@ VARIANTS: dict[str, dict] = {
     # what the 80K-token ablations and the references (EAGLE/HASS noise, the artifact's AdamW decay) point to
     "candidate": dict(BASE, feature_noise=0.2, weight_decay=0.01),
 }
-# settings that change speed, not the trained draft: left out of a run's "changes"
-SPEED_ONLY = {"compile_loss"}
+# settings that change speed or what else is saved, not the trained draft: left out of a run's "changes"
+NOT_RECIPE = {"compile_loss", "save_warmup", "init_draft"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as error:
         parser.error(f"--override takes FIELD=JSON items: {error}")
     name = Path(args.target).name
+    drafts = args.drafts_dir or Path("/tmp") / f"prism-hf-{args.experiment}-{name}"
     if args.experiment == "ablations":
         if args.max_train_tokens is None:
             parser.error("ablations need --max-train-tokens")
@@ -99,17 +101,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not args.budgets:
             parser.error("scaling needs --budgets")
         recipe = VARIANTS[args.recipe] | common
-        runs = [
-            (f"{budget}-m{modules}", dict(recipe, num_modules=modules), budget)
-            for budget in sorted(args.budgets)
-            for modules in (2, 1)
-        ]
+        runs = []
+        for budget in sorted(args.budgets):
+            # phase 1 trains one module for both: the M = 1 baseline fine-tunes the M = 2 run's warmed-up module
+            # (equal data and updates, a quarter of the cost of training it again)
+            runs.append((f"{budget}-m2", dict(recipe, num_modules=2, save_warmup=True), budget))
+            warmup = str(drafts / f"{budget}-m2" / "warmup")
+            runs.append((f"{budget}-m1", dict(recipe, num_modules=1, init_draft=warmup, warmup_epochs=0.0), budget))
         output = args.output_dir or RESULTS / f"{name}-data-scaling"
     output.mkdir(parents=True, exist_ok=True)
     results_path = output / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
     done = {run["variant"] for run in results["runs"]}
-    drafts = args.drafts_dir or Path("/tmp") / f"prism-hf-{args.experiment}-{name}"
     for run_name, overrides, budget in runs:
         if run_name in done:
             print(f"{run_name}: already measured")
@@ -130,6 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         entry = _run_entry(run_name, overrides, drafts / run_name, time.perf_counter() - started)
         # re-read: another process may have added its runs meanwhile (variants run side by side, one thread each)
         results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+        if "init_draft" in overrides:
+            # its phase 1 is the other run's: count those updates and that time too
+            source_name = Path(overrides["init_draft"]).parent.name
+            source = next(r for r in results["runs"] if r["variant"] == source_name)
+            entry["updates"] = {"warmup": source["updates"]["warmup"], **entry["updates"]}
+            entry["warmup_from"] = source["variant"]
         results["runs"] = [run for run in results["runs"] if run["variant"] != run_name] + [entry]
         results["experiment"] = args.experiment
         results["machine"] = machine_metadata()
@@ -207,7 +216,9 @@ def render(results: dict) -> str:
         "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for run in results["runs"]:
-        changes = {k: v for k, v in run["overrides"].items() if TODAY.get(k) != v and k not in SPEED_ONLY} or "-"
+        changes = {k: v for k, v in run["overrides"].items() if TODAY.get(k) != v and k not in NOT_RECIPE} or "-"
+        if run.get("warmup_from"):
+            changes = f"phase 1 of {run['warmup_from']}; {changes}"
         taus = " / ".join(f"{t:.2f}" for t in run["heldout_predicted_tau"])
         accs = " / ".join(f"{a:.3f}" for a in run["heldout_step_accuracy"][:3])
         speed = " / ".join(f"{v:.0f}" for v in run["train_tokens_per_second"].values())

@@ -15,6 +15,7 @@ from prism_hf.training import replies as replies_module
 from prism_hf.training.replies import (
     ReplyDatasetArguments,
     _render_ids,
+    check_reply_tokenizer,
     generate_replies,
     load_reply_examples,
     read_reply_shard,
@@ -165,6 +166,37 @@ def test_other_settings_are_refused(tiny_chat_target, chat_data, tmp_path, one_t
         write_reply_dataset(
             _args(tiny_chat_target, chat_data, out, num_prompts=3, max_new_tokens=20, temperature=0.5), progress=False
         )
+
+
+def test_replies_train_only_targets_with_their_tokenizer(tiny_chat_target, chat_data, tmp_path, one_thread):
+    from tiny_chat import CHAT_TEMPLATE, tiny_chat_llama
+
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    out = tmp_path / "replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=3), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    check_reply_tokenizer(out, tokenizer)  # the writer's tokenizer, whichever model of its family trains on them
+    sibling = tiny_chat_llama(tokenizer, seed=1)
+
+    other = AutoTokenizer.from_pretrained(tiny_chat_target)
+    other.chat_template = CHAT_TEMPLATE.replace("<assistant>", "<bot>")
+    args = DraftTrainingArguments(target=str(tiny_chat_target), output_dir=str(tmp_path / "draft"), data=str(out))
+    with pytest.raises(ValueError, match="with another tokenizer or chat template"):
+        train_draft(args, target=sibling, tokenizer=other, progress=False)
+    assert not (tmp_path / "draft").exists()
+
+    # a manifest written before tokenizers were recorded: refused until the data stage records it
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["tokenizer_fingerprint"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not record the tokenizer"):
+        check_reply_tokenizer(out, tokenizer)
+    write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=3), progress=False)
+    check_reply_tokenizer(out, tokenizer)
+    with pytest.raises(ValueError, match="with another tokenizer or chat template"):
+        check_reply_tokenizer(out, other)
 
 
 def test_too_few_prompts_is_an_error(tiny_chat_target, chat_data, tmp_path, one_thread):

@@ -375,3 +375,56 @@ def test_compiled_loss_matches_eager_loss_and_gradients(llama_target):
         assert metrics[key] == pytest.approx(eager_metrics[key], rel=1e-5, abs=1e-6), key
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_model, tmp_path):
+    """`--save-warmup`, then `--init-draft .../warmup --warmup-epochs 0`: the M = 1 draft of a run of both phases."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    target_dir, data, _ = tiny_chat_model
+    common = dict(
+        target=str(target_dir),
+        data=str(data),
+        num_examples=6,
+        max_length=128,
+        warmup_epochs=4,
+        finetune_epochs=2,
+        batch_size=2,
+        target_dtype="float32",
+        draft_vocab_size=24,
+        feature_noise=0.1,
+        eval_every=0,
+    )
+    m2 = tmp_path / "m2"
+    train_draft(DraftTrainingArguments(output_dir=str(m2), num_modules=2, save_warmup=True, **common), progress=False)
+    warmup = prism_hf.PrismDraftModel.from_pretrained(m2 / "warmup")
+    assert warmup.config.num_modules == 1 and warmup.config.draft_vocab_size == 24
+    whole = tmp_path / "m1-whole"
+    train_draft(DraftTrainingArguments(output_dir=str(whole), num_modules=1, **common), progress=False)
+    shared = tmp_path / "m1-shared"
+    shared_args = DraftTrainingArguments(
+        output_dir=str(shared), num_modules=1, **(common | {"warmup_epochs": 0}), init_draft=str(m2 / "warmup")
+    )
+    train_draft(shared_args, progress=False)
+    expected = prism_hf.PrismDraftModel.from_pretrained(whole).state_dict()
+    actual = prism_hf.PrismDraftModel.from_pretrained(shared).state_dict()
+    assert list(expected) == list(actual)
+    for name, value in expected.items():
+        assert torch.equal(value, actual[name]), name
+    record = json.loads((shared / "training_record.json").read_text())
+    assert set(record["heldout_by_phase"]) == {"finetune"} and "--init-draft" in record["command"]
+
+    with pytest.raises(ValueError, match="has 2 modules: start from a single-module draft"):
+        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
+    with pytest.raises(ValueError, match=r"does not fit this run \(draft_vocab_size: 24 vs 20\)"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "y"), init_draft=str(m2 / "warmup"), **(common | {"draft_vocab_size": 20})
+            )
+        )
+    with pytest.raises(ValueError, match="both 0: there is nothing to train"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "z"), **(common | {"warmup_epochs": 0, "finetune_epochs": 0})
+            )
+        )

@@ -25,7 +25,7 @@ from .evaluation import HeldOutTracker, evaluate_draft, target_top1
 from .features import FeatureStore, collate
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
-from .replies import is_reply_dataset, load_reply_examples
+from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples
 
 logger = logging.get_logger(__name__)
 
@@ -114,6 +114,20 @@ class DraftTrainingArguments:
     init_from_target: bool = field(
         default=False, metadata={"help": "initialise the draft layer from the target's last decoder layer"}
     )
+    init_draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from this single-module draft (e.g. another run's `warmup` folder) instead of a new one, "
+            "with its vocabulary; with --warmup-epochs 0 phase 1 is skipped"
+        },
+    )
+    save_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "also save the single-module draft after phase 1 under <output-dir>/warmup, so that other runs "
+            "(the M = 1 baseline, a longer fine-tune) can start from it with --init-draft"
+        },
+    )
     mixed_precision: str = field(
         default="no", metadata={"help": "'bf16' autocasts training matmuls (CPUs with AMX / AVX-512 BF16, GPUs)"}
     )
@@ -146,6 +160,26 @@ class DraftTrainingArguments:
             values = value if isinstance(value, list) else [value]
             parts += ["--" + f.name.replace("_", "-"), *(shlex.quote(str(v)) for v in values)]
         return " ".join(parts)
+
+
+def load_init_draft(draft: PrismDraftModel, path: str | Path) -> None:
+    """
+    Loads the weights and vocabulary of the single-module draft saved at `path` into the new `draft`; a `ValueError`
+    names what differs when the saved draft was built for another target shape, feature layers or vocabulary size.
+    """
+    saved = PrismDraftModel.from_pretrained(path, dtype=draft.dtype)
+    if saved.config.num_modules != 1:
+        raise ValueError(
+            f"--init-draft {path} has {saved.config.num_modules} modules: start from a single-module draft (the "
+            "`warmup` folder of a run with --save-warmup, or an M = 1 draft)."
+        )
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    keys += ("feature_layers", "draft_vocab_size", "verifier_vocab_size")
+    differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
+    if differing:
+        details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
+        raise ValueError(f"--init-draft {path} does not fit this run ({details}).")
+    draft.load_state_dict(saved.state_dict())
 
 
 def load_conversations(data: str, split: str = "train") -> Iterable[list[dict[str, str]]]:
@@ -213,6 +247,12 @@ def train_draft(
         )
     if not 0.0 < args.heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {args.heldout_fraction}.")
+    if args.warmup_epochs <= 0 and args.finetune_epochs <= 0:
+        raise ValueError("warmup_epochs and finetune_epochs are both 0: there is nothing to train.")
+    if args.init_draft is not None and args.init_from_target:
+        raise ValueError("init_draft and init_from_target both initialise the draft: choose one.")
+    if args.warmup_epochs <= 0 and args.save_warmup:
+        raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
     progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
         target, tokenizer = load_reference_model(
@@ -227,6 +267,7 @@ def train_draft(
 
     # ---- data: named shards of training and held-out examples
     if examples is None and is_reply_dataset(args.data):
+        check_reply_tokenizer(args.data, tokenizer)
         train_shards, heldout_shards = load_reply_examples(args.data, args.max_length, args.num_examples)
     else:
         if examples is None:
@@ -287,7 +328,10 @@ def train_draft(
     )
     if args.init_from_target:
         initialise_from_target_layer(draft, target)
-    if args.draft_vocab_size is not None:
+    if args.init_draft is not None:
+        load_init_draft(draft, args.init_draft)
+        draft.bind_target(target)
+    elif args.draft_vocab_size is not None:
         eos = tokenizer.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         vocab = select_draft_vocabulary(
@@ -363,7 +407,10 @@ def train_draft(
         mixed_precision=mixed_precision,
         compile_loss=args.compile_loss,
     )
-    run_phase("warmup", draft, warmup, epochs_to_updates(args.warmup_epochs), args.seed + rank)
+    if args.warmup_epochs > 0:
+        run_phase("warmup", draft, warmup, epochs_to_updates(args.warmup_epochs), args.seed + rank)
+        if args.save_warmup and accelerator.is_main_process:
+            draft.save_pretrained(out / "warmup")
     if args.finetune_epochs > 0:
         # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
         if args.num_modules > 1:

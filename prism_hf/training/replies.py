@@ -80,12 +80,17 @@ class ReplyDatasetArguments:
         metadata={"help": "processes writing shards side by side, each with its share of the CPU threads"},
     )
 
-    def manifest(self, target_fingerprint: str, dtype: torch.dtype) -> dict:
+    def manifest(self, target_fingerprint: str, tokenizer_fingerprint: str, dtype: torch.dtype) -> dict:
         fields = asdict(self)
         for volatile in ("output_dir", "num_prompts", "batch_size", "max_batch_tokens", "num_workers"):
             # batch sizes change speed, not the prompts or the sampling seeds of a shard
             fields.pop(volatile)
-        fields.update(format_version=FORMAT_VERSION, target_fingerprint=target_fingerprint, resolved_dtype=str(dtype))
+        fields.update(
+            format_version=FORMAT_VERSION,
+            target_fingerprint=target_fingerprint,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            resolved_dtype=str(dtype),
+        )
         return fields
 
 
@@ -393,6 +398,43 @@ def _target_fingerprint(config, tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """
+    Identifies what token ids mean and how prompts are rendered (vocabulary, special tokens, chat template): models
+    of one family (Qwen2.5-Coder 0.5B and 1.5B) share it, so one's replies can train the other's draft.
+    """
+    key = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special_tokens": sorted(tokenizer.all_special_tokens),
+            "chat_template": tokenizer.chat_template,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def check_reply_tokenizer(dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """
+    Raises a `ValueError` unless the replies in `dataset_dir` were written with `tokenizer`'s token ids and chat
+    template: with another tokenizer the same ids are other words, and a draft trained on them is silently useless.
+    """
+    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    expected = tokenizer_fingerprint(tokenizer)
+    found = manifest.get("tokenizer_fingerprint")
+    if found is None:
+        raise ValueError(
+            f"{dataset_dir} does not record the tokenizer its replies were written with (an older manifest): run "
+            f"`prism-hf data` on it once with its own settings (target {manifest.get('target')!r}) to record it."
+        )
+    if found != expected:
+        raise ValueError(
+            f"{dataset_dir} was written by {manifest.get('target')!r} with another tokenizer or chat template "
+            f"(fingerprint {found}) than the training target's ({expected}): its token ids would mean other tokens. "
+            "Use replies written by the target or a model of its family that shares its tokenizer."
+        )
+
+
 def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -452,10 +494,16 @@ def write_reply_dataset(
     else:
         config, dtype = model.config, model.dtype
     out = Path(args.output_dir)
-    manifest = args.manifest(_target_fingerprint(config, tokenizer), dtype)
+    manifest = args.manifest(_target_fingerprint(config, tokenizer), tokenizer_fingerprint(tokenizer), dtype)
     manifest_path = out / MANIFEST_FILE
     if manifest_path.exists():
         found = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if "tokenizer_fingerprint" not in found:
+            # written before manifests named the tokenizer: the target fingerprint below decides, and the manifest
+            # gains the tokenizer's fingerprint once the rest agrees
+            found["tokenizer_fingerprint"] = manifest["tokenizer_fingerprint"]
+            if found == manifest:
+                manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if found != manifest:
             changed = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
             raise ValueError(
