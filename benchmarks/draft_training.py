@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict] = {
     "candidate": dict(BASE, feature_noise=0.2, weight_decay=0.01),
 }
 # settings that change speed or what else is saved, not the trained draft: left out of a run's "changes"
-NOT_RECIPE = {"compile_loss", "save_warmup", "init_draft"}
+NOT_RECIPE = {"compile_loss", "save_warmup", "init_draft", "max_heldout_tokens"}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -78,6 +78,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--target-dtype", default="float32")
     parser.add_argument("--mixed-precision", default="no", help="'bf16' autocasts training matmuls")
     parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument(
+        "--bench-results",
+        type=Path,
+        help="a `prism-hf bench` results.json whose --draft names are this experiment's run names: adds each draft's "
+        "benchmark tau and speedup (all prompts) to the results",
+    )
     parser.add_argument(
         "--override",
         nargs="+",
@@ -148,7 +154,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.experiment == "scaling":
             plot_scaling(results, output / "results.png")
         print(json.dumps(results["runs"][-1]))
+    if args.bench_results is not None:
+        results = json.loads(results_path.read_text())
+        attach_benchmark(results, args.bench_results)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        (output / "results.md").write_text(render(results))
+        if args.experiment == "scaling":
+            plot_scaling(results, output / "results.png")
     return results["runs"]
+
+
+def attach_benchmark(results: dict, bench_results: Path) -> None:
+    """Adds `benchmark` (tau, speedup over plain `generate`, identical outputs) to each run the bench measured."""
+    bench = json.loads(bench_results.read_text())
+    aggregates = bench["aggregates"]
+    missing = [run["variant"] for run in results["runs"] if run["variant"] not in aggregates]
+    if len(missing) == len(results["runs"]):
+        raise ValueError(f"{bench_results} measured none of these runs (its drafts: {', '.join(aggregates)}).")
+    for run in results["runs"]:
+        overall = aggregates.get(run["variant"], {}).get("all")
+        if overall is None:
+            continue
+        run["benchmark"] = {
+            "tau": round(overall["tau_mean"], 3),
+            "speedup": round(overall["speedup"], 3),
+            "prompts": overall["prompts"],
+            "identical": overall["identical"],
+            "new_tokens": bench["metadata"]["max_new_tokens"],
+            "prompt_sets": bench["metadata"]["prompt_sets"],
+            "results": str(bench_results),
+        }
 
 
 def _run_entry(name: str, overrides: dict, draft_dir: Path, seconds: float) -> dict:
@@ -182,10 +217,21 @@ def plot_scaling(results: dict, path: Path) -> None:
     for modules in sorted({run["num_modules"] for run in results["runs"]}, reverse=True):
         runs = sorted((r for r in results["runs"] if r["num_modules"] == modules), key=lambda r: r["train_tokens"])
         label = f"PRISM M = {modules}" if modules > 1 else "M = 1 baseline"
-        axis.plot([r["train_tokens"] for r in runs], [r["heldout_predicted_tau"][-1] for r in runs], "o-", label=label)
+        line = axis.plot(
+            [r["train_tokens"] for r in runs], [r["heldout_predicted_tau"][-1] for r in runs], "o-", label=label
+        )[0]
+        benched = [r for r in runs if "benchmark" in r]
+        if benched:
+            axis.plot(
+                [r["train_tokens"] for r in benched],
+                [r["benchmark"]["tau"] for r in benched],
+                "s--",
+                color=line.get_color(),
+                label=f"{label}, benchmark tau",
+            )
     axis.set_xscale("log")
     axis.set_xlabel("training tokens")
-    axis.set_ylabel("held-out predicted tau (draft length 5)")
+    axis.set_ylabel("tau (held-out: predicted at draft length 5)")
     axis.grid(True, alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -215,6 +261,16 @@ def render(results: dict) -> str:
         "train tok/s | minutes |",
         "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
+    benched = [run for run in results["runs"] if "benchmark" in run]
+    if benched:
+        bench = benched[0]["benchmark"]
+        lines[2:2] = [
+            f"Benchmark tau and speedup: `prism-hf bench` over {bench['prompts']} prompts "
+            f"({', '.join(bench['prompt_sets'])}), {bench['new_tokens']} new tokens, greedy ({bench['results']}).",
+            "",
+        ]
+        lines[-2] = lines[-2][: -len(" minutes |")] + " minutes | benchmark tau | speedup |"
+        lines[-1] += " ---: | ---: |"
     for run in results["runs"]:
         changes = {k: v for k, v in run["overrides"].items() if TODAY.get(k) != v and k not in NOT_RECIPE} or "-"
         if run.get("warmup_from"):
@@ -226,6 +282,9 @@ def render(results: dict) -> str:
             f"| {run['variant']} | {changes} | {run['train_tokens']} | {sum(run['updates'].values())} | {taus} | "
             f"{accs} | {run['heldout_vocab_coverage']:.3f} | {speed} | {run['seconds'] / 60:.1f} |"
         )
+        if benched:
+            bench = run.get("benchmark")
+            lines[-1] += f" {bench['tau']:.2f} | {bench['speedup']:.2f}x |" if bench else " - | - |"
     return "\n".join(lines) + "\n"
 
 

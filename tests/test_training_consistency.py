@@ -27,7 +27,25 @@ def draft_from_generator(target, draft, prefix: torch.Tensor, num_tokens: int):
 
 
 def test_step_k_prediction_in_training_equals_step_k_candidate(llama_target, trained_llama_draft):
-    target, draft = llama_target, trained_llama_draft
+    assert_training_forward_drafts_like_generate(llama_target, trained_llama_draft)
+
+
+def test_fused_feature_layers_train_and_draft_alike(llama_target):
+    """Low/mid/high states (EAGLE-3 style): training's stored states fuse as drafting's full tuple does."""
+    layers = llama_target.config.num_hidden_layers
+    torch.manual_seed(0)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, feature_layers=[1, layers - 1, layers])
+    sequences = llama_target.generate(
+        training_prompts(), do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=None
+    )
+    batch = compute_target_features(llama_target, sequences, draft.config.feature_layers)
+    assert len(batch.hidden_states) == 3
+    loss, metrics = prism_loss(draft, batch, WARMUP_PHASE)
+    assert torch.isfinite(loss) and 0 <= metrics["acc_step1"] <= 1
+    assert_training_forward_drafts_like_generate(llama_target, draft)
+
+
+def assert_training_forward_drafts_like_generate(target, draft):
     sequence = target.generate(training_prompts()[0][None], do_sample=False, max_new_tokens=30)
     steps = 4  # more steps than modules: steps past the map reuse its last module
     for anchor in (3, 11, 20):
@@ -37,7 +55,7 @@ def test_step_k_prediction_in_training_equals_step_k_candidate(llama_target, tra
         drafted_sequence = torch.cat([prefix, candidates[None]], dim=1)
         features = compute_target_features(target, drafted_sequence, draft.config.feature_layers)
         with torch.no_grad():
-            output = draft(drafted_sequence, draft.fuse_features(features.hidden_states), num_steps=steps)
+            output = draft(drafted_sequence, draft.fuse_selected_features(features.hidden_states), num_steps=steps)
         for k in range(1, steps + 1):
             training_logits = output.step_logits[k - 1][0, anchor + k - 1]
             assert training_logits.argmax().item() == candidates[k - 1].item()

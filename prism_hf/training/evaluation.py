@@ -101,7 +101,7 @@ def evaluate_draft(
     targets = iter(targets) if targets is not None else None
     for batch in batches:
         batch = batch.to(draft.device)
-        features = draft.fuse_features(batch.hidden_states)
+        features = draft.fuse_selected_features(batch.hidden_states)
         output = draft(batch.input_ids, features, num_steps=num_steps, output_logits=False)
         top1 = next(targets).to(draft.device) if targets is not None else target_top1(draft, batch)
         token_mask = batch.loss_mask[:, 2:].bool()  # pair p scores token p + 2

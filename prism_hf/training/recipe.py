@@ -114,7 +114,7 @@ def prism_loss(
     Loss of the unrolled draft steps. Step k at pair `p` predicts token `p + 2` from context up to `p - k + 1`;
     it is scored where that context exists (`p >= k - 1`) and token `p + 2` is in the loss mask.
     """
-    features = draft.fuse_features(batch.hidden_states)
+    features = draft.fuse_selected_features(batch.hidden_states)
     if phase.feature_noise and draft.training:
         # uniform on [-a, a] has std a / sqrt(3)
         features = features + (torch.rand_like(features) * 2 - 1) * (phase.feature_noise * 3**0.5)
