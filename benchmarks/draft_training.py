@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from prism_hf.benchmarking.report import machine_metadata
@@ -134,9 +135,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             feature_cache_dir=str(args.feature_cache_dir) if args.feature_cache_dir else None,
             **overrides,
         )
-        started = time.perf_counter()
-        train_draft(training)
-        entry = _run_entry(run_name, overrides, drafts / run_name, time.perf_counter() - started)
+        trained = _trained_with(drafts / run_name, training)
+        if trained is not None:
+            # e.g. the process ended before writing its results, or the folder links to another experiment's draft
+            print(f"{run_name}: the draft in {drafts / run_name} was trained with these arguments: not retrained")
+            seconds = trained["total_seconds"]
+        else:
+            started = time.perf_counter()
+            train_draft(training)
+            seconds = time.perf_counter() - started
+        entry = _run_entry(run_name, overrides, drafts / run_name, seconds)
         # re-read: another process may have added its runs meanwhile (variants run side by side, one thread each)
         results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
         if "init_draft" in overrides:
@@ -184,6 +192,18 @@ def attach_benchmark(results: dict, bench_results: Path) -> None:
             "prompt_sets": bench["metadata"]["prompt_sets"],
             "results": str(bench_results),
         }
+
+
+def _trained_with(draft_dir: Path, training: DraftTrainingArguments) -> dict | None:
+    """The training record of the draft in `draft_dir` if it was trained with `training`'s arguments (any folder)."""
+    args_path, record_path = draft_dir / "training_args.json", draft_dir / "training_record.json"
+    if not (args_path.is_file() and record_path.is_file()):
+        return None
+    saved = json.loads(args_path.read_text())
+    wanted = json.loads(json.dumps(asdict(training)))
+    if {k: v for k, v in saved.items() if k != "output_dir"} != {k: v for k, v in wanted.items() if k != "output_dir"}:
+        return None
+    return json.loads(record_path.read_text())
 
 
 def _run_entry(name: str, overrides: dict, draft_dir: Path, seconds: float) -> dict:

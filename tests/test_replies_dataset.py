@@ -296,5 +296,34 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
         ("400-m1", 1),
     ]
     assert runs[0]["train_tokens"] < runs[2]["train_tokens"] and runs[0]["updates"] == runs[1]["updates"]
+    # the M = 1 baseline fine-tunes the M = 2 run's phase 1 instead of training its own
+    assert runs[1]["warmup_from"] == "60-m2" and runs[3]["warmup_from"] == "400-m2"
+    m1_log = (tmp_path / "drafts" / "60-m1" / "training_log.jsonl").read_text().splitlines()
+    assert {json.loads(line)["phase"] for line in m1_log} == {"finetune"}
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "results.png"}
     assert module.main(argv) == runs  # finished runs are not trained again
+
+    # results lost, drafts kept: drafts trained with the same arguments are read back, not retrained
+    (out / "results.json").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    module.train_draft = no_training
+    again = module.main(argv)
+    keys = ("variant", "train_tokens", "updates", "heldout_predicted_tau", "warmup_from")
+    assert [{k: r.get(k) for k in keys} for r in again] == [{k: r.get(k) for k in keys} for r in runs]
+
+    # benchmark tau and speedup from a `prism-hf bench` results file naming the drafts by run
+    overall = {"tau_mean": 1.5, "speedup": 0.9, "prompts": 3, "identical": 3}
+    bench = {
+        "metadata": {"max_new_tokens": 96, "prompt_sets": ["spec_bench"]},
+        "aggregates": {"plain": {"all": overall}, "400-m2": {"all": overall}},
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    benched = module.main(argv + ["--bench-results", str(tmp_path / "bench.json")])
+    assert [r.get("benchmark", {}).get("tau") for r in benched] == [None, None, 1.5, None]
+    assert "| benchmark tau | speedup |" in (out / "results.md").read_text()
+    (tmp_path / "other.json").write_text(json.dumps(bench | {"aggregates": {"plain": {"all": overall}}}))
+    with pytest.raises(ValueError, match="measured none of these runs"):
+        module.main(argv + ["--bench-results", str(tmp_path / "other.json")])
