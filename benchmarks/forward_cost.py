@@ -4,8 +4,10 @@ decides whether drafting several tokens per small-model or target forward can pa
 
 `python benchmarks/forward_cost.py --model qwen2.5-coder-0.5b-instruct` writes
 `benchmarks/results/forward-cost-<model>.json`: median seconds per forward and the ratio to a one-token forward.
-`--fast-cpu-linears` measures the model with `prism_hf.enable_fast_cpu_linears` (file `...-fast-linears.json`),
-`--int8` with `prism_hf.quantize_cpu_linears_int8`, as a small drafting model would run (file `...-int8.json`).
+`--fast-cpu-linears` measures the stock linear layers and `prism_hf.enable_fast_cpu_linears` side by side in one
+process, alternating in ABBA order for every forward, so that their ratios compare on equal terms (file
+`...-fast-linears.json`, both modes); `--int8` measures `prism_hf.quantize_cpu_linears_int8`, as a small drafting
+model would run (file `...-int8.json`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from prism_hf import enable_fast_cpu_linears, quantize_cpu_linears_int8
+from prism_hf import disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
 from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.reference_models import load_reference_model
 
@@ -42,25 +44,41 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--int8 replaces every float32 linear layer: it cannot be combined with --fast-cpu-linears.")
 
     model, _ = load_reference_model(args.model, dtype=getattr(torch, args.dtype))
+    # each mode is a switch applied before its forwards; stock and fast linears swap back and forth on one model
+    modes = {"stock": disable_fast_cpu_linears}
     if args.fast_cpu_linears:
-        enable_fast_cpu_linears(model)
+        enable_fast_cpu_linears(model)  # routing is measured (or read from its cache) once, before any timing
+        modes["fast"] = enable_fast_cpu_linears
     if args.int8:
         quantize_cpu_linears_int8(model)
+        modes = {"int8": lambda model: None}
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(100, vocab, (1, args.context), generator=generator)
-    seconds = {}
+    seconds: dict[str, dict[int, float]] = {mode: {} for mode in modes}
     with torch.no_grad():
         for k in args.tokens:
-            times = []
-            for _ in range(args.repeats):
-                cache = DynamicCache(config=model.config)
-                model(input_ids=context, cache=cache, use_cache=True)
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            for repeat in range(args.repeats):
                 new = torch.randint(100, vocab, (1, k), generator=generator)
-                began = time.perf_counter()
-                model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=k)
-                times.append(time.perf_counter() - began)
-            seconds[k] = statistics.median(times[1:])
+                order = list(modes.items())
+                for mode, switch in order if repeat % 2 == 0 else order[::-1]:  # ABBA
+                    switch(model)
+                    cache = DynamicCache(config=model.config)
+                    model(input_ids=context, cache=cache, use_cache=True)
+                    began = time.perf_counter()
+                    model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=k)
+                    times[mode].append(time.perf_counter() - began)
+            for mode in modes:
+                seconds[mode][k] = statistics.median(times[mode][1:])
+
+    def table(mode_seconds: dict[int, float]) -> dict[str, dict[str, float]]:
+        one = mode_seconds.get(1)
+        return {
+            str(k): {"seconds": round(s, 4), **({"ratio_to_one_token": round(s / one, 2)} if one else {})}
+            for k, s in mode_seconds.items()
+        }
+
     result = {
         "model": args.model,
         "dtype": args.dtype,
@@ -68,13 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
         "fast_cpu_linears": args.fast_cpu_linears,
         "int8": args.int8,
         "machine": machine_metadata("cpu"),
-        "forwards": {
-            str(k): {"seconds": round(s, 4), "ratio_to_one_token": round(s / seconds[1], 2)}
-            for k, s in seconds.items()
-        }
-        if 1 in seconds
-        else {str(k): {"seconds": round(s, 4)} for k, s in seconds.items()},
+        "forwards": {mode: table(mode_seconds) for mode, mode_seconds in seconds.items()},
     }
+    if args.fast_cpu_linears and 1 in seconds["stock"]:
+        result["stock_over_fast"] = {
+            str(k): round(seconds["stock"][k] / seconds["fast"][k], 3) for k in seconds["stock"]
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-fast-linears" if args.fast_cpu_linears else "-int8" if args.int8 else ""
     out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}{suffix}.json"
