@@ -84,7 +84,13 @@ class DraftTrainingArguments:
         default=2.0, metadata={"help": "phase 1 epochs (one module, soft CE + feature regression)"}
     )
     finetune_epochs: float = field(default=1.0, metadata={"help": "phase 2 epochs (M modules, CE only)"})
-    batch_size: int = field(default=4, metadata={"help": "conversations per update and process"})
+    batch_size: int = field(
+        default=2,
+        metadata={
+            "help": "conversations per update and process (2 beat 4 on held-out tau at 0.3M and 1.1M tokens on a "
+            "CPU: more updates per token)"
+        },
+    )
     warmup_learning_rate: float = field(default=1e-3, metadata={"help": "phase 1 peak learning rate"})
     finetune_learning_rate: float = field(default=3e-4, metadata={"help": "phase 2 peak learning rate"})
     num_draft_tokens: int = field(default=5, metadata={"help": "the saved draft's default draft length"})
