@@ -459,10 +459,23 @@ class PrismDraftModel(PrismPreTrainedModel):
                         "need draft features."
                     )
                 state = state[:, :length]
-            selected.append(state.to(device=self.device, dtype=self.dtype))
+            selected.append(state)
+        return self.fuse_selected_features(selected)
+
+    def fuse_selected_features(self, states: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+        """
+        Fuses verifier states already selected by `config.feature_layers`, one per entry and in that order (what
+        training stores: [`TargetFeatures.hidden_states`]), into one feature per position.
+        """
+        if len(states) != len(self.config.feature_layers):
+            raise ValueError(
+                f"Expected {len(self.config.feature_layers)} verifier states (feature_layers "
+                f"{self.config.feature_layers}), got {len(states)}."
+            )
+        states = [state.to(device=self.device, dtype=self.dtype) for state in states]
         if self.feature_fusion is None:
-            return selected[0]
-        return self.feature_fusion(torch.cat(selected, dim=-1))
+            return states[0]
+        return self.feature_fusion(torch.cat(states, dim=-1))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         embed_tokens = self.verifier.embed_tokens
