@@ -428,3 +428,26 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
                 output_dir=str(tmp_path / "z"), **(common | {"warmup_epochs": 0, "finetune_epochs": 0})
             )
         )
+
+
+def test_default_draft_vocabulary_is_clipped_to_the_targets(tiny_chat_model, tmp_path):
+    """The default 32768-token draft vocabulary keeps a smaller target's whole vocabulary (no reduced head)."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    target_dir, data, _ = tiny_chat_model
+    args = DraftTrainingArguments(
+        target=str(target_dir),
+        data=str(data),
+        output_dir=str(tmp_path / "draft"),
+        num_examples=4,
+        max_length=64,
+        warmup_epochs=1,
+        finetune_epochs=0,
+        target_dtype="float32",
+        eval_every=0,
+    )
+    assert args.draft_vocab_size == 32768
+    train_draft(args, progress=False)
+    draft = prism_hf.PrismDraftModel.from_pretrained(tmp_path / "draft")
+    assert draft.config.draft_vocab_size is None and draft.draft_to_target is None
+    assert draft.config.verifier_vocab_size < 32768

@@ -108,10 +108,12 @@ def evaluate_draft(
         pairs = token_mask.shape[1]
         match = []
         for k, hidden in enumerate(output.step_hidden_states, start=1):
-            drafted = _chunked_argmax(draft.compute_logits, hidden[:, :pairs])
+            # logits only where a reply token is drafted (the LM head is most of the cost; prompts are often half)
+            drafted = _chunked_argmax(draft.compute_logits, hidden[:, :pairs][token_mask])
             if draft.draft_to_target is not None:
                 drafted = draft.draft_to_target[drafted]
-            hit = (drafted == top1) & token_mask
+            hit = torch.zeros_like(token_mask)
+            hit[token_mask] = drafted == top1[token_mask]
             valid = token_mask.clone()
             valid[:, : k - 1] = False
             matched[k - 1] += float((hit & valid).sum())
