@@ -170,6 +170,13 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument("--output-dir", help="default: benchmarks/results/<target name>/")
     parser.add_argument("--spec-bench-path", help="a Spec-Bench question.jsonl (default: shared/data/spec_bench)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up calls")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="sample at this temperature (top-k and top-p off) instead of greedy decoding; outputs are then not "
+        "compared with plain generate's (the test suite checks the distribution)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (prompt i: seed + i)")
     parser.set_defaults(handler=_run_bench, mode="quick")
 
 

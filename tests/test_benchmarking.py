@@ -79,6 +79,41 @@ def test_harness_measures_checks_and_reports(llama_target, trained_llama_draft, 
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sampling_mode_seeds_each_prompt_and_skips_the_comparison(llama_target, trained_llama_draft, tmp_path):
+    """`temperature=`: every strategy samples (same seed per prompt), runs repeat exactly, nothing is compared."""
+    prompts = [BenchPrompt(f"p{i}", "seen", p) for i, p in enumerate(training_prompts()[:2])]
+    strategies = [assistant_strategy("prism", trained_llama_draft), assistant_strategy("broken", _NotAnAssistant())]
+
+    def run():
+        return run_benchmark(
+            llama_target, prompts, strategies, max_new_tokens=16, temperature=1.0, seed=3, progress=False
+        )
+
+    records, again = run(), run()
+    assert [(r.strategy, r.new_tokens, r.target_forwards) for r in records] == [
+        (r.strategy, r.new_tokens, r.target_forwards) for r in again
+    ]
+    assert all(r.sampled and not r.identical and r.first_difference is None for r in records)
+    by = {(r.strategy, r.prompt_id): r for r in records}
+    assert by[("plain", "p0")].tau == 1.0 and by[("broken", "p0")].error
+    # greedy runs still compare every output with plain generate's
+    greedy = run_benchmark(llama_target, prompts, [], max_new_tokens=16, warmup=False, progress=False)
+    assert not greedy[0].sampled and greedy[0].identical
+
+    payload = write_results(tmp_path, records, {"target": "tiny llama"})
+    assert payload["aggregates"]["prism"]["all"]["sampled"] and not payload["aggregates"]["prism"]["all"]["failures"]
+    assert [f["prompt_id"] for f in payload["aggregates"]["broken"]["all"]["failures"]] == ["p0", "p1"]
+    table = (tmp_path / "results.md").read_text()
+    prism_row = next(line for line in table.splitlines() if line.startswith("| prism | all |"))
+    assert prism_row.endswith("| sampled |")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        run_benchmark(llama_target, prompts, [], max_new_tokens=4, temperature=0.0, progress=False)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        BenchmarkConfig(target="t", temperature=-1.0).resolved()
+    config = BenchmarkConfig(target="some/SmolLM2", temperature=1.0, output_dir=None).resolved()
+    assert config.output_dir.endswith("smollm2-temperature-1")
+
+
 class _FakeTokenizer:
     """Just enough tokenizer for the text-prompt path: characters as token ids."""
 

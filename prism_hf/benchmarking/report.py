@@ -32,6 +32,7 @@ AGGREGATE_KEYS = (
     "draft_share_mean",
     "peak_memory_mb",
     "identical",
+    "sampled",
     "failures",
 )
 RecordLike = RunRecord | dict[str, Any]
@@ -43,7 +44,7 @@ def _aggregate(group: list[RunRecord], plain_seconds: dict[str, float]) -> dict[
     failures = [
         {"prompt_id": r.prompt_id, "reason": r.error or f"differs from plain from new token {r.first_difference}"}
         for r in group
-        if not r.identical
+        if r.error or not (r.identical or r.sampled)
     ]
     return {
         "prompts": len(group),
@@ -58,6 +59,7 @@ def _aggregate(group: list[RunRecord], plain_seconds: dict[str, float]) -> dict[
         "draft_share_mean": statistics.fmean(r.draft_share for r in done) if done else None,
         "peak_memory_mb": max((r.peak_memory_mb for r in done), default=None),
         "identical": sum(r.identical for r in group),
+        "sampled": any(r.sampled for r in group),  # outputs drawn by sampling: `identical` does not apply
         "failures": failures,
     }
 
@@ -85,11 +87,17 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _identical_cell(aggregate: dict[str, Any]) -> str:
+    if aggregate.get("sampled"):
+        return "sampled"
+    return f"{aggregate['identical']}/{aggregate['prompts']}"
+
+
 def markdown_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     """
     One row per strategy and category. `speedup` is total plain seconds over total strategy seconds; `per-prompt
     median` the median of the prompts' own ratios, which one call slowed by the machine moves far less. The
-    `identical` column counts outputs equal to plain greedy output.
+    `identical` column counts outputs equal to plain greedy output (`sampled` under sampling, where it does not apply).
     """
     lines = [
         "| strategy | category | tok/s (median) | speedup | per-prompt median | tau | draft share | peak MB "
@@ -103,7 +111,7 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"{_fmt(s['speedup'], '.2f', 'x')} | {_fmt(s['speedup_median'], '.2f', 'x')} | "
                 f"{_fmt(s['tau_mean'], '.2f')} | "
                 f"{_fmt(s['draft_share_mean'], '.0%')} | {_fmt(s['peak_memory_mb'], '.0f')} | "
-                f"{s['identical']}/{s['prompts']} |"
+                f"{_identical_cell(s)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -114,7 +122,11 @@ def failures_markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     for strategy, categories in summary.items():
         for failure in categories[ALL]["failures"]:
             lines.append(f"- {strategy} / {failure['prompt_id']}: {failure['reason']}")
-    return "\n".join(lines) + "\n" if lines else "None: every output is identical to plain greedy output.\n"
+    if lines:
+        return "\n".join(lines) + "\n"
+    if any(categories[ALL].get("sampled") for categories in summary.values()):
+        return "None: no call failed (sampled outputs are not compared).\n"
+    return "None: every output is identical to plain greedy output.\n"
 
 
 def machine_metadata(device: torch.device | str = "cpu") -> dict[str, Any]:

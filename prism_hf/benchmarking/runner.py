@@ -33,6 +33,8 @@ class RunRecord:
     """
     One (strategy, prompt) measurement.
 
+    Under sampling (`sampled`) outputs are not compared with plain `generate`'s (`identical` is False): the draws
+    differ, only their distribution is the same, which the test suite checks statistically.
     `target_forwards` and `target_seconds` come from hooks on the target alone, so drafting (an assistant model, a
     PRISM draft, n-gram lookup) and `generate`'s own bookkeeping are what is left of `seconds`. `error` is set, and
     the timings are zero, when the call raised.
@@ -50,6 +52,7 @@ class RunRecord:
     identical: bool
     first_difference: int | None = None
     error: str | None = None
+    sampled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -159,13 +162,29 @@ def _first_difference(tokens: torch.Tensor, reference: torch.Tensor) -> int | No
     return None if len(tokens) == len(reference) else common
 
 
+def sampling_kwargs(temperature: float | None) -> dict[str, Any]:
+    """
+    `generate` keywords of the benchmark's decoding: greedy, or plain sampling at `temperature` with top-k and top-p
+    off (whatever the target's generation config says), so every strategy samples from the same distribution.
+    """
+    if temperature is None:
+        return {"do_sample": False}
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive (None: greedy decoding), got {temperature}.")
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
 def _generate(
-    target: PreTrainedModel, input_ids: torch.Tensor, strategy: Strategy, max_new_tokens: int
+    target: PreTrainedModel,
+    input_ids: torch.Tensor,
+    strategy: Strategy,
+    max_new_tokens: int,
+    decoding: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """One greedy batch-1 call; returns the new tokens, wall seconds and peak memory in MB."""
+    """One batch-1 call (greedy unless `decoding` says otherwise); returns the new tokens, seconds and peak MB."""
     input_ids = input_ids.to(target.device)[None]
     # The strategy's keywords come last so that one changing the decoding itself is measured (and caught), not refused.
-    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **strategy.generate_kwargs}
+    kwargs = {**(decoding or {"do_sample": False}), "max_new_tokens": max_new_tokens, **strategy.generate_kwargs}
     with peak_memory(target.device) as peak:
         start = time.perf_counter()
         output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
@@ -183,11 +202,14 @@ def run_benchmark(
     tokenizer: PreTrainedTokenizerBase | None = None,
     warmup: bool = True,
     progress: bool = True,
+    temperature: float | None = None,
+    seed: int = 0,
 ) -> list[RunRecord]:
     """
-    Greedy, batch 1, one process. Plain `generate` runs first on every prompt and is the reference both for speed and
-    for exactness; then each strategy in turn on the same prompt. A strategy whose call raises is recorded as a
-    failure with its error, so one broken strategy does not lose the rest of the run.
+    Greedy (or sampling at `temperature`), batch 1, one process. Plain `generate` runs first on every prompt and is
+    the reference both for speed and for exactness; then each strategy in turn on the same prompt. A strategy whose
+    call raises is recorded as a failure with its error, so one broken strategy does not lose the rest of the run.
+    Under sampling every call of prompt `i` starts from `torch.manual_seed(seed + i)`, and outputs are not compared.
 
     Args:
         target (`PreTrainedModel`): the verifier, in eval mode on its device.
@@ -197,12 +219,16 @@ def run_benchmark(
         tokenizer (`PreTrainedTokenizerBase`, *optional*): renders text prompts (chat template when it has one).
         warmup (`bool`): one short call per strategy first, so lazy initialisation is not timed.
         progress (`bool`): show a progress bar.
+        temperature (`float`, *optional*): sample at this temperature (top-k and top-p off) instead of greedy.
+        seed (`int`): the sampling seed of the first prompt.
     """
     names = [s.name for s in strategies]
     if PLAIN in names:
         raise ValueError(f"'{PLAIN}' is reserved for the reference run of plain generate, which is always added.")
     if len(set(names)) != len(names):
         raise ValueError(f"Strategy names must be unique, got {names}.")
+    decoding = sampling_kwargs(temperature)
+    sampled = decoding["do_sample"]
     encoded = encode_prompts(prompts, tokenizer)
     all_strategies = [plain_strategy(), *strategies]
     meter = TargetMeter(target)
@@ -210,19 +236,21 @@ def run_benchmark(
     if warmup and encoded:
         for strategy in all_strategies:
             try:
-                _generate(target, encoded[0].input_ids, strategy, min(WARMUP_TOKENS, max_new_tokens))
+                _generate(target, encoded[0].input_ids, strategy, min(WARMUP_TOKENS, max_new_tokens), decoding)
             except Exception as error:  # reported per prompt below
                 logger.warning(f"Warm-up of strategy {strategy.name!r} failed: {type(error).__name__}: {error}")
 
     records: list[RunRecord] = []
     bar = tqdm(total=len(encoded) * len(all_strategies), desc="benchmark", unit="call", disable=not progress)
-    for prompt in encoded:
+    for index, prompt in enumerate(encoded):
         reference: torch.Tensor | None = None
         for strategy in all_strategies:
             bar.set_postfix_str(f"{prompt.id} {strategy.name}", refresh=False)
+            if sampled:
+                torch.manual_seed(seed + index)
             with meter.measure():
                 try:
-                    tokens, seconds, peak_mb = _generate(target, prompt.input_ids, strategy, max_new_tokens)
+                    tokens, seconds, peak_mb = _generate(target, prompt.input_ids, strategy, max_new_tokens, decoding)
                     error = None
                 except Exception as exc:
                     if strategy.name == PLAIN:  # no reference, nothing to compare against: the run itself is broken
@@ -231,7 +259,7 @@ def run_benchmark(
                     error = f"{type(exc).__name__}: {exc}"
             if reference is None:
                 reference = tokens
-            difference = None if error else _first_difference(tokens, reference)
+            difference = None if error or sampled else _first_difference(tokens, reference)
             records.append(
                 RunRecord(
                     strategy=strategy.name,
@@ -243,9 +271,10 @@ def run_benchmark(
                     target_forwards=0 if error else meter.forwards,
                     target_seconds=0.0 if error else meter.seconds,
                     peak_memory_mb=peak_mb,
-                    identical=error is None and difference is None,
+                    identical=error is None and not sampled and difference is None,
                     first_difference=difference,
                     error=error,
+                    sampled=sampled,
                 )
             )
             bar.update(1)

@@ -47,11 +47,15 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def default_output_dir(
-    target: str | os.PathLike, quantization: str | None = None, dispatched: bool = False, fast_linears: bool = False
+    target: str | os.PathLike,
+    quantization: str | None = None,
+    dispatched: bool = False,
+    fast_linears: bool = False,
+    temperature: float | None = None,
 ) -> Path:
     """
-    `benchmarks/results/<target name>[-<quantization>][-dispatched][-fast-linears]/`, relative to the working
-    directory.
+    `benchmarks/results/<target name>[-<quantization>][-dispatched][-fast-linears][-temperature-<t>]/`, relative to
+    the working directory.
     """
     name = Path(target).name.lower()
     suffixes = [quantization] if quantization else []
@@ -59,6 +63,8 @@ def default_output_dir(
         suffixes.append("dispatched")
     if fast_linears:
         suffixes.append("fast-linears")
+    if temperature is not None:
+        suffixes.append(f"temperature-{temperature:g}")
     return DEFAULT_RESULTS_ROOT / "-".join([name, *suffixes])
 
 
@@ -167,6 +173,9 @@ class BenchmarkConfig:
         output_dir (`str`, *optional*): default `benchmarks/results/<target name>/`.
         warmup (`bool`): one short call per strategy before measuring.
         spec_bench_path (`str`, *optional*): a Spec-Bench `question.jsonl` other than the default.
+        temperature (`float`, *optional*): sample at this temperature (top-k and top-p off) instead of decoding
+            greedily; outputs are then not compared with plain `generate`'s (see `run_benchmark`).
+        seed (`int`): the sampling seed of the first prompt (prompt `i` uses `seed + i`, for every strategy).
     """
 
     target: str
@@ -197,6 +206,8 @@ class BenchmarkConfig:
     output_dir: str | None = None
     warmup: bool = True
     spec_bench_path: str | None = None
+    temperature: float | None = None
+    seed: int = 0
 
     def resolved(self) -> BenchmarkConfig:
         """A copy with the mode's sizes, the device and the output directory filled in."""
@@ -212,6 +223,8 @@ class BenchmarkConfig:
             )
         if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
             raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive (None: greedy decoding), got {self.temperature}.")
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
@@ -224,7 +237,9 @@ class BenchmarkConfig:
             raise ValueError("target_max_memory budgets a device-map strategy: also set target_device_map='auto'.")
         dispatched = self.target_device_map is not None
         values["output_dir"] = self.output_dir or str(
-            default_output_dir(self.target, self.target_quantization, dispatched, self.fast_cpu_linears)
+            default_output_dir(
+                self.target, self.target_quantization, dispatched, self.fast_cpu_linears, self.temperature
+            )
         )
         return dataclasses.replace(self, **values)
 
@@ -342,6 +357,8 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
             tokenizer=tokenizer,
             warmup=config.warmup,
             progress=progress,
+            temperature=config.temperature,
+            seed=config.seed,
         )
     finally:
         if "offload_folder" in load_kwargs:
@@ -362,7 +379,14 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "machine": machine_metadata(target.device),
         "mode": config.mode,
         "max_new_tokens": config.max_new_tokens,
-        "decoding": "greedy, batch 1, interleaved (each prompt: plain first, then each strategy), after warm-up",
+        "decoding": (
+            "greedy"
+            if config.temperature is None
+            else f"sampling at temperature {config.temperature:g} (top-k and top-p off; prompt i: seed "
+            f"{config.seed} + i)"
+        )
+        + ", batch 1, interleaved (each prompt: plain first, then each strategy), after warm-up",
+        "temperature": config.temperature,
         "strategies": [s.metadata() for s in strategies],
         "drafts": dict(config.drafts),  # lets `prism-hf push --benchmark` find a draft's strategy by its path
         "prompt_sets": {name: len(group) for name, group in prompt_sets.items()},
