@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             entry["warmup_from"] = source["variant"]
         results["runs"] = [run for run in results["runs"] if run["variant"] != run_name] + [entry]
         results["experiment"] = args.experiment
+        if args.experiment == "scaling":
+            results["fit"] = fit_scaling(results)
         results["machine"] = machine_metadata()
         results["args"] = {k: str(v) for k, v in vars(args).items()}
         results_path.write_text(json.dumps(results, indent=2) + "\n")
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.bench_results is not None:
         results = json.loads(results_path.read_text())
         attach_benchmark(results, args.bench_results)
+        if args.experiment == "scaling":
+            results["fit"] = fit_scaling(results)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         (output / "results.md").write_text(render(results))
         if args.experiment == "scaling":
@@ -226,6 +231,46 @@ def _run_entry(name: str, overrides: dict, draft_dir: Path, seconds: float) -> d
     }
 
 
+# the smallest budgets sit on the flat start of the curve (the draft has barely learnt anything): the trend is fitted
+# from here on
+FIT_FROM_TOKENS = 100_000
+PROJECTED_TAUS = (2.0, 2.5, 3.0)
+
+
+def fit_scaling(results: dict) -> dict[str, dict]:
+    """
+    Per number of modules: the least-squares line of held-out predicted tau (longest draft length) on log2 of the
+    training tokens, over the runs with at least `FIT_FROM_TOKENS` tokens, and the tokens at which that line reaches
+    each of `PROJECTED_TAUS`. The projections are extrapolations, an order of magnitude: a measured curve may still
+    steepen with data (then they overstate the data a tau needs), and acceptance saturates eventually (then they
+    understate it).
+    """
+    fits = {}
+    for modules in sorted({run["num_modules"] for run in results["runs"]}, reverse=True):
+        points = sorted(
+            (run["train_tokens"], run["heldout_predicted_tau"][-1])
+            for run in results["runs"]
+            if run["num_modules"] == modules and run["train_tokens"] >= FIT_FROM_TOKENS
+        )
+        if len(points) < 2:
+            continue
+        xs, ys = [math.log2(tokens) for tokens, _ in points], [tau for _, tau in points]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+        slope = covariance / sum((x - mean_x) ** 2 for x in xs)
+        intercept = mean_y - slope * mean_x
+        fits[f"m{modules}"] = {
+            "num_modules": modules,
+            "runs": len(points),
+            "tau_per_doubling": round(slope, 4),
+            "tau_at_1m_tokens": round(intercept + slope * math.log2(1e6), 4),
+            "tokens_for_tau": {
+                str(tau): (round(2 ** ((tau - intercept) / slope)) if slope > 0 else None) for tau in PROJECTED_TAUS
+            },
+        }
+    return fits
+
+
 def plot_scaling(results: dict, path: Path) -> None:
     """Held-out predicted tau (longest draft length) against training tokens, one line per number of modules."""
     import matplotlib
@@ -248,6 +293,19 @@ def plot_scaling(results: dict, path: Path) -> None:
                 "s--",
                 color=line.get_color(),
                 label=f"{label}, benchmark tau",
+            )
+        fit = results.get("fit", {}).get(f"m{modules}")
+        if fit is not None and fit["tau_per_doubling"] > 0:
+            start = min(r["train_tokens"] for r in runs if r["train_tokens"] >= FIT_FROM_TOKENS)
+            end = max(start * 2, max(v for v in fit["tokens_for_tau"].values() if v is not None))
+            xs = [start * (end / start) ** (i / 20) for i in range(21)]
+            base = fit["tau_at_1m_tokens"]
+            axis.plot(
+                xs,
+                [base + fit["tau_per_doubling"] * math.log2(x / 1e6) for x in xs],
+                ":",
+                color=line.get_color(),
+                label=f"{label}, trend (+{fit['tau_per_doubling']:.3f} per doubling)",
             )
     axis.set_xscale("log")
     axis.set_xlabel("training tokens")
@@ -291,7 +349,10 @@ def render(results: dict) -> str:
         ]
         lines[-2] = lines[-2][: -len(" minutes |")] + " minutes | benchmark tau | speedup |"
         lines[-1] += " ---: | ---: |"
-    for run in results["runs"]:
+    runs = results["runs"]
+    if results.get("experiment") == "scaling":  # by data size, PRISM before its baseline
+        runs = sorted(runs, key=lambda run: (run["train_tokens"], -run["num_modules"]))
+    for run in runs:
         changes = {k: v for k, v in run["overrides"].items() if TODAY.get(k) != v and k not in NOT_RECIPE} or "-"
         if run.get("warmup_from"):
             changes = f"phase 1 of {run['warmup_from']}; {changes}"
@@ -305,6 +366,26 @@ def render(results: dict) -> str:
         if benched:
             bench = run.get("benchmark")
             lines[-1] += f" {bench['tau']:.2f} | {bench['speedup']:.2f}x |" if bench else " - | - |"
+    if results.get("fit"):
+        lines += [
+            "",
+            f"Trend: least-squares line of held-out predicted tau (draft length 5) on log2(training tokens), runs "
+            f"from {FIT_FROM_TOKENS:,} tokens on, and the tokens where that line would reach each tau: an "
+            "extrapolation, an order of magnitude (a curve may still steepen, and acceptance saturates eventually).",
+            "",
+            "| modules | runs | tau per doubling of data | tau at 1M tokens | "
+            + " | ".join(f"tokens for tau {tau}" for tau in PROJECTED_TAUS)
+            + " |",
+            "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in PROJECTED_TAUS) + " |",
+        ]
+        for fit in results["fit"].values():
+            needs = [fit["tokens_for_tau"][str(tau)] for tau in PROJECTED_TAUS]
+            lines.append(
+                f"| M = {fit['num_modules']} | {fit['runs']} | {fit['tau_per_doubling']:+.3f} | "
+                f"{fit['tau_at_1m_tokens']:.2f} | "
+                + " | ".join(f"{n / 1e6:,.1f}M" if n is not None else "never" for n in needs)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -327,3 +327,31 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
     (tmp_path / "other.json").write_text(json.dumps(bench | {"aggregates": {"plain": {"all": overall}}}))
     with pytest.raises(ValueError, match="measured none of these runs"):
         module.main(argv + ["--bench-results", str(tmp_path / "other.json")])
+
+
+def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
+    """The scaling report's trend: tau per doubling of data and the tokens a tau needs, from 100K tokens on."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_training.py"
+    spec = importlib.util.spec_from_file_location("draft_training", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(tokens, tau, modules):
+        return {"num_modules": modules, "train_tokens": tokens, "heldout_predicted_tau": [1.0, tau]}
+
+    # M = 2: +0.1 per doubling through 1.5 at 1M tokens (the 35K point lies below the fitted range and is off-trend)
+    runs = [run(35_000, 1.1, 2)] + [run(2**k * 125_000, 1.2 + 0.1 * k, 2) for k in range(4)]
+    runs += [run(250_000, 1.3, 1), run(1_000_000, 1.3, 1)]  # M = 1: flat
+    fits = module.fit_scaling({"runs": runs})
+    m2, m1 = fits["m2"], fits["m1"]
+    assert m2["runs"] == 4 and m2["tau_per_doubling"] == pytest.approx(0.1)
+    assert m2["tau_at_1m_tokens"] == pytest.approx(1.5)
+    assert m2["tokens_for_tau"] == {"2.0": 32_000_000, "2.5": 1_024_000_000, "3.0": 32_768_000_000}
+    assert m1["tau_per_doubling"] == 0 and set(m1["tokens_for_tau"].values()) == {None}
+    assert module.fit_scaling({"runs": runs[:2]}) == {}  # one point in the fitted range: no line
+    text = module.render({"runs": [], "fit": fits})
+    assert "| M = 2 | 4 | +0.100 | 1.50 | 32.0M | 1,024.0M | 32,768.0M |" in text
+    assert "| M = 1 | 2 | +0.000 | 1.30 | never | never | never |" in text
