@@ -204,8 +204,10 @@ def _trained_with(draft_dir: Path, training: DraftTrainingArguments) -> dict | N
     args_path, record_path = draft_dir / "training_args.json", draft_dir / "training_record.json"
     if not (args_path.is_file() and record_path.is_file()):
         return None
-    saved = json.loads(args_path.read_text())
     wanted = json.loads(json.dumps(asdict(training)))
+    # a field added to the arguments since the draft was trained counts as its default
+    defaults = json.loads(json.dumps(asdict(DraftTrainingArguments(target=training.target, output_dir=""))))
+    saved = {k: defaults[k] for k in wanted if k in defaults} | json.loads(args_path.read_text())
     if {k: v for k, v in saved.items() if k != "output_dir"} != {k: v for k, v in wanted.items() if k != "output_dir"}:
         return None
     return json.loads(record_path.read_text())

@@ -358,7 +358,7 @@ def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
 
 
 def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monkeypatch):
-    """`--source sharegpt-tasks`: one task-shaped prompt per conversation, keyed (and so split) like its conversation."""
+    """`--source sharegpt-tasks`: a task-shaped prompt per conversation, keyed (and so split) like its conversation."""
     from prism_hf import prompt_data
 
     document = " ".join(f"word{i}" for i in range(80))
@@ -400,3 +400,36 @@ def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monk
     assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}]) is None
     with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks' nor"):
         list(prompt_data.iter_conversation_records("sharegpt-task"))
+
+
+def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """`--more-data`: several replies datasets in one run, each with its own held-out part, all checked."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    chat, other = tmp_path / "chat", tmp_path / "other"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, chat, num_prompts=6), progress=False)
+    write_reply_dataset(_args(tiny_chat_target, chat_data, other, num_prompts=6, seed=1), progress=False)
+    common = dict(target=str(tiny_chat_target), warmup_epochs=1, finetune_epochs=0, target_dtype="float32")
+    common |= dict(eval_every=0, draft_vocab_size=None)
+
+    def split_counts(dataset):
+        train, heldout = load_reply_examples(dataset, 2048)
+        return sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
+
+    both = tmp_path / "both"
+    train_draft(DraftTrainingArguments(output_dir=str(both), data=str(chat), more_data=[str(other)], **common))
+    record = json.loads((both / "training_record.json").read_text())
+    (train_a, heldout_a), (train_b, heldout_b) = split_counts(chat), split_counts(other)
+    assert record["num_examples"] == train_a + train_b and record["heldout_examples"] == heldout_a + heldout_b
+    assert f"--more-data {other}" in record["command"]
+
+    not_replies = DraftTrainingArguments(
+        output_dir=str(tmp_path / "x"), data=str(chat), more_data=[str(chat_data)], **common
+    )
+    with pytest.raises(ValueError, match="is not a replies dataset folder"):
+        train_draft(not_replies)
+    jsonl_first = DraftTrainingArguments(
+        output_dir=str(tmp_path / "y"), data=str(chat_data), more_data=[str(chat)], **common
+    )
+    with pytest.raises(ValueError, match="--data must be one too"):
+        train_draft(jsonl_first)

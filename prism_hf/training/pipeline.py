@@ -48,9 +48,19 @@ class DraftTrainingArguments:
             "or a JSONL file of messages / ShareGPT rows"
         },
     )
+    more_data: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "more replies datasets trained on with --data (itself a replies dataset), each with its own "
+            "held-out conversations (all of them score the draft); e.g. task-shaped replies beside chat replies"
+        },
+    )
     num_examples: int | None = field(
         default=None,
-        metadata={"help": "conversations to use, held-out ones included (default: 1000; a replies dataset: all)"},
+        metadata={
+            "help": "conversations to use, held-out ones included (default: 1000; a replies dataset: all; with "
+            "--more-data: per dataset)"
+        },
     )
     max_train_tokens: int | None = field(
         default=None,
@@ -278,9 +288,19 @@ def train_draft(
 
     # ---- data: named shards of training and held-out examples
     if examples is None and is_reply_dataset(args.data):
-        check_reply_tokenizer(args.data, tokenizer)
-        train_shards, heldout_shards = load_reply_examples(args.data, args.max_length, args.num_examples)
+        train_shards, heldout_shards = [], []
+        for index, dataset in enumerate([args.data, *(args.more_data or [])]):
+            if not is_reply_dataset(dataset):
+                raise ValueError(f"--more-data {dataset!r} is not a replies dataset folder (prism-hf data).")
+            check_reply_tokenizer(dataset, tokenizer)
+            train, heldout = load_reply_examples(dataset, args.max_length, args.num_examples)
+            # shard names stay unique (they name cached features too); the first dataset's keep their plain names
+            prefix = f"data{index}-" if index else ""
+            train_shards += [(prefix + name, shard) for name, shard in train]
+            heldout_shards += [(prefix + name, shard) for name, shard in heldout]
     else:
+        if args.more_data:
+            raise ValueError("--more-data adds replies datasets to a replies dataset: --data must be one too.")
         if examples is None:
             conversations = load_conversations(args.data)
             examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
