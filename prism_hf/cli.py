@@ -16,6 +16,9 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, arguments_class: t
         if f.name == "feature_layers":
             parser.add_argument(name, type=int, nargs="+", default=[-1], help="verifier hidden-state indices")
             continue
+        if str(f.type) == "list[str] | None":
+            parser.add_argument(name, nargs="+", default=None, help=f.metadata.get("help"))
+            continue
         if f.type == "bool":
             parser.add_argument(name, action="store_true", help=f.metadata.get("help"))
             continue

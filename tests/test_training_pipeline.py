@@ -451,3 +451,20 @@ def test_default_draft_vocabulary_is_clipped_to_the_targets(tiny_chat_model, tmp
     draft = prism_hf.PrismDraftModel.from_pretrained(tmp_path / "draft")
     assert draft.config.draft_vocab_size is None and draft.draft_to_target is None
     assert draft.config.verifier_vocab_size < 32768
+
+
+@pytest.mark.parametrize("command", ["train", "data", "bench", "push"])
+def test_cli_help_renders(command, capsys):
+    """Every subcommand's --help renders (argparse formats help texts with %: a stray one breaks it)."""
+    from prism_hf.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: prism-hf " + command in capsys.readouterr().out
+
+
+def test_cli_train_takes_several_replies_datasets():
+    from prism_hf.cli import build_parser
+
+    namespace = build_parser().parse_args(["train", "--target", "t", "--output-dir", "o", "--more-data", "a", "b"])
+    assert namespace.more_data == ["a", "b"] and namespace.data == "sharegpt"

@@ -87,8 +87,8 @@ class DraftTrainingArguments:
         default=32768,
         metadata={
             "help": "keep only this many most frequent reply tokens in the draft head (a size at or above the "
-            "target's vocabulary, or None, keeps it whole); 32768 covered 98.6% of SmolLM2's held-out reply tokens "
-            "and trained faster and better than its whole 49152"
+            "target's vocabulary, or None, keeps it whole); 32768 covered 98.6 percent of SmolLM2's held-out reply "
+            "tokens and trained faster and better than its whole 49152"
         },
     )
     intermediate_size: int | None = field(
