@@ -181,10 +181,11 @@ def _generate(
     max_new_tokens: int,
     decoding: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, float, float]:
-    """One batch-1 call (greedy unless `decoding` says otherwise); returns the new tokens, seconds and peak MB."""
+    """One batch-1 call (greedy unless `decoding`, see `sampling_kwargs`); returns new tokens, seconds and peak MB."""
     input_ids = input_ids.to(target.device)[None]
+    decoding = sampling_kwargs(None) if decoding is None else decoding
     # The strategy's keywords come last so that one changing the decoding itself is measured (and caught), not refused.
-    kwargs = {**(decoding or {"do_sample": False}), "max_new_tokens": max_new_tokens, **strategy.generate_kwargs}
+    kwargs = {**decoding, "max_new_tokens": max_new_tokens, **strategy.generate_kwargs}
     with peak_memory(target.device) as peak:
         start = time.perf_counter()
         output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

@@ -21,7 +21,7 @@ from ..cpu_linear import enable_fast_cpu_linears, quantize_cpu_linears_int8
 from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
-from .runner import run_benchmark
+from .runner import run_benchmark, sampling_kwargs
 from .strategies import (
     Strategy,
     check_draft_dir,
@@ -223,8 +223,7 @@ class BenchmarkConfig:
             )
         if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
             raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature must be positive (None: greedy decoding), got {self.temperature}.")
+        sampling_kwargs(self.temperature)  # refuses a temperature that is not positive
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
