@@ -155,6 +155,12 @@ def _add_bench_parser(subparsers) -> None:
         "(prism_hf.quantize_cpu_linears_int8), named ...-int8",
     )
     parser.add_argument(
+        "--draft-int8",
+        action="store_true",
+        help="also run each --draft with int8 layers and an int8 draft-vocabulary LM head "
+        "(prism_hf.quantize_cpu_linears_int8), named NAME-int8",
+    )
+    parser.add_argument(
         "--no-float-small-model",
         dest="float_small_model",
         action="store_false",

@@ -390,6 +390,10 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
     this process, not for `save_pretrained`. Layers of other types, dtypes or devices are left alone, so a GPU or
     bfloat16 model returns 0. `Ouroboros(small_model_vocab=...)` works with the int8 output layer (its kept rows stay
     the same int8 rows).
+
+    A PRISM draft (any model with a `quantize_lm_head_int8` method) with a reduced draft vocabulary also drafts with
+    an int8 copy of its slice of the target's LM head, counted as one more layer: that slice is most of a draft step
+    on a CPU, and the target's own LM head is left as it is.
     """
     if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
         raise RuntimeError(
@@ -401,6 +405,11 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
         raise ValueError("quantize_cpu_linears_int8 quantizes the linear layers inside a model; got a bare nn.Linear.")
     if not linears:
         return 0
+    quantized_head = 0
+    quantize_lm_head = getattr(model, "quantize_lm_head_int8", None)
+    if callable(quantize_lm_head) and getattr(model, "draft_to_target", None) is not None:
+        quantize_lm_head()
+        quantized_head = 1
     for module in linears.values():
         module.__class__ = nn.Linear  # the quantizer swaps exact `nn.Linear`s only
     names = list(linears)
@@ -408,7 +417,7 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
     with warnings.catch_warnings():  # torch.ao's eager quantization warns that torchao is its successor
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
-    return len(names)
+    return len(names) + quantized_head
 
 
 def _float32_cpu_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Linear]:

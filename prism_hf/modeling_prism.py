@@ -171,7 +171,9 @@ class _VerifierHeads:
 
     `head_dtype` is the dtype the LM head takes as input (a quantized head stores integers but computes in the
     target's float dtype). `draft_lm_weight` is the dense slice of the LM head over the reduced draft vocabulary;
-    `slice_key` records what it was read from, so that binding the same target again reuses it.
+    `slice_key` records what it was read from, so that binding the same target again reuses it. `draft_lm_int8` is
+    that slice as an int8 dynamically quantized linear, when the draft drafts with one (see
+    [`PrismDraftModel.quantize_lm_head_int8`]).
     """
 
     def __init__(
@@ -181,12 +183,29 @@ class _VerifierHeads:
         head_dtype: torch.dtype,
         draft_lm_weight: torch.Tensor | None = None,
         slice_key: tuple | None = None,
+        draft_lm_int8: nn.Module | None = None,
     ):
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self.head_dtype = head_dtype
         self.draft_lm_weight = draft_lm_weight
         self.slice_key = slice_key
+        self.draft_lm_int8 = draft_lm_int8
+
+
+def _int8_linear(weight: torch.Tensor) -> nn.Module:
+    """`weight` as torch's int8 dynamically quantized linear (per-output-channel scales, inputs quantized per call)."""
+    import warnings
+
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    float_linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    float_linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    float_linear.qconfig = per_channel_dynamic_qconfig
+    with warnings.catch_warnings():  # torch.ao's eager quantization warns that torchao is its successor
+        warnings.simplefilter("ignore")
+        return DynamicInt8Linear.from_float(float_linear)
 
 
 def _slice_key(weight: Any, ids: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -300,6 +319,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         else:
             self.draft_to_target = None
         self._verifier: _VerifierHeads | None = None
+        self._int8_lm_head = False
         self.post_init()
 
     # ---------------------------------------------------------------- building and binding
@@ -416,12 +436,32 @@ class PrismDraftModel(PrismPreTrainedModel):
         key = _slice_key(weight, self.draft_to_target, self.dtype, self.device)
         previous = self._verifier
         if previous is not None and _same_key(previous.slice_key, key):
-            draft_lm_weight = previous.draft_lm_weight
+            draft_lm_weight, draft_lm_int8 = previous.draft_lm_weight, previous.draft_lm_int8
         else:
             dense = _dense_weight(lm_head)
             rows = dense[self.draft_to_target.to(dense.device)]
-            draft_lm_weight = rows.to(device=self.device, dtype=self.dtype)
-        self._verifier = _VerifierHeads(embed_tokens, lm_head, head_dtype, draft_lm_weight, key)
+            draft_lm_weight, draft_lm_int8 = rows.to(device=self.device, dtype=self.dtype), None
+        if self._int8_lm_head and draft_lm_int8 is None:
+            self._check_int8_lm_head()
+            draft_lm_int8 = _int8_linear(draft_lm_weight)
+        self._verifier = _VerifierHeads(embed_tokens, lm_head, head_dtype, draft_lm_weight, key, draft_lm_int8)
+
+    def quantize_lm_head_int8(self) -> None:
+        """
+        Drafts with an int8 copy of the draft-vocabulary slice of the LM head (torch's dynamically quantized linear,
+        per-row scales), now and whenever the draft is bound again.
+
+        On a CPU that slice is most of what a draft step reads (32768 x 576 float32 rows for SmolLM2, against one
+        small layer), and a one-row float32 product is memory-bound: int8 reads a quarter of the bytes. The target
+        still verifies every token, so greedy output stays identical to plain `generate` and sampling stays exact
+        (the draft's probabilities come from the same int8 logits that proposed the tokens). For inference on the
+        CPU in float32; training keeps the float slice. [`prism_hf.quantize_cpu_linears_int8`] calls this for a
+        PRISM draft along with quantizing its layers.
+        """
+        self._check_int8_lm_head()
+        self._int8_lm_head = True
+        if self._verifier is not None and self._verifier.draft_lm_int8 is None:
+            self._verifier.draft_lm_int8 = _int8_linear(self._verifier.draft_lm_weight)
 
     @property
     def verifier(self) -> _VerifierHeads:
@@ -437,6 +477,17 @@ class PrismDraftModel(PrismPreTrainedModel):
         from .generation_prism import PrismCandidateGenerator
 
         return PrismCandidateGenerator(draft_model=self, **kwargs)
+
+    def _check_int8_lm_head(self) -> None:
+        if self.draft_to_target is None:
+            raise ValueError(
+                "This draft uses the target's whole LM head (no draft_vocab_size), which belongs to the target: "
+                "quantizing it would change the target's output. Only a reduced draft vocabulary drafts in int8."
+            )
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            raise ValueError(
+                f"An int8 LM head is for float32 drafts on the CPU; this draft is {self.dtype} on {self.device}."
+            )
 
     # ---------------------------------------------------------------- building blocks shared by training and drafting
 
@@ -499,6 +550,8 @@ class PrismDraftModel(PrismPreTrainedModel):
     def compute_logits(self, draft_hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (the full target vocabulary unless `draft_vocab_size` is set)."""
         normed = self.norm(draft_hidden)
+        if self.verifier.draft_lm_int8 is not None:
+            return self.verifier.draft_lm_int8(normed)
         if self.verifier.draft_lm_weight is not None:
             return F.linear(normed, self.verifier.draft_lm_weight)
         verifier = self.verifier

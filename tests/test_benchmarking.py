@@ -292,6 +292,32 @@ def test_bench_config_int8_copies_only_with_variants(tmp_path):
         BenchmarkConfig(target="t", assistant="s", float_small_model=False, device="cpu").resolved()
 
 
+def test_bench_config_int8_drafts(tmp_path):
+    """`draft_int8`: each PRISM draft also runs as an int8 copy (layers and draft-vocabulary head), outputs exact."""
+    from prism_hf import PrismDraftModel
+    from prism_hf.benchmarking.suite import build_strategies, switch_to_fast_cpu_linears
+
+    target = make_llama()
+    torch.manual_seed(0)
+    PrismDraftModel.from_target(target, draft_vocab_size=200).save_pretrained(tmp_path / "m2")
+    config = BenchmarkConfig(
+        target="tiny", drafts={"m2": str(tmp_path / "m2")}, draft_int8=True, fast_cpu_linears=True, device="cpu"
+    ).resolved()
+    strategies = build_strategies(target, config)
+    assert [s.name for s in strategies] == ["plain", "m2", "m2-int8"]
+    float_draft, int8_draft = (s.generate_kwargs["assistant_model"] for s in strategies[1:])
+    assert float_draft is not int8_draft and strategies[2].description.endswith("(M = 2, int8)")
+    assert isinstance(int8_draft.layers[0].mlp.down_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert switch_to_fast_cpu_linears(target, strategies) == (2 * 7 + 1) + 2 * (1 + 7)  # the int8 copy: none left
+    prompt = [BenchPrompt("p", "humaneval", torch.tensor([5, 9, 14, 3, 8]))]
+    records = run_benchmark(target, prompt, strategies[1:], max_new_tokens=16, progress=False)
+    assert all(r.identical and r.error is None for r in records)
+    assert isinstance(int8_draft.verifier.draft_lm_int8, torch.ao.nn.quantized.dynamic.Linear)
+    assert float_draft.verifier.draft_lm_int8 is None
+    with pytest.raises(ValueError, match="draft_int8 quantizes PRISM drafts: also give drafts"):
+        BenchmarkConfig(target="tiny", draft_int8=True, device="cpu").resolved()
+
+
 def test_machine_metadata_names_the_source_commit(monkeypatch, tmp_path):
     """Results name the commit that measured them: "+changes" when tracked files differ, None outside a checkout."""
 

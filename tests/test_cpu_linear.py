@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_llama, training_prompts
+from conftest import VOCAB, make_llama, training_prompts
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -290,6 +290,51 @@ def test_generation_with_an_int8_small_model_is_exact(llama_target):
     extended = head.with_tokens([150, 200])
     assert unpacks == [1] and extended.token_ids.tolist() == [*range(100), 150, 200]
     assert torch.equal(extended(hidden)[:, [150, 200]], full[:, [150, 200]])
+
+
+def test_int8_prism_draft_drafts_with_an_int8_head_and_stays_exact(trained_llama_draft):
+    """
+    `quantize_cpu_linears_int8` on a PRISM draft with a draft vocabulary quantizes its layers and its slice of the
+    target's LM head (the bulk of a draft step): greedy output stays plain greedy output and drafts still get
+    accepted, the target's own LM head is untouched, and binding again keeps the one int8 head.
+    """
+    target = make_llama()
+    config = trained_llama_draft.config.to_dict() | {"draft_vocab_size": VOCAB}
+    for key in ("architectures", "auto_map", "transformers_version", "model_type"):
+        config.pop(key, None)
+    draft = prism_hf.PrismDraftModel(prism_hf.PrismConfig(**config))
+    missing, unexpected = draft.load_state_dict(trained_llama_draft.state_dict(), strict=False)
+    assert missing == ["draft_to_target"] and unexpected == []  # the identity vocabulary: the same draft
+    draft.bind_target(target)
+    hidden = torch.randn(3, draft.config.hidden_size)
+    float_logits = draft.compute_logits(hidden)
+    target_head = target.lm_head.weight.clone()
+
+    assert quantize_cpu_linears_int8(draft) == 2 + 2 * 7 + 1
+    int8_head = draft.verifier.draft_lm_int8
+    assert type(int8_head) is torch.ao.nn.quantized.dynamic.Linear
+    int8_logits = draft.compute_logits(hidden)
+    # int8 weights and inputs: within 5% of the logits' range, not equal
+    assert (int8_logits - float_logits).abs().max() < 0.05 * float_logits.abs().max()
+    assert not torch.equal(int8_logits, float_logits)
+    greedy = dict(do_sample=False, max_new_tokens=30)
+    for prompt in training_prompts(num=4):
+        reference = target.generate(prompt[None], **greedy)
+        assert torch.equal(target.generate(prompt[None], assistant_model=draft, **greedy), reference)
+        assert draft.last_generation_stats.accepted_tokens > 0
+    assert draft.verifier.draft_lm_int8 is int8_head  # generate binds again: the int8 head is reused
+    assert type(target.lm_head) is nn.Linear and torch.equal(target.lm_head.weight, target_head)
+
+    # the whole-vocabulary draft drafts with the target's own LM head, which stays float
+    full = copy.deepcopy(trained_llama_draft)
+    full.bind_target(target)
+    assert quantize_cpu_linears_int8(full) == 2 + 2 * 7
+    assert full.verifier.draft_lm_int8 is None and type(target.lm_head) is nn.Linear
+    with pytest.raises(ValueError, match="uses the target's whole LM head"):
+        full.quantize_lm_head_int8()
+    bf16 = prism_hf.PrismDraftModel(prism_hf.PrismConfig(**config)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="for float32 drafts on the CPU; this draft is torch.bfloat16"):
+        bf16.quantize_lm_head_int8()
 
 
 def test_measured_routing_keeps_linear_where_it_measured_faster(monkeypatch, tmp_path):

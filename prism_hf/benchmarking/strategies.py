@@ -17,6 +17,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..configuration_prism import PrismConfig
+from ..cpu_linear import quantize_cpu_linears_int8
 from ..generation_ouroboros import Ouroboros, _is_prism_draft
 from ..modeling_prism import PrismDraftModel
 from ..phrase_pool import PhrasePool
@@ -195,16 +196,23 @@ def prism_strategy(
     target: PreTrainedModel,
     num_draft_tokens: int | None = None,
     draft_length_schedule: str | None = None,
+    int8: bool = False,
 ) -> Strategy:
     """
     A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`, `draft_length_schedule`: else
-    the draft config's).
+    the draft config's); `int8` drafts with int8 layers and LM head (`quantize_cpu_linears_int8`).
     """
     draft = load_draft(name, draft_dir, target)
+    if int8 and quantize_cpu_linears_int8(draft) == 0:
+        raise ValueError(
+            f"The int8 copy of draft {name!r} has no float32 CPU layer to quantize (dtype {draft.dtype}, device "
+            f"{draft.device}): int8 drafting is for float32 drafts on the CPU."
+        )
     if draft_length_schedule is not None:
         draft.config.num_draft_tokens_schedule = draft_length_schedule
     kwargs = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
-    return assistant_strategy(name, draft, f"PRISM draft {draft_dir} (M = {draft.config.num_modules})", **kwargs)
+    description = f"PRISM draft {draft_dir} (M = {draft.config.num_modules}{', int8' if int8 else ''})"
+    return assistant_strategy(name, draft, description, **kwargs)
 
 
 def load_draft(name: str, draft_dir: str | os.PathLike, target: PreTrainedModel) -> PrismDraftModel:

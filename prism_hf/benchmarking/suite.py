@@ -152,6 +152,8 @@ class BenchmarkConfig:
         small_model_int8 (`bool`): also run HF assisted generation (at the run's draft length) and Ouroboros with an
             int8 copy of their small model (`prism_hf.quantize_cpu_linears_int8`), named `...-int8`, next to the
             float ones, so both drafting methods get the cheaper small model.
+        draft_int8 (`bool`): also run each PRISM draft of `drafts` with int8 layers and an int8 draft-vocabulary LM
+            head (`prism_hf.quantize_cpu_linears_int8`), named `<draft name>-int8`, next to the float one.
         float_small_model (`bool`): run HF assisted generation and Ouroboros with the float small model (default);
             `False` with `small_model_int8` runs the int8 copies only (HF at transformers' defaults, which runs with
             the float copy, is then left out).
@@ -191,6 +193,7 @@ class BenchmarkConfig:
     draft_length_schedule: str | None = None
     fast_cpu_linears: bool = False
     small_model_int8: bool = False
+    draft_int8: bool = False
     float_small_model: bool = True
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
@@ -224,6 +227,8 @@ class BenchmarkConfig:
         if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
             raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
         sampling_kwargs(self.temperature)  # refuses a temperature that is not positive
+        if self.draft_int8 and not self.drafts:
+            raise ValueError("draft_int8 quantizes PRISM drafts: also give drafts.")
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
@@ -273,7 +278,17 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
     for name, path in config.drafts.items():
-        strategies.append(prism_strategy(name, path, target, config.num_draft_tokens, config.draft_length_schedule))
+        for int8 in (False, True) if config.draft_int8 else (False,):
+            strategies.append(
+                prism_strategy(
+                    name + ("-int8" if int8 else ""),
+                    path,
+                    target,
+                    config.num_draft_tokens,
+                    config.draft_length_schedule,
+                    int8=int8,
+                )
+            )
     ouroboros = [(None, "pool", {})] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
         label = Path(config.ouroboros_assistant).name.lower()
@@ -368,6 +383,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "dtype": config.dtype,
         "fast_cpu_linears": config.fast_cpu_linears,
         "small_model_int8": config.small_model_int8,
+        "draft_int8": config.draft_int8,
         "float_small_model": config.float_small_model,
         "draft_length_schedule": config.draft_length_schedule,
         "num_draft_tokens": config.num_draft_tokens,
