@@ -157,7 +157,7 @@ def _add_bench_parser(subparsers) -> None:
     parser.add_argument(
         "--draft-int8",
         action="store_true",
-        help="also run each --draft with int8 layers and an int8 draft-vocabulary LM head "
+        help="also run each --draft with an int8 draft-vocabulary LM head "
         "(prism_hf.quantize_cpu_linears_int8), named NAME-int8",
     )
     parser.add_argument(

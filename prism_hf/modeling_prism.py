@@ -456,7 +456,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         still verifies every token, so greedy output stays identical to plain `generate` and sampling stays exact
         (the draft's probabilities come from the same int8 logits that proposed the tokens). For inference on the
         CPU in float32; training keeps the float slice. [`prism_hf.quantize_cpu_linears_int8`] calls this for a
-        PRISM draft along with quantizing its layers.
+        PRISM draft, and leaves its layers in float32.
         """
         self._check_int8_lm_head()
         self._int8_lm_head = True

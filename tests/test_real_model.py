@@ -56,3 +56,14 @@ def test_smollm2_greedy_equality_with_committed_draft(smollm2):
     accepted = check_equality(target, tokenizer, draft, PROMPTS, max_new_tokens=48)
     # 36 of the 192 tokens came from accepted drafts when this was written; a broken draft accepts none
     assert accepted >= 16, f"the committed draft got only {accepted} tokens accepted"
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equality_with_the_int8_committed_draft(smollm2):
+    """The committed draft with an int8 LM head (the CPU's cheap drafting) still gives plain greedy output."""
+    target, tokenizer = smollm2
+    draft = prism_hf.PrismDraftModel.from_pretrained(COMMITTED_DRAFT).float()
+    assert prism_hf.quantize_cpu_linears_int8(draft) == 1
+    accepted = check_equality(target, tokenizer, draft, PROMPTS, max_new_tokens=48)
+    assert type(draft.verifier.draft_lm_int8) is torch.ao.nn.quantized.dynamic.Linear
+    assert accepted >= 16, f"the int8 committed draft got only {accepted} tokens accepted"

@@ -200,13 +200,14 @@ def prism_strategy(
 ) -> Strategy:
     """
     A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`, `draft_length_schedule`: else
-    the draft config's); `int8` drafts with int8 layers and LM head (`quantize_cpu_linears_int8`).
+    the draft config's); `int8` drafts with an int8 draft-vocabulary LM head (`quantize_cpu_linears_int8`).
     """
     draft = load_draft(name, draft_dir, target)
     if int8 and quantize_cpu_linears_int8(draft) == 0:
         raise ValueError(
-            f"The int8 copy of draft {name!r} has no float32 CPU layer to quantize (dtype {draft.dtype}, device "
-            f"{draft.device}): int8 drafting is for float32 drafts on the CPU."
+            f"The int8 copy of draft {name!r} has no LM head to quantize: int8 drafting is for float32 drafts on "
+            f"the CPU with a reduced draft vocabulary (this one: {draft.dtype} on {draft.device}, draft_vocab_size "
+            f"{draft.config.draft_vocab_size})."
         )
     if draft_length_schedule is not None:
         draft.config.num_draft_tokens_schedule = draft_length_schedule

@@ -152,8 +152,8 @@ class BenchmarkConfig:
         small_model_int8 (`bool`): also run HF assisted generation (at the run's draft length) and Ouroboros with an
             int8 copy of their small model (`prism_hf.quantize_cpu_linears_int8`), named `...-int8`, next to the
             float ones, so both drafting methods get the cheaper small model.
-        draft_int8 (`bool`): also run each PRISM draft of `drafts` with int8 layers and an int8 draft-vocabulary LM
-            head (`prism_hf.quantize_cpu_linears_int8`), named `<draft name>-int8`, next to the float one.
+        draft_int8 (`bool`): also run each PRISM draft of `drafts` with an int8 draft-vocabulary LM head
+            (`prism_hf.quantize_cpu_linears_int8`), named `<draft name>-int8`, next to the float one.
         float_small_model (`bool`): run HF assisted generation and Ouroboros with the float small model (default);
             `False` with `small_model_int8` runs the int8 copies only (HF at transformers' defaults, which runs with
             the float copy, is then left out).
