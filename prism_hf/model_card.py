@@ -236,7 +236,9 @@ def _time_parts(record: dict) -> str:
     if record.get("regenerate_seconds") is not None:
         parts.append(f"regenerating replies: {record['regenerate_seconds']} s")
     feature = f"target features: {record.get('feature_seconds')} s"
-    if record.get("feature_tokens_per_second"):
+    if record.get("feature_tokens_computed") == 0:
+        feature += " (read from the feature cache)"
+    elif record.get("feature_tokens_per_second"):
         feature += f" ({record['feature_tokens_per_second']} tokens/s)"
     parts.append(feature)
     for phase, speed in (record.get("train_tokens_per_second") or {}).items():

@@ -117,6 +117,8 @@ def test_feature_cache_resumes_and_never_reuses_other_settings(tiny_chat_model, 
     try:
         resumed = FeatureStore.build(target, examples, [-1], cache_dir=tmp_path, shard_size=4, progress=False)
         assert calls == [2]  # only the missing shard was computed
+        assert first.computed_tokens == first.num_tokens > resumed.computed_tokens > 0
+        assert resumed.computed_tokens == sum(len(e.input_ids) for e in examples[4:])
         a, b = collate(first.features), collate(resumed.features)
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.last_hidden_state, b.last_hidden_state)
         # other layers (or other examples) get files of their own: nothing computed from other settings is reused
@@ -196,6 +198,8 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     assert best["metrics"]["predicted_tau"] == record["heldout_predicted_tau"]
     assert set(record["train_tokens_per_second"]) == {"warmup", "finetune"}
     assert record["data_kind"] == "conversations" and 0 <= record["feature_seconds"] <= record["total_seconds"]
+    # no feature cache: every training and held-out token went through the target
+    assert record["feature_tokens_computed"] > record["num_tokens"] and record["feature_tokens_per_second"] > 0
     # the recorded command reproduces the saved arguments
     saved_args = json.loads((out / "training_args.json").read_text())
     command = shlex.split(record["command"])

@@ -22,8 +22,10 @@ class FeatureStore:
     safetensors file as soon as it is computed, so an interrupted run resumes where it stopped.
     """
 
-    def __init__(self, features: list[TargetFeatures]):
+    def __init__(self, features: list[TargetFeatures], computed_tokens: int | None = None):
         self.features = features
+        # how many of the tokens were computed by the target when the store was built (the rest came from the cache)
+        self.computed_tokens = self.num_tokens if computed_tokens is None else computed_tokens
 
     def __len__(self) -> int:
         return len(self.features)
@@ -72,6 +74,7 @@ class FeatureStore:
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         features: list[TargetFeatures] = []
+        computed_tokens = 0
         bar = tqdm(
             total=sum(len(e.input_ids) for _, examples in shards for e in examples),
             desc="target features",
@@ -94,8 +97,9 @@ class FeatureStore:
             if path is not None:
                 _save_shard(path, computed, digest=digest)
             features.extend(computed)
+            computed_tokens += sum(len(e.input_ids) for e in examples)
         bar.close()
-        return cls(features)
+        return cls(features, computed_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -342,6 +342,7 @@ def train_draft(
         target, heldout_shards, args.feature_layers, cache_dir=cache_dir, progress=progress
     )
     feature_seconds = time.perf_counter() - feature_started
+    feature_tokens_computed = store.computed_tokens + heldout_store.computed_tokens
 
     overrides = {}
     if args.intermediate_size is not None:
@@ -481,8 +482,10 @@ def train_draft(
             "heldout_by_phase": heldout_results,
             "data_kind": "replies dataset" if is_reply_dataset(args.data) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
-            "feature_tokens_per_second": round(
-                (store.num_tokens + heldout_store.num_tokens) / max(feature_seconds, 1e-9), 1
+            # features read from --feature-cache-dir cost no target forwards: the speed counts computed tokens only
+            "feature_tokens_computed": feature_tokens_computed,
+            "feature_tokens_per_second": (
+                round(feature_tokens_computed / max(feature_seconds, 1e-9), 1) if feature_tokens_computed else None
             ),
             "train_tokens_per_second": train_speed,
             "total_seconds": round(total_seconds, 1),
