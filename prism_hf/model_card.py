@@ -17,8 +17,10 @@ BENCHMARK_RECORD = "benchmark_record.json"
 CARD_TAGS = ["speculative-decoding", "prism", "draft-model", "prism-hf"]
 # Training data names accepted by `prism-hf train --data`, and the Hub dataset each one comes from.
 TRAINING_DATASETS = {"sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered"}
+# Where this project's repositories are published: each folder under hub_models/ is `HUB_NAMESPACE/<folder name>`.
+HUB_NAMESPACE = "prism-hf"
 # The `custom_generate` repository under hub_models/prism-generate, as published.
-GENERATE_REPO = "prism-hf/prism-generate"
+GENERATE_REPO = f"{HUB_NAMESPACE}/prism-generate"
 _BENCHMARK_METADATA = (
     "date",
     "target",
@@ -128,15 +130,27 @@ def card_metadata(draft_dir: str | Path, base_model: str | None = None, license:
     draft_dir = Path(draft_dir)
     config = _read(draft_dir / "config.json")
     args = _read_optional(draft_dir / "training_args.json")
-    dataset = TRAINING_DATASETS.get(args.get("data"))
+    datasets = [_hub_dataset(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name]
+    datasets = [dataset for dataset in datasets if dataset]
     return ModelCardData(
         base_model=resolve_base_model(config, base_model),
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license,
         tags=list(CARD_TAGS),
-        datasets=[dataset] if dataset else None,
+        datasets=datasets or None,
     )
+
+
+def _hub_dataset(data: str) -> str | None:
+    """
+    The Hub dataset behind a `prism-hf train --data` value: a named source, or a replies dataset folder under
+    hub_models/ (published as `HUB_NAMESPACE/<folder name>`); None for data the Hub does not hold (a local file).
+    """
+    if data in TRAINING_DATASETS:
+        return TRAINING_DATASETS[data]
+    path = Path(data)
+    return f"{HUB_NAMESPACE}/{path.name}" if path.parent.name == "hub_models" else None
 
 
 def write_model_card(
@@ -191,7 +205,7 @@ def write_model_card(
         status=f"\n**Status:** {record['status']}\n" if record.get("status") else "",
         command=record.get("command", "unknown"),
         num_examples=record.get("num_examples"),
-        data=args.get("data"),
+        data=", ".join(str(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name),
         regenerated=", the target's own replies"
         if args.get("regenerate_responses") or record.get("data_kind") == "replies dataset"
         else "",

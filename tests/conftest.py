@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -95,6 +98,19 @@ def tiny_target(request) -> PreTrainedModel:
 @pytest.fixture(scope="session")
 def llama_target() -> PreTrainedModel:
     return make_llama()
+
+
+@contextmanager
+def draft_config_set(draft: prism_hf.PrismDraftModel, **fields: Any) -> Iterator[None]:
+    """Sets fields of a (session-scoped) draft's config for one block and restores them afterwards."""
+    saved = {name: getattr(draft.config, name) for name in fields}
+    for name, value in fields.items():
+        setattr(draft.config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(draft.config, name, value)
 
 
 def training_prompts(num: int = 8, length: int = 5, seed: int = 1) -> torch.Tensor:

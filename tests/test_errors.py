@@ -103,6 +103,8 @@ def test_feature_layer_out_of_range(target):
         ({"num_attention_heads": 4, "num_key_value_heads": 3}, "must be a multiple"),
         ({"num_draft_tokens": 0}, "`num_draft_tokens` must be >= 1"),
         ({"num_draft_tokens_schedule": "fast"}, "`num_draft_tokens_schedule` must be one of"),
+        ({"draft_confidence_threshold": 1.5}, "`draft_confidence_threshold` must be a probability between 0 and 1"),
+        ({"draft_confidence_threshold": float("nan")}, "`draft_confidence_threshold` must be a probability"),
     ],
 )
 def test_invalid_config(fields, message):
@@ -113,6 +115,12 @@ def test_invalid_config(fields, message):
 def test_unknown_schedule(target, draft):
     with pytest.raises(ValueError, match="num_assistant_tokens_schedule='fancy' is not supported"):
         target.generate(PROMPT, assistant_model=draft, num_assistant_tokens_schedule="fancy", max_new_tokens=4)
+
+
+def test_confidence_threshold_out_of_range(target, draft):
+    message = "`assistant_confidence_threshold` must be a probability between 0 and 1, got -0.1"
+    with pytest.raises(ValueError, match=message):
+        target.generate(PROMPT, assistant_model=draft, assistant_confidence_threshold=-0.1, max_new_tokens=4)
 
 
 def test_requests_that_would_give_wrong_output(target, draft):

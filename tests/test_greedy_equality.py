@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, training_prompts
+from conftest import VOCAB, draft_config_set, training_prompts
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import prism_hf
@@ -58,32 +58,59 @@ def test_prism_beats_random_draft_acceptance(llama_target, trained_llama_draft):
 
 def test_heuristic_schedule_matches_and_adapts(llama_target, trained_llama_draft):
     prompt = training_prompts()[1][None]
-    assert_same_as_plain(
-        llama_target,
-        trained_llama_draft,
-        prompt,
-        max_new_tokens=40,
-        num_assistant_tokens=2,
-        num_assistant_tokens_schedule="heuristic_transient",
-    )
+    with draft_config_set(trained_llama_draft, draft_confidence_threshold=0.0):
+        assert_same_as_plain(
+            llama_target,
+            trained_llama_draft,
+            prompt,
+            max_new_tokens=40,
+            num_assistant_tokens=2,
+            num_assistant_tokens_schedule="heuristic_transient",
+        )
     stats = trained_llama_draft.last_generation_stats
     # with a constant length of 2 no round could draft more than 2 tokens
     assert stats.drafted_tokens > 2 * stats.verifications
 
 
 def test_constant_schedule_from_the_draft_config(llama_target, trained_llama_draft):
-    trained_llama_draft.config.num_draft_tokens_schedule = "constant"
-    try:
-        prompt = training_prompts()[1][None]
+    prompt = training_prompts()[1][None]
+    with draft_config_set(trained_llama_draft, num_draft_tokens_schedule="constant", draft_confidence_threshold=0.0):
         assert_same_as_plain(
             llama_target, trained_llama_draft, prompt, max_new_tokens=40, eos_token_id=None, num_assistant_tokens=4
         )
-        stats = trained_llama_draft.last_generation_stats
-        # every round drafts 4 tokens, except near max_length where at most `budget - 1` are drafted
-        assert stats.drafted_tokens > 4 * (stats.verifications - 4)
-        assert stats.drafted_tokens <= 4 * stats.verifications
-    finally:
-        trained_llama_draft.config.num_draft_tokens_schedule = "heuristic_transient"
+    stats = trained_llama_draft.last_generation_stats
+    # every round drafts 4 tokens, except near max_length where at most `budget - 1` are drafted
+    assert stats.drafted_tokens > 4 * (stats.verifications - 4)
+    assert stats.drafted_tokens <= 4 * stats.verifications
+
+
+@pytest.mark.parametrize("where", ["config", "generate"])
+def test_confidence_threshold_ends_rounds_early_and_matches(llama_target, trained_llama_draft, where):
+    prompts = training_prompts()[:3]
+    kwargs = dict(max_new_tokens=40, eos_token_id=None, num_assistant_tokens=6)
+    full = {"drafted": 0, "verifications": 0}
+    gated = {"drafted": 0, "verifications": 0, "accepted": 0, "stops": 0}
+    with draft_config_set(trained_llama_draft, num_draft_tokens_schedule="constant", draft_confidence_threshold=0.0):
+        for prompt in prompts:
+            assert_same_as_plain(llama_target, trained_llama_draft, prompt[None], **kwargs)
+            full["drafted"] += trained_llama_draft.last_generation_stats.drafted_tokens
+            full["verifications"] += trained_llama_draft.last_generation_stats.verifications
+        if where == "config":
+            trained_llama_draft.config.draft_confidence_threshold = 0.999
+        else:
+            kwargs["assistant_confidence_threshold"] = 0.999
+        for prompt in prompts:
+            assert_same_as_plain(llama_target, trained_llama_draft, prompt[None], **kwargs)
+            stats = trained_llama_draft.last_generation_stats
+            gated["drafted"] += stats.drafted_tokens
+            gated["verifications"] += stats.verifications
+            gated["accepted"] += stats.accepted_tokens
+            gated["stops"] += stats.confidence_stops
+    # without the threshold every round but the last few drafts 6 tokens; with it a round stops after the first token
+    # the draft is not almost sure of, so rounds are shorter, yet confident tokens still get accepted
+    assert full["drafted"] > 4 * full["verifications"]
+    assert gated["drafted"] < 0.8 * 6 * gated["verifications"] and gated["stops"] > 0
+    assert gated["accepted"] > 0
 
 
 def test_eos_stops_generation_like_plain(llama_target, trained_llama_draft):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import training_prompts
+from conftest import draft_config_set, training_prompts
 
 from prism_hf.training import compute_target_features
 from prism_hf.training.evaluation import evaluate_draft, predicted_tau
@@ -34,9 +34,9 @@ def test_predicted_tau_agrees_with_generate(llama_target, trained_llama_draft, d
     metrics = evaluate_draft(trained_llama_draft, [features], num_steps=draft_tokens)
 
     verifications = accepted = 0
-    # "constant" is also transformers' default, which leaves the draft config's schedule in charge: set it there
-    trained_llama_draft.config.num_draft_tokens_schedule = "constant"
-    try:
+    # "constant" is also transformers' default, which leaves the draft config's schedule in charge: set it there;
+    # no confidence stop, so every round drafts the full length the prediction assumes
+    with draft_config_set(trained_llama_draft, num_draft_tokens_schedule="constant", draft_confidence_threshold=0.0):
         for prompt, expected in zip(prompts, sequences, strict=True):
             output = llama_target.generate(
                 prompt[None],
@@ -52,8 +52,6 @@ def test_predicted_tau_agrees_with_generate(llama_target, trained_llama_draft, d
             assert stats.drafted_tokens <= draft_tokens * stats.verifications
             verifications += stats.verifications
             accepted += stats.accepted_tokens
-    finally:
-        trained_llama_draft.config.num_draft_tokens_schedule = "heuristic_transient"
     measured = (accepted + verifications) / verifications
     assert measured > 1.3  # a draft that is accepted often enough for the comparison to mean something
     print(f"draft length {draft_tokens}: predicted tau {metrics.predicted_tau[-1]:.3f}, measured {measured:.3f}")

@@ -241,10 +241,28 @@ def test_card_states_the_time_spent_regenerating_replies(draft_copy):
 
     record_path = draft_copy / "training_record.json"
     record = json.loads(record_path.read_text())
+    record.update(total_seconds=3195.1, feature_seconds=290.0, train_tokens_per_second={})
+    record.update(feature_tokens_computed=None, feature_tokens_per_second=None)
+    record_path.write_text(json.dumps(record))
     assert "- Time: 3195.1 s on cpu (target features: 290.0 s)." in write_model_card(draft_copy).read_text()
     record_path.write_text(json.dumps({**record, "regenerate_seconds": 1520.4}))
     card = write_model_card(draft_copy).read_text()
     assert "- Time: 3195.1 s on cpu (regenerating replies: 1520.4 s; target features: 290.0 s)." in card
+
+
+def test_card_names_every_dataset_trained_on(draft_copy):
+    from prism_hf.model_card import card_metadata, write_model_card
+
+    args_path = draft_copy / "training_args.json"
+    args = json.loads(args_path.read_text())
+    args_path.write_text(json.dumps({**args, "data": "chat-replies", "more_data": ["task-replies", "code-replies"]}))
+    assert "conversations (chat-replies, task-replies, code-replies" in write_model_card(draft_copy).read_text()
+    args_path.write_text(json.dumps({**args, "data": "sharegpt", "more_data": None}))
+    assert "conversations (sharegpt" in write_model_card(draft_copy).read_text()
+    assert card_metadata(draft_copy).datasets == ["anon8231489123/ShareGPT_Vicuna_unfiltered"]
+    # replies datasets committed under hub_models/ are published as prism-hf/<folder>; a local file is on no Hub
+    args_path.write_text(json.dumps({**args, "data": "hub_models/A-replies", "more_data": ["x/B.jsonl"]}))
+    assert card_metadata(draft_copy).datasets == ["prism-hf/A-replies"]
 
 
 DATASET_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/manifest.json"))

@@ -33,8 +33,12 @@ def chi2_quantile_999(df: int) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float32-draft", "int8-draft"])
-def test_sampled_tokens_follow_the_target_distribution(int8):
+@pytest.mark.parametrize(
+    ("int8", "confidence_threshold"),
+    [(False, 0.0), (True, 0.0), (False, 0.3)],
+    ids=["float32-draft", "int8-draft", "confidence-stopped-rounds"],
+)
+def test_sampled_tokens_follow_the_target_distribution(int8, confidence_threshold):
     target = make_peaked_llama(VOCAB, seed=0)
     # a random draft proposes from a distribution far from the target's: only exact rejection sampling fixes that
     draft = prism_hf.PrismDraftModel.from_target(target, initializer_range=1.0, draft_vocab_size=VOCAB)
@@ -42,16 +46,23 @@ def test_sampled_tokens_follow_the_target_distribution(int8):
         assert prism_hf.quantize_cpu_linears_int8(draft) == 1
         assert draft.verifier.draft_lm_int8 is not None
     prompt = torch.tensor([[3, 7, 1]])
-    kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=3, pad_token_id=0)
+    # rounds that end at a draft token below the threshold depend on the draft's own draws only: still exact
+    draft.config.draft_confidence_threshold = confidence_threshold
+    # (6 new tokens: after the prefill's token a round can draft more than the one the threshold may stop it at)
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=6 if confidence_threshold else 3)
+    kwargs["pad_token_id"] = 0
 
     torch.manual_seed(1)
-    plain = target.generate(prompt.repeat(SAMPLES, 1), **kwargs)[:, 3:]
-    assisted_rows, accepted = [], 0
+    plain = target.generate(prompt.repeat(SAMPLES, 1), **kwargs)[:, 3:6]
+    assisted_rows, accepted, stops = [], 0, 0
     for _ in range(SAMPLES):
-        assisted_rows.append(target.generate(prompt, assistant_model=draft, num_assistant_tokens=3, **kwargs)[0, 3:])
+        assisted_rows.append(target.generate(prompt, assistant_model=draft, num_assistant_tokens=3, **kwargs)[0, 3:6])
         accepted += draft.last_generation_stats.accepted_tokens
+        stops += draft.last_generation_stats.confidence_stops
     assisted = torch.stack(assisted_rows)
     assert accepted > SAMPLES // 4, "the draft must get tokens accepted for the test to mean anything"
+    if confidence_threshold:  # the threshold must have ended rounds early for the test to mean anything
+        assert stops > SAMPLES // 10, stops
 
     for name, key in [
         ("first token", lambda row: row[0]),

@@ -108,7 +108,10 @@ class DraftTrainingArguments:
     )
     warmup_learning_rate: float = field(default=1e-3, metadata={"help": "phase 1 peak learning rate"})
     finetune_learning_rate: float = field(default=3e-4, metadata={"help": "phase 2 peak learning rate"})
-    num_draft_tokens: int = field(default=5, metadata={"help": "the saved draft's default draft length"})
+    num_draft_tokens: int = field(
+        default=6,
+        metadata={"help": "the saved draft's longest draft per round (a round stops earlier below confidence 0.5)"},
+    )
     target_dtype: str = field(
         default="auto",
         metadata={"help": "dtype of the target's forwards ('auto': bfloat16 where native, else float32)"},
