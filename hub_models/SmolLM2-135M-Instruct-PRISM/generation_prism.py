@@ -11,7 +11,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
-from .configuration_prism import DRAFT_LENGTH_SCHEDULES
+from .configuration_prism import DRAFT_LENGTH_SCHEDULES, check_confidence_threshold
 from .modeling_prism import PrismKeyValues
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # `GenerationConfig` fills these in when the caller leaves them unset, so they mean "use the draft's default".
 _HF_DEFAULT_NUM_ASSISTANT_TOKENS = 20
 _HF_DEFAULT_SCHEDULE = "constant"
+_HF_DEFAULT_CONFIDENCE_THRESHOLD = 0.4
 
 
 def check_exact_drafting(
@@ -97,6 +98,7 @@ class SpeculationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     draft_seconds: float = 0.0
+    confidence_stops: int = 0  # rounds that ended before their draft length at a token below the confidence threshold
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -156,7 +158,10 @@ class PrismCandidateGenerator(CandidateGenerator):
     `"heuristic"` adapts it (+2 after a fully accepted round, -1 otherwise) and carries it over to the next call,
     `"heuristic_transient"` adapts it within the call only, `"constant"` keeps it (`draft_length_schedule`, when
     given, replaces the config's). The generate-call values that equal transformers' defaults (20 tokens,
-    `"constant"`) cannot be told apart from "unset" and defer to the draft config.
+    `"constant"`, a confidence threshold of 0.4) cannot be told apart from "unset" and defer to the draft config.
+    A round also ends early after a token the draft gave less than `assistant_confidence_threshold` of probability
+    (else the config's `draft_confidence_threshold`), so rounds are long where the draft is sure and short where it
+    guesses.
     """
 
     requires_model_outputs = True
@@ -178,6 +183,11 @@ class PrismCandidateGenerator(CandidateGenerator):
             draft_model.config.num_draft_tokens,
             getattr(draft_model, "_heuristic_num_draft_tokens", None),
         )
+        threshold = generation_config.assistant_confidence_threshold
+        if threshold is None or threshold == _HF_DEFAULT_CONFIDENCE_THRESHOLD:
+            threshold = draft_model.config.draft_confidence_threshold
+        check_confidence_threshold("assistant_confidence_threshold", threshold)
+        self.confidence_threshold = float(threshold)
         draft_model.bind_target(target)
         self.draft = draft_model
         self.do_sample = bool(generation_config.do_sample)
@@ -251,6 +261,13 @@ class PrismCandidateGenerator(CandidateGenerator):
             token, logits = self._next_token(candidate_ids, draft_hidden)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)
             step_logits.append(logits)
+            if (
+                step < length
+                and self.confidence_threshold
+                and float(logits.softmax(-1)[0, token[0, 0]]) < self.confidence_threshold
+            ):
+                self.stats.confidence_stops += 1
+                break
         return candidate_ids, torch.stack(step_logits, dim=1)
 
     def _next_token(
