@@ -17,7 +17,10 @@ def draft_from_generator(target, draft, prefix: torch.Tensor, num_tokens: int):
         draft,
         target,
         prefix,
-        GenerationConfig(num_assistant_tokens=num_tokens, do_sample=False, max_length=999),
+        # no confidence stop: every step's candidate is compared with training's
+        GenerationConfig(
+            num_assistant_tokens=num_tokens, assistant_confidence_threshold=0.0, do_sample=False, max_length=999
+        ),
         None,
         {},
     )

@@ -239,8 +239,14 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
         )
         plain = target.generate(**inputs, do_sample=False, max_new_tokens=40, eos_token_id=None)
         for name, draft in (("trained", trained), ("random", random_draft)):
+            # full-length rounds (no confidence stop): the comparison is of what the drafts predict
             out_ids = target.generate(
-                **inputs, do_sample=False, max_new_tokens=40, eos_token_id=None, assistant_model=draft
+                **inputs,
+                do_sample=False,
+                max_new_tokens=40,
+                eos_token_id=None,
+                assistant_model=draft,
+                assistant_confidence_threshold=0.0,
             )
             assert torch.equal(plain, out_ids)
             taus[name].append(draft.last_generation_stats.mean_accepted_tokens)
