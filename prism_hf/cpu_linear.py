@@ -404,9 +404,8 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
             f"{torch.backends.quantized.supported_engines}."
         )
     quantize_lm_head = getattr(model, "quantize_lm_head_int8", None)
-    if callable(quantize_lm_head):  # a PRISM draft: its draft-vocabulary head only
-        float32_cpu = model.dtype == torch.float32 and model.device.type == "cpu"
-        if getattr(model, "draft_to_target", None) is None or not float32_cpu:
+    if callable(quantize_lm_head):  # a PRISM draft: its draft-vocabulary head only, where it has one of its own
+        if model.int8_lm_head_refusal() is not None:
             return 0
         quantize_lm_head()
         return 1

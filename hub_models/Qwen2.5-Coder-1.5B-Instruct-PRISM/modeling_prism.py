@@ -478,16 +478,21 @@ class PrismDraftModel(PrismPreTrainedModel):
 
         return PrismCandidateGenerator(draft_model=self, **kwargs)
 
-    def _check_int8_lm_head(self) -> None:
+    def int8_lm_head_refusal(self) -> str | None:
+        """Why this draft cannot draft with an int8 LM head (see `quantize_lm_head_int8`), or None when it can."""
         if self.draft_to_target is None:
-            raise ValueError(
+            return (
                 "This draft uses the target's whole LM head (no draft_vocab_size), which belongs to the target: "
                 "quantizing it would change the target's output. Only a reduced draft vocabulary drafts in int8."
             )
         if self.dtype != torch.float32 or self.device.type != "cpu":
-            raise ValueError(
-                f"An int8 LM head is for float32 drafts on the CPU; this draft is {self.dtype} on {self.device}."
-            )
+            return f"An int8 LM head is for float32 drafts on the CPU; this draft is {self.dtype} on {self.device}."
+        return None
+
+    def _check_int8_lm_head(self) -> None:
+        refusal = self.int8_lm_head_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
 
     # ---------------------------------------------------------------- building blocks shared by training and drafting
 
