@@ -130,8 +130,7 @@ def card_metadata(draft_dir: str | Path, base_model: str | None = None, license:
     draft_dir = Path(draft_dir)
     config = _read(draft_dir / "config.json")
     args = _read_optional(draft_dir / "training_args.json")
-    datasets = [_hub_dataset(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name]
-    datasets = [dataset for dataset in datasets if dataset]
+    datasets = [dataset for dataset in map(_hub_dataset, _training_data(args)) if dataset]
     return ModelCardData(
         base_model=resolve_base_model(config, base_model),
         library_name="transformers",
@@ -140,6 +139,11 @@ def card_metadata(draft_dir: str | Path, base_model: str | None = None, license:
         tags=list(CARD_TAGS),
         datasets=datasets or None,
     )
+
+
+def _training_data(args: dict) -> list[str]:
+    """Every `--data` / `--more-data` value a draft was trained on, as its `training_args.json` records them."""
+    return [str(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name]
 
 
 def _hub_dataset(data: str) -> str | None:
@@ -205,7 +209,7 @@ def write_model_card(
         status=f"\n**Status:** {record['status']}\n" if record.get("status") else "",
         command=record.get("command", "unknown"),
         num_examples=record.get("num_examples"),
-        data=", ".join(str(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name),
+        data=", ".join(_training_data(args)),
         regenerated=", the target's own replies"
         if args.get("regenerate_responses") or record.get("data_kind") == "replies dataset"
         else "",
