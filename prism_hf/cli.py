@@ -161,6 +161,12 @@ def _add_bench_parser(subparsers) -> None:
         "(prism_hf.quantize_cpu_linears_int8), named NAME-int8",
     )
     parser.add_argument(
+        "--draft-own-length",
+        action="store_true",
+        help="PRISM drafts draft as their configs say (length, schedule, confidence stop); --num-draft-tokens and "
+        "--draft-length-schedule then set only --assistant and Ouroboros",
+    )
+    parser.add_argument(
         "--no-float-small-model",
         dest="float_small_model",
         action="store_false",

@@ -317,6 +317,26 @@ def test_bench_config_int8_drafts(tmp_path):
         BenchmarkConfig(target="tiny", draft_int8=True, device="cpu").resolved()
 
 
+def test_bench_config_draft_own_length(tmp_path):
+    """`draft_own_length`: the run's draft length and schedule leave PRISM drafts at their configs' own."""
+    from prism_hf import PrismDraftModel
+    from prism_hf.benchmarking.suite import build_strategies
+
+    target = make_llama()
+    PrismDraftModel.from_target(target, num_draft_tokens=6, num_draft_tokens_schedule="heuristic").save_pretrained(
+        tmp_path / "m2"
+    )
+    run_length = dict(target="tiny", drafts={"m2": str(tmp_path / "m2")}, num_draft_tokens=3, device="cpu")
+    run_length["draft_length_schedule"] = "constant"
+    for own, kwargs, schedule in ((False, {"num_assistant_tokens": 3}, "constant"), (True, {}, "heuristic")):
+        config = BenchmarkConfig(**run_length, draft_own_length=own).resolved()
+        strategy = build_strategies(target, config)[1]
+        draft = strategy.generate_kwargs.pop("assistant_model")
+        assert strategy.generate_kwargs == kwargs and draft.config.num_draft_tokens_schedule == schedule
+    with pytest.raises(ValueError, match="draft_own_length keeps the PRISM drafts' own draft lengths: also give"):
+        BenchmarkConfig(target="tiny", draft_own_length=True, device="cpu").resolved()
+
+
 def test_machine_metadata_names_the_source_commit(monkeypatch, tmp_path):
     """Results name the commit that measured them: "+changes" when tracked files differ, None outside a checkout."""
 

@@ -154,6 +154,10 @@ class BenchmarkConfig:
             float ones, so both drafting methods get the cheaper small model.
         draft_int8 (`bool`): also run each PRISM draft of `drafts` with an int8 draft-vocabulary LM head
             (`prism_hf.quantize_cpu_linears_int8`), named `<draft name>-int8`, next to the float one.
+        draft_own_length (`bool`): PRISM drafts draft as their configs say (length, schedule, confidence stop),
+            whatever `num_draft_tokens` and `draft_length_schedule` set for the HF assistant and Ouroboros: each
+            drafting method at its own best length in one run (a PRISM layer costs far less per token than a small
+            model, so it pays to draft further).
         float_small_model (`bool`): run HF assisted generation and Ouroboros with the float small model (default);
             `False` with `small_model_int8` runs the int8 copies only (HF at transformers' defaults, which runs with
             the float copy, is then left out).
@@ -194,6 +198,7 @@ class BenchmarkConfig:
     fast_cpu_linears: bool = False
     small_model_int8: bool = False
     draft_int8: bool = False
+    draft_own_length: bool = False
     float_small_model: bool = True
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
@@ -229,6 +234,8 @@ class BenchmarkConfig:
         sampling_kwargs(self.temperature)  # refuses a temperature that is not positive
         if self.draft_int8 and not self.drafts:
             raise ValueError("draft_int8 quantizes PRISM drafts: also give drafts.")
+        if self.draft_own_length and not self.drafts:
+            raise ValueError("draft_own_length keeps the PRISM drafts' own draft lengths: also give drafts.")
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
@@ -277,18 +284,11 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                 strategies.append(hf_assisted_strategy(small, target, name=f"{name}-hf-defaults"))
     if config.prompt_lookup:
         strategies.append(prompt_lookup_strategy())
+    # the run's draft length for PRISM drafts too, unless they keep their configs'
+    prism_length = (None, None) if config.draft_own_length else (config.num_draft_tokens, schedule)
     for name, path in config.drafts.items():
         for int8 in (False, True) if config.draft_int8 else (False,):
-            strategies.append(
-                prism_strategy(
-                    name + ("-int8" if int8 else ""),
-                    path,
-                    target,
-                    config.num_draft_tokens,
-                    config.draft_length_schedule,
-                    int8=int8,
-                )
-            )
+            strategies.append(prism_strategy(name + ("-int8" if int8 else ""), path, target, *prism_length, int8=int8))
     ouroboros = [(None, "pool", {})] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
         label = Path(config.ouroboros_assistant).name.lower()
@@ -384,6 +384,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "fast_cpu_linears": config.fast_cpu_linears,
         "small_model_int8": config.small_model_int8,
         "draft_int8": config.draft_int8,
+        "draft_own_length": config.draft_own_length,
         "float_small_model": config.float_small_model,
         "draft_length_schedule": config.draft_length_schedule,
         "num_draft_tokens": config.num_draft_tokens,
