@@ -161,6 +161,12 @@ def _add_bench_parser(subparsers) -> None:
         "(prism_hf.quantize_cpu_linears_int8), named NAME-int8",
     )
     parser.add_argument(
+        "--no-float-draft",
+        dest="float_draft",
+        action="store_false",
+        help="with --draft-int8: run each --draft with the int8 LM head only",
+    )
+    parser.add_argument(
         "--draft-own-length",
         action="store_true",
         help="PRISM drafts draft as their configs say (length, schedule, confidence stop); --num-draft-tokens and "

@@ -315,6 +315,13 @@ def test_bench_config_int8_drafts(tmp_path):
     assert float_draft.verifier.draft_lm_int8 is None
     with pytest.raises(ValueError, match="draft_int8 quantizes PRISM drafts: also give drafts"):
         BenchmarkConfig(target="tiny", draft_int8=True, device="cpu").resolved()
+    config = BenchmarkConfig(
+        target="tiny", drafts={"m2": str(tmp_path / "m2")}, draft_int8=True, float_draft=False, device="cpu"
+    ).resolved()
+    (only,) = build_strategies(target, config)[1:]
+    assert only.name == "m2-int8" and only.description.endswith("(M = 2, int8)")
+    with pytest.raises(ValueError, match="float_draft=False leaves out the float-head drafts: set draft_int8"):
+        BenchmarkConfig(target="tiny", drafts={"m2": str(tmp_path / "m2")}, float_draft=False, device="cpu").resolved()
 
 
 def test_bench_config_draft_own_length(tmp_path):

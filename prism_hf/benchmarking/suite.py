@@ -161,6 +161,8 @@ class BenchmarkConfig:
         float_small_model (`bool`): run HF assisted generation and Ouroboros with the float small model (default);
             `False` with `small_model_int8` runs the int8 copies only (HF at transformers' defaults, which runs with
             the float copy, is then left out).
+        float_draft (`bool`): run each PRISM draft with its float LM head (default); `False` with `draft_int8` runs
+            the int8-head copies only.
         prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
@@ -200,6 +202,7 @@ class BenchmarkConfig:
     draft_int8: bool = False
     draft_own_length: bool = False
     float_small_model: bool = True
+    float_draft: bool = True
     prompt_sets: list[str] = field(default_factory=lambda: ["spec_bench", "humaneval"])
     categories: list[str] | None = None
     mode: str = "quick"
@@ -236,6 +239,8 @@ class BenchmarkConfig:
             raise ValueError("draft_int8 quantizes PRISM drafts: also give drafts.")
         if self.draft_own_length and not self.drafts:
             raise ValueError("draft_own_length keeps the PRISM drafts' own draft lengths: also give drafts.")
+        if not self.float_draft and not self.draft_int8:
+            raise ValueError("float_draft=False leaves out the float-head drafts: set draft_int8 for the int8 ones.")
         if not self.float_small_model and not self.small_model_int8:
             raise ValueError(
                 "float_small_model=False leaves out the float small model: set small_model_int8 to run the int8 copy."
@@ -286,8 +291,9 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
         strategies.append(prompt_lookup_strategy())
     # the run's draft length for PRISM drafts too, unless they keep their configs'
     prism_length = (None, None) if config.draft_own_length else (config.num_draft_tokens, schedule)
+    heads = ([False] if config.float_draft else []) + ([True] if config.draft_int8 else [])  # int8 LM head or not
     for name, path in config.drafts.items():
-        for int8 in (False, True) if config.draft_int8 else (False,):
+        for int8 in heads:
             strategies.append(prism_strategy(name + ("-int8" if int8 else ""), path, target, *prism_length, int8=int8))
     ouroboros = [(None, "pool", {})] if config.ouroboros else []
     if config.ouroboros_assistant is not None:
@@ -386,6 +392,7 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "draft_int8": config.draft_int8,
         "draft_own_length": config.draft_own_length,
         "float_small_model": config.float_small_model,
+        "float_draft": config.float_draft,
         "draft_length_schedule": config.draft_length_schedule,
         "num_draft_tokens": config.num_draft_tokens,
         "target_quantization": config.target_quantization,
