@@ -32,4 +32,4 @@ def test_committed_draft_is_complete_and_current(draft_dir):
 
 
 def test_there_is_a_committed_draft():
-    assert DRAFT_DIRS, "hub_models/ should hold at least the demo's SmolLM2 draft"
+    assert DRAFT_DIRS, "hub_models/ should hold at least the demo's draft"
