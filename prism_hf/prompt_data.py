@@ -486,6 +486,10 @@ class BenchmarkFilter:
             logger.warning("No benchmark prompts found: training prompts are not checked for benchmark overlap.")
         return cls(texts)
 
+    def overlaps_chat(self, messages: Iterable[dict[str, str]]) -> bool:
+        """Whether a conversation's user turns share text with a benchmark prompt (the test for training data)."""
+        return self.overlaps(m["content"] for m in messages if m.get("role") == "user")
+
     def overlaps(self, texts: Iterable[str]) -> bool:
         """Whether any of `texts` contains a benchmark prompt or a run of its words."""
         for text in texts:

@@ -241,7 +241,7 @@ def load_conversations(
 
     def rows() -> Iterable[list[dict[str, str]]]:
         for messages in unfiltered():
-            if not benchmark.overlaps(m["content"] for m in messages if m.get("role") == "user"):
+            if not benchmark.overlaps_chat(messages):
                 yield messages
 
     return rows()

@@ -132,7 +132,7 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
         raise ValueError("The target's tokenizer has no chat template: a replies dataset answers chat prompts.")
     benchmark = BenchmarkFilter.default()
     for conversation_id, row_id, messages in iter_conversation_records(args.source):
-        if benchmark.overlaps(m["content"] for m in messages if m["role"] == "user"):
+        if benchmark.overlaps_chat(messages):
             continue
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
         candidates = []
