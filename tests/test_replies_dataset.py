@@ -398,8 +398,55 @@ def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monk
     made = [prompt_data.sharegpt_task_prompt(f"k{i}", long_question) for i in range(30)]
     assert all(task != "passage-qa" for task, _ in made)  # a question longer than 300 characters is not asked
     assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}]) is None
-    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks' nor"):
+    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor"):
         list(prompt_data.iter_conversation_records("sharegpt-task"))
+
+
+def test_python_functions_are_code_completion_exchanges(tmp_path):
+    """`python-functions`: each documented function of the standard library, its signature and docstring asked for."""
+    from prism_hf import prompt_data
+
+    library = tmp_path / "lib"
+    (library / "pkg").mkdir(parents=True)
+    (library / "test").mkdir()
+    (library / "pkg" / "shapes.py").write_text(
+        "import math\n\n\n"
+        "@staticmethod\n"
+        "def area(r):\n"
+        '    """Area of a circle."""\n'
+        "    pi = math.pi\n"
+        "    return pi * r * r\n\n\n"
+        "def undocumented(x):\n"
+        "    y = x + 1\n"
+        "    z = y * 2\n"
+        "    return z\n\n\n"
+        "def tiny():\n"
+        '    """Too short to draft."""\n\n\n'
+        "class Box:\n"
+        "    def size(self):\n"
+        '        """Its size."""\n'
+        "        width = self.w\n"
+        "        return width * self.h\n"
+    )
+    (library / "test" / "test_shapes.py").write_text('def test_area():\n    """A test."""\n    x = 1\n    assert x\n')
+    (library / "broken.py").write_text("def (:\n")  # not this Python's syntax: skipped
+    records = list(prompt_data._iter_python_functions(library))
+    assert sorted(key for key, _, _ in records) == ["pkg.shapes:Box.size", "pkg.shapes:area"]
+    messages = dict((key, m) for key, _, m in records)
+    assert messages["pkg.shapes:area"] == [
+        {"role": "user", "content": '@staticmethod\ndef area(r):\n    """Area of a circle."""\n'},
+        {
+            "role": "assistant",
+            "content": '```python\n@staticmethod\ndef area(r):\n    """Area of a circle."""\n    pi = math.pi\n'
+            "    return pi * r * r\n```",
+        },
+    ]
+    assert messages["pkg.shapes:Box.size"][0]["content"] == 'def size(self):\n    """Its size."""\n'  # dedented
+    # the installed standard library, in an order fixed by key hashes (a prefix mixes modules)
+    stdlib = [key for key, _, _ in prompt_data.iter_conversation_records("python-functions")]
+    assert "json.__init__:dumps" in stdlib and "json.decoder:JSONDecoder.decode" in stdlib and len(stdlib) > 1000
+    assert len({key.split(":")[0] for key in stdlib[:50]}) > 20
+    assert not any(key.startswith(("test.", "idlelib.", "site-packages.")) for key in stdlib)
 
 
 def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_data, tmp_path, one_thread):

