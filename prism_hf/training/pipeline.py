@@ -324,16 +324,16 @@ def train_draft(
     else:
         if examples is not None and args.more_data:
             raise ValueError("--more-data names training sources to read: it cannot add to given `examples`.")
-        sources = [(args.data, examples)] if examples is not None else [(args.data, None)]
+        to_read: list[tuple[str, list[TrainingExample] | None]] = [(args.data, examples)]
         for dataset in args.more_data or []:
             if is_reply_dataset(dataset):
                 raise ValueError(
                     f"--more-data {dataset!r} is a replies dataset: --data must be one too (both replies datasets, "
                     "or both conversation sources)."
                 )
-            sources.append((dataset, None))
+            to_read.append((dataset, None))
         train_shards, heldout_shards = [], []
-        for index, (source, source_examples) in enumerate(sources):
+        for index, (source, source_examples) in enumerate(to_read):
             if source_examples is None:
                 conversations = load_conversations(source)
                 source_examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
