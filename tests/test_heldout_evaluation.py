@@ -82,3 +82,32 @@ def test_tokens_outside_a_reduced_vocabulary_are_misses(llama_target, trained_ll
     metrics = evaluate_draft(draft, [features], num_steps=2)
     assert metrics.vocab_coverage == 0.0
     assert metrics.step_accuracy == [0.0, 0.0] and metrics.predicted_tau == [1.0, 1.0]
+
+
+def test_numbers_by_source_are_each_source_scored_alone(llama_target, trained_llama_draft):
+    """One pass with `sources` gives the pooled numbers and, per source, what scoring that source alone gives."""
+    prompts = training_prompts(num=4)
+    sequences = llama_target.generate(prompts, do_sample=False, max_new_tokens=16, pad_token_id=0, eos_token_id=None)
+    loss_mask = torch.zeros_like(sequences)
+    loss_mask[:, prompts.shape[1] :] = 1
+    trained_llama_draft.bind_target(llama_target)
+    batches = [
+        compute_target_features(llama_target, sequences[i : i + 1], [-1], loss_mask=loss_mask[i : i + 1])
+        for i in range(len(sequences))
+    ]
+    sources = ["code", "chat", "code", "code"]
+    metrics = evaluate_draft(trained_llama_draft, batches, num_steps=3, sources=sources)
+    pooled = evaluate_draft(trained_llama_draft, batches, num_steps=3)
+    assert pooled.by_source is None and "heldout_by_source" not in pooled.to_dict()
+    by_source = {source: alone.to_dict(prefix="") for source, alone in metrics.by_source.items()}
+    assert metrics.to_dict(prefix="") == {**pooled.to_dict(prefix=""), "by_source": by_source}
+    assert "by_source" not in by_source["code"]
+    assert list(metrics.by_source) == ["code", "chat"]
+    for source, alone in metrics.by_source.items():
+        chosen = [b for b, s in zip(batches, sources, strict=True) if s == source]
+        assert alone == evaluate_draft(trained_llama_draft, chosen, num_steps=3)
+    assert sum(m.num_tokens for m in metrics.by_source.values()) == metrics.num_tokens
+    assert metrics.by_source["chat"].step_accuracy != metrics.by_source["code"].step_accuracy  # not one copy
+
+    with pytest.raises(ValueError, match="3 sources for 4 held-out batches: give one source per batch."):
+        evaluate_draft(trained_llama_draft, batches, num_steps=3, sources=sources[:3])

@@ -562,6 +562,11 @@ def test_more_data_adds_conversation_sources_each_split_on_its_own(tiny_chat_mod
     assert [m["num_tokens"] for m in by_source.values()] != [0, 0]
     pooled_tokens = sum(m["num_tokens"] for m in by_source.values())
     assert pooled_tokens == two["heldout_num_tokens"]
+    # counted in the pass that scored the pooled numbers: every logged evaluation carries them
+    logged = [json.loads(line) for line in (tmp_path / "two" / "training_log.jsonl").read_text().splitlines()]
+    evaluations = [entry for entry in logged if "heldout_predicted_tau" in entry]
+    assert evaluations and all(list(entry["heldout_by_source"]) == list(by_source) for entry in evaluations)
+    assert evaluations[-1]["heldout_by_source"] == by_source
     # --data's shards keep their names (and cached features); the added source's get a prefix of their own
     # (one file per shard name: the second run found --data's shards, held-out included, unchanged in the cache)
     cached = sorted(path.name.split(".")[0].rsplit("-", 1)[0] for path in (tmp_path / "features").iterdir())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +34,8 @@ class HeldOutMetrics:
         predicted_tau (`list[float]`): entry `K - 1`: expected tokens per verification with a constant draft length
             `K`, bonus token included: `1 + sum_k prod_{j<=k} conditional_accuracy[j]`.
         vocab_coverage (`float`): share of held-out reply tokens inside the draft vocabulary.
+        by_source (`dict[str, HeldOutMetrics]`, *optional*): the same numbers for each source of the held-out
+            sequences, when [`evaluate_draft`] was told their sources (a code and a chat source score differently).
     """
 
     num_tokens: int
@@ -41,13 +43,55 @@ class HeldOutMetrics:
     conditional_accuracy: list[float]
     predicted_tau: list[float]
     vocab_coverage: float
+    by_source: dict[str, HeldOutMetrics] | None = None
 
     def to_dict(self, prefix: str = "heldout_") -> dict:
-        return {prefix + key: value for key, value in asdict(self).items()}
+        """The fields under `prefix`-ed names (`by_source` only when set, its entries without a prefix)."""
+        fields = asdict(self)
+        del fields["by_source"]
+        if self.by_source is not None:
+            fields["by_source"] = {source: metrics.to_dict(prefix="") for source, metrics in self.by_source.items()}
+        return {prefix + key: value for key, value in fields.items()}
 
     def summary(self) -> dict[str, float]:
         """Short numbers for a progress bar."""
         return {"heldout_acc1": round(self.step_accuracy[0], 3), "heldout_tau": round(self.predicted_tau[-1], 3)}
+
+
+@dataclass
+class _ChainCounts:
+    """What [`evaluate_draft`] counts over a set of sequences; counts of disjoint sets add up to the counts of both."""
+
+    matched: torch.Tensor  # [K] step-k hits among scored positions
+    scored: torch.Tensor  # [K] positions where step k is scored
+    chain_reached: torch.Tensor  # [K + 1] rounds whose steps 1..k all matched (k = 0..K)
+    covered: int = 0
+    reply_tokens: int = 0
+
+    @classmethod
+    def zeros(cls, num_steps: int) -> _ChainCounts:
+        zeros = torch.zeros(num_steps + 1, dtype=torch.float64)
+        return cls(zeros[:-1].clone(), zeros[:-1].clone(), zeros.clone())
+
+    def add(self, other: _ChainCounts) -> None:
+        self.matched += other.matched
+        self.scored += other.scored
+        self.chain_reached += other.chain_reached
+        self.covered += other.covered
+        self.reply_tokens += other.reply_tokens
+
+    def metrics(self) -> HeldOutMetrics:
+        if self.chain_reached[0] == 0:
+            raise ValueError("No held-out positions to score: the held-out data has no reply tokens.")
+        step_accuracy = (self.matched / self.scored.clamp(min=1)).tolist()
+        conditional = (self.chain_reached[1:] / self.chain_reached[:-1].clamp(min=1)).tolist()
+        return HeldOutMetrics(
+            num_tokens=int(self.chain_reached[0]),
+            step_accuracy=[round(a, 4) for a in step_accuracy],
+            conditional_accuracy=[round(a, 4) for a in conditional],
+            predicted_tau=[round(t, 4) for t in predicted_tau(conditional)],
+            vocab_coverage=round(self.covered / max(self.reply_tokens, 1), 4),
+        )
 
 
 def _chunked_argmax(head, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -80,6 +124,7 @@ def evaluate_draft(
     batches: Iterable[TargetFeatures],
     num_steps: int = 5,
     targets: Iterable[torch.Tensor] | None = None,
+    sources: Sequence[str] | None = None,
 ) -> HeldOutMetrics:
     """
     Held-out acceptance of `draft` over `batches` of target features (see the module docstring).
@@ -87,25 +132,29 @@ def evaluate_draft(
     Step k at pair position `p` drafts token `p + 2` from context up to `p - k + 1`, so the round that starts after
     token `c` drafts token `c + k` at pair `c + k - 2`. A round is scored from every `c` whose next token is in the
     loss mask; its chain ends at the first miss or at a token outside the mask (the end of the reply).
+
+    `sources` names the source of each batch (one sequence per batch): the result then also holds each source's
+    numbers in `by_source`, counted in the same pass as the pooled ones.
     """
+    batches = list(batches)
+    if sources is not None and len(sources) != len(batches):
+        raise ValueError(f"{len(sources)} sources for {len(batches)} held-out batches: give one source per batch.")
     was_training = draft.training
     draft.eval()
-    matched = torch.zeros(num_steps, dtype=torch.float64)
-    scored = torch.zeros(num_steps, dtype=torch.float64)
-    chain_reached = torch.zeros(num_steps + 1, dtype=torch.float64)  # rounds whose steps 1..k all matched (k = 0..K)
-    covered, reply_tokens = 0, 0
+    counts: dict[str, _ChainCounts] = {}
     in_vocab = None
     if draft.draft_to_target is not None:
         in_vocab = torch.zeros(draft.config.verifier_vocab_size, dtype=torch.bool, device=draft.device)
         in_vocab[draft.draft_to_target] = True
     targets = iter(targets) if targets is not None else None
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = batch.to(draft.device)
         features = draft.fuse_selected_features(batch.hidden_states)
         output = draft(batch.input_ids, features, num_steps=num_steps, output_logits=False)
         top1 = next(targets).to(draft.device) if targets is not None else target_top1(draft, batch)
         token_mask = batch.loss_mask[:, 2:].bool()  # pair p scores token p + 2
         pairs = token_mask.shape[1]
+        batch_counts = _ChainCounts.zeros(num_steps)
         match = []
         for k, hidden in enumerate(output.step_hidden_states, start=1):
             # logits only where a reply token is drafted (the LM head is most of the cost; prompts are often half)
@@ -116,37 +165,34 @@ def evaluate_draft(
             hit[token_mask] = drafted == top1[token_mask]
             valid = token_mask.clone()
             valid[:, : k - 1] = False
-            matched[k - 1] += float((hit & valid).sum())
-            scored[k - 1] += float(valid.sum())
+            batch_counts.matched[k - 1] = float((hit & valid).sum())
+            batch_counts.scored[k - 1] = float(valid.sum())
             match.append(hit)
         # the round after token c = i + 1 (column i) is scored when token c + 1 (pair i) is a reply token; its step k
         # is pair i + k - 1. Token 0 has no feature to draft from.
         alive = token_mask.clone()
-        chain_reached[0] += float(alive.sum())
+        batch_counts.chain_reached[0] = float(alive.sum())
         for k in range(1, num_steps + 1):
             shifted = torch.zeros_like(alive)
             width = max(0, pairs - (k - 1))
             shifted[:, :width] = match[k - 1][:, k - 1 : k - 1 + width]
             alive &= shifted
-            chain_reached[k] += float(alive.sum())
+            batch_counts.chain_reached[k] = float(alive.sum())
         reply = batch.loss_mask[:, 1:].bool()
-        reply_tokens += int(reply.sum())
-        if in_vocab is None:
-            covered += int(reply.sum())
-        else:
-            covered += int((in_vocab[batch.input_ids[:, 1:]] & reply).sum())
+        batch_counts.reply_tokens = int(reply.sum())
+        batch_counts.covered = batch_counts.reply_tokens
+        if in_vocab is not None:
+            batch_counts.covered = int((in_vocab[batch.input_ids[:, 1:]] & reply).sum())
+        source = sources[index] if sources is not None else ""
+        counts.setdefault(source, _ChainCounts.zeros(num_steps)).add(batch_counts)
     draft.train(was_training)
-    if chain_reached[0] == 0:
-        raise ValueError("No held-out positions to score: the held-out data has no reply tokens.")
-    step_accuracy = (matched / scored.clamp(min=1)).tolist()
-    conditional = (chain_reached[1:] / chain_reached[:-1].clamp(min=1)).tolist()
-    return HeldOutMetrics(
-        num_tokens=int(chain_reached[0]),
-        step_accuracy=[round(a, 4) for a in step_accuracy],
-        conditional_accuracy=[round(a, 4) for a in conditional],
-        predicted_tau=[round(t, 4) for t in predicted_tau(conditional)],
-        vocab_coverage=round(covered / max(reply_tokens, 1), 4),
-    )
+    pooled = _ChainCounts.zeros(num_steps)
+    for source_counts in counts.values():
+        pooled.add(source_counts)
+    metrics = pooled.metrics()
+    if sources is not None:
+        metrics.by_source = {source: source_counts.metrics() for source, source_counts in counts.items()}
+    return metrics
 
 
 class HeldOutTracker:
@@ -190,7 +236,7 @@ class HeldOutTracker:
             with self.log_path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
         if self.best is None or metrics.predicted_tau[-1] > self.best["metrics"]["predicted_tau"][-1]:
-            self.best = {"update": update, "metrics": asdict(metrics)}
+            self.best = {"update": update, "metrics": metrics.to_dict(prefix="")}
             self.best_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
             if self.state_path is not None:
                 self.state_path.parent.mkdir(parents=True, exist_ok=True)

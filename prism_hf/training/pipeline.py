@@ -24,7 +24,7 @@ from ..modeling_prism import PrismDraftModel
 from ..prompt_data import SHAREGPT_HELDOUT_FRACTION, BenchmarkFilter, is_heldout, iter_conversation_records
 from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, select_draft_vocabulary
-from .evaluation import HeldOutTracker, evaluate_draft, target_top1
+from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_top1
 from .features import FeatureStore, collate
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
@@ -436,39 +436,28 @@ def train_draft(
     # the held-out sequences and the target's greedy tokens on them, fixed for every evaluation
     heldout_batches = [collate([item]) for item in heldout_store.features]
     heldout_targets = [target_top1(draft, batch) for batch in heldout_batches]
-    # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-...")
+    # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-..."):
+    # with several sources, every evaluation also scores each on its own, in the same pass (chat and code differ)
     sources = [args.data, *(args.more_data or [])]
     heldout_sources = [sources[_source_index(name)] for name, shard in heldout_shards for _ in shard]
 
-    def evaluate_by_source(model: PrismDraftModel) -> dict[str, dict]:
-        """Held-out numbers of each source on its own (chat and code drafts differ)."""
-        by_source = {}
-        for source in dict.fromkeys(heldout_sources):
-            chosen = [i for i, name in enumerate(heldout_sources) if name == source]
-            metrics = evaluate_draft(
-                model,
-                [heldout_batches[i] for i in chosen],
-                num_steps=args.eval_steps,
-                targets=[heldout_targets[i] for i in chosen],
-            )
-            by_source[source] = asdict(metrics)
-        return by_source
+    def evaluate(model: PrismDraftModel) -> HeldOutMetrics:
+        return evaluate_draft(
+            model,
+            heldout_batches,
+            num_steps=args.eval_steps,
+            targets=heldout_targets,
+            sources=heldout_sources if len(sources) > 1 else None,
+        )
 
-    initial_heldout = None
-    if args.init_draft is not None:
-        # what the run starts from, on the same held-out conversations: the record shows what the training added
-        initial_heldout = {
-            "metrics": asdict(
-                evaluate_draft(draft, heldout_batches, num_steps=args.eval_steps, targets=heldout_targets)
-            ),
-            **({"by_source": evaluate_by_source(draft)} if len(sources) > 1 else {}),
-        }
+    # what a run from --init-draft starts from, on the same held-out conversations: the record shows what it added
+    initial_heldout = {"metrics": evaluate(draft).to_dict(prefix="")} if args.init_draft is not None else None
 
     def run_phase(name: str, model: PrismDraftModel, phase: PhaseConfig, num_updates: int, seed: int) -> None:
         phase_started = time.perf_counter()
         tracker = HeldOutTracker(
             model,
-            lambda: evaluate_draft(model, heldout_batches, num_steps=args.eval_steps, targets=heldout_targets),
+            lambda: evaluate(model),
             phase=name,
             log_path=log_path if accelerator.is_main_process else None,
             state_path=checkpoints / f"{name}-best.safetensors",
@@ -526,7 +515,6 @@ def train_draft(
         )
         run_phase("finetune", draft, finetune, epochs_to_updates(args.finetune_epochs), args.seed + 1000 + rank)
     final_heldout = heldout_results["finetune" if args.finetune_epochs > 0 else "warmup"]
-    final_by_source = evaluate_by_source(draft) if len(sources) > 1 else None
 
     # every process must hold the same weights; a checksum per process makes that visible in the record
     checksum = torch.stack([p.detach().double().sum() for p in draft.parameters()]).sum().reshape(1)
@@ -545,7 +533,6 @@ def train_draft(
             "heldout_tokens": heldout_tokens,
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
-            **({"heldout_by_source": final_by_source} if final_by_source is not None else {}),
             **({"heldout_init_draft": initial_heldout} if initial_heldout is not None else {}),
             "data_kind": "replies dataset" if is_reply_dataset(args.data) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
