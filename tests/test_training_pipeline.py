@@ -437,6 +437,32 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     for name, value in expected.items():
         assert torch.equal(value, actual[name]), name
 
+    # --recount-vocabulary: the draft vocabulary of a fresh run over the new data, the same weights otherwise
+    other = tmp_path / "digits.jsonl"
+    replies = [
+        [{"role": "user", "content": f"count {i}"}, {"role": "assistant", "content": "0123 " * 20}] for i in range(6)
+    ]
+    other.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in replies))
+    recounted = tmp_path / "m2-recounted"
+    train_draft(
+        DraftTrainingArguments(
+            output_dir=str(recounted), init_draft=str(m2), recount_vocabulary=True, more_data=[str(other)], **more_args
+        ),
+        progress=False,
+    )
+    fresh = tmp_path / "fresh"
+    fresh_args = common | {"warmup_epochs": 1, "finetune_epochs": 0}
+    train_draft(DraftTrainingArguments(output_dir=str(fresh), more_data=[str(other)], **fresh_args), progress=False)
+    actual = prism_hf.PrismDraftModel.from_pretrained(recounted).state_dict()
+    fresh_vocab = prism_hf.PrismDraftModel.from_pretrained(fresh).draft_to_target
+    assert torch.equal(actual["draft_to_target"], fresh_vocab)
+    assert not torch.equal(actual["draft_to_target"], expected["draft_to_target"])
+    for name, value in expected.items():
+        assert name == "draft_to_target" or torch.equal(value, actual[name]), name
+    assert "--recount-vocabulary" in json.loads((recounted / "training_record.json").read_text())["command"]
+    with pytest.raises(ValueError, match="recount_vocabulary re-chooses the reduced vocabulary of an --init-draft"):
+        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), recount_vocabulary=True, **common))
+
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
     with pytest.raises(ValueError, match="has 2 modules but --num-modules is 1: phase 2 keeps the draft's modules"):

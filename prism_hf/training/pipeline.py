@@ -151,6 +151,15 @@ class DraftTrainingArguments:
             "--num-modules modules, whose phase 2 goes on with --warmup-epochs 0 (more data for a published draft)"
         },
     )
+    recount_vocabulary: bool = field(
+        default=False,
+        metadata={
+            "help": "with --init-draft: choose the draft vocabulary afresh from this run's training replies (as a new "
+            "draft's is) instead of keeping the init draft's, e.g. when code is added to a draft counted over chat. "
+            "Its rows are the target's LM head, so only which tokens the draft may propose changes; this run "
+            "teaches it the new ones"
+        },
+    )
     save_warmup: bool = field(
         default=False,
         metadata={
@@ -294,6 +303,11 @@ def train_draft(
         raise ValueError("warmup_epochs and finetune_epochs are both 0: there is nothing to train.")
     if args.init_draft is not None and args.init_from_target:
         raise ValueError("init_draft and init_from_target both initialise the draft: choose one.")
+    if args.recount_vocabulary and (args.init_draft is None or args.draft_vocab_size is None):
+        raise ValueError(
+            "recount_vocabulary re-chooses the reduced vocabulary of an --init-draft: it needs init_draft and "
+            "draft_vocab_size (a new draft's vocabulary is always counted from its training replies)."
+        )
     if args.warmup_epochs <= 0 and args.save_warmup:
         raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
     init_modules, init_step_map = _init_draft_modules(args)
@@ -402,14 +416,14 @@ def train_draft(
         if init_modules > 1:
             draft = expand_modules(draft, init_modules, init_step_map)
         load_init_draft(draft, args.init_draft)
-        draft.bind_target(target)
-    elif draft_vocab_size is not None:
+    if draft_vocab_size is not None and (args.init_draft is None or args.recount_vocabulary):
         eos = tokenizer.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
         vocab = select_draft_vocabulary(
             vocabulary_examples, draft_vocab_size, draft.config.verifier_vocab_size, eos_ids
         )
         draft.draft_to_target.copy_(vocab)
+    if draft_vocab_size is not None or args.init_draft is not None:
         draft.bind_target(target)
 
     def epochs_to_updates(epochs: float) -> int:
