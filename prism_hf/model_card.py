@@ -19,7 +19,7 @@ CARD_TAGS = ["speculative-decoding", "prism", "draft-model", "prism-hf"]
 TRAINING_DATASETS = {
     "sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered",
     "sharegpt-tasks": "anon8231489123/ShareGPT_Vicuna_unfiltered",
-}
+}  # python-functions (Python's standard library) is no Hub dataset
 # Where this project's repositories are published: each folder under hub_models/ is `HUB_NAMESPACE/<folder name>`.
 HUB_NAMESPACE = "prism-hf"
 # The `custom_generate` repository under hub_models/prism-generate, as published.
@@ -93,9 +93,7 @@ vocabulary {verifier_vocab}, {verifier_layers} layers.
 - Command: `{command}`
 - Data: {num_examples} conversations ({data}{regenerated}), {num_tokens} tokens ({num_loss_tokens} assistant
   tokens trained on), max length {max_length}.
-- Recipe: phase 1 warm-up of one module for {warmup_epochs} epochs (feature regression + 0.1 soft CE against the
-  target, {num_steps} aligned steps, lr {warmup_lr}); phase 2: copied into {num_modules} modules, CE only,
-  {finetune_epochs} epochs, lr {finetune_lr}.
+- Recipe: {recipe}
 - Time: {total_seconds} s on {device} ({time_parts}).
 - Held-out quality: {heldout}
 - In-sample training metrics (mean of the last 20 updates, on training batches: not a quality figure):
@@ -219,11 +217,7 @@ def write_model_card(
         num_tokens=record.get("num_tokens"),
         num_loss_tokens=record.get("num_loss_tokens"),
         max_length=args.get("max_length"),
-        warmup_epochs=args.get("warmup_epochs"),
-        num_steps=args.get("num_steps"),
-        warmup_lr=args.get("warmup_learning_rate"),
-        finetune_epochs=args.get("finetune_epochs"),
-        finetune_lr=args.get("finetune_learning_rate"),
+        recipe=_recipe_text(args, config["num_modules"]),
         total_seconds=record.get("total_seconds"),
         time_parts=_time_parts(record),
         device=record.get("device"),
@@ -236,18 +230,56 @@ def write_model_card(
     return path
 
 
+def _recipe_text(args: dict, num_modules: int) -> str:
+    """The recipe a training run followed: both phases, or phase 2 continued from `--init-draft`."""
+    finetune = (
+        f"CE only, {args.get('finetune_epochs')} epochs, lr {args.get('finetune_learning_rate')}"
+        f"{', draft vocabulary recounted from this data' if args.get('recount_vocabulary') else ''}."
+    )
+    if args.get("init_draft") and not args.get("warmup_epochs"):
+        return (
+            f"phase 2 continued from the {num_modules}-module draft `{args['init_draft']}` (its own phases in its "
+            f"own record): {finetune}"
+        )
+    return (
+        f"phase 1 warm-up of one module for {args.get('warmup_epochs')} epochs (feature regression + "
+        f"{args.get('ce_weight', 0.1)} soft CE against the target, {args.get('num_steps')} aligned steps, lr "
+        f"{args.get('warmup_learning_rate')}); phase 2: copied into {num_modules} modules, {finetune}"
+    )
+
+
 def _heldout_text(record: dict) -> str:
     """The held-out numbers of a training record (conversations never trained on), or why there are none."""
     if "heldout_predicted_tau" not in record:
         return "not measured (trained before prism-hf held conversations out)."
     steps = ", ".join(f"{a:.3f}" for a in record["heldout_step_accuracy"])
     taus = ", ".join(f"{t:.2f}" for t in record["heldout_predicted_tau"])
-    return (
+    text = (
         f"on {record['heldout_examples']} held-out conversations ({record['heldout_tokens']} reply tokens), "
         f"teacher-forced, the draft's top-1 equals the target's at steps 1-{len(record['heldout_step_accuracy'])} "
         f"with rates {steps}; predicted tau (tokens per verification) at draft lengths 1-"
         f"{len(record['heldout_predicted_tau'])}: {taus}; the draft vocabulary covers "
         f"{100 * record['heldout_vocab_coverage']:.1f}% of the held-out reply tokens."
+    )
+    if record.get("heldout_by_source"):
+        text += " By source: " + "; ".join(
+            f"{source} {_short_metrics(metrics)}" for source, metrics in record["heldout_by_source"].items()
+        )
+        text += "."
+    started = (record.get("heldout_init_draft") or {}).get("metrics")
+    if started:
+        text += f" The draft this run started from, on the same conversations: {_short_metrics(started)}"
+        if started.get("by_source"):
+            text += " (" + "; ".join(f"{s} {_short_metrics(m)}" for s, m in started["by_source"].items()) + ")"
+        text += "."
+    return text
+
+
+def _short_metrics(metrics: dict) -> str:
+    """Predicted tau at the longest draft length and step-1 acceptance, as one phrase."""
+    return (
+        f"tau {metrics['predicted_tau'][-1]:.3f} (step 1 {metrics['step_accuracy'][0]:.3f}, "
+        f"{metrics['num_tokens']} tokens)"
     )
 
 

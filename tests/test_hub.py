@@ -265,6 +265,39 @@ def test_card_names_every_dataset_trained_on(draft_copy):
     assert card_metadata(draft_copy).datasets == ["prism-hf/A-replies"]
 
 
+def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_copy):
+    from prism_hf.model_card import write_model_card
+
+    record_path, args_path = draft_copy / "training_record.json", draft_copy / "training_args.json"
+    args, record = json.loads(args_path.read_text()), json.loads(record_path.read_text())
+    card = write_model_card(draft_copy).read_text()
+    assert "- Recipe: phase 1 warm-up of one module for" in card and "By source" not in card
+
+    def metrics(tau: float, step1: float, tokens: int) -> dict:
+        return {"predicted_tau": [1.1, tau], "step_accuracy": [step1, 0.1], "num_tokens": tokens}
+
+    args.update(init_draft="chat-draft", warmup_epochs=0.0, recount_vocabulary=True, finetune_learning_rate=2e-4)
+    args_path.write_text(json.dumps(args))
+    record["heldout_by_source"] = {
+        "python-functions": metrics(1.5884, 0.3704, 9268),
+        "sharegpt": metrics(1.28, 0.23, 10),
+    }
+    record["heldout_init_draft"] = {
+        "metrics": {**metrics(1.2562, 0.21, 9278), "by_source": {"sharegpt": metrics(1.3, 0.2, 10)}}
+    }
+    record_path.write_text(json.dumps(record))
+    card = write_model_card(draft_copy).read_text()
+    assert (
+        "- Recipe: phase 2 continued from the 2-module draft `chat-draft` (its own phases in its own record): CE "
+        f"only, {args['finetune_epochs']} epochs, lr 0.0002, draft vocabulary recounted from this data."
+    ) in card
+    assert (
+        "By source: python-functions tau 1.588 (step 1 0.370, 9268 tokens); sharegpt tau 1.280 (step 1 0.230, "
+        "10 tokens). The draft this run started from, on the same conversations: tau 1.256 (step 1 0.210, 9278 "
+        "tokens) (sharegpt tau 1.300 (step 1 0.200, 10 tokens))."
+    ) in " ".join(card.split())
+
+
 DATASET_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/manifest.json"))
 
 
