@@ -70,8 +70,7 @@ class _ChainCounts:
 
     @classmethod
     def zeros(cls, num_steps: int) -> _ChainCounts:
-        zeros = torch.zeros(num_steps + 1, dtype=torch.float64)
-        return cls(zeros[:-1].clone(), zeros[:-1].clone(), zeros.clone())
+        return cls(*(torch.zeros(size, dtype=torch.float64) for size in (num_steps, num_steps, num_steps + 1)))
 
     def add(self, other: _ChainCounts) -> None:
         self.matched += other.matched
@@ -180,9 +179,8 @@ def evaluate_draft(
             batch_counts.chain_reached[k] = float(alive.sum())
         reply = batch.loss_mask[:, 1:].bool()
         batch_counts.reply_tokens = int(reply.sum())
-        batch_counts.covered = batch_counts.reply_tokens
-        if in_vocab is not None:
-            batch_counts.covered = int((in_vocab[batch.input_ids[:, 1:]] & reply).sum())
+        covered = reply if in_vocab is None else in_vocab[batch.input_ids[:, 1:]] & reply
+        batch_counts.covered = int(covered.sum())
         source = sources[index] if sources is not None else ""
         counts.setdefault(source, _ChainCounts.zeros(num_steps)).add(batch_counts)
     draft.train(was_training)
