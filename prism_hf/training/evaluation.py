@@ -132,8 +132,8 @@ def evaluate_draft(
     token `c` drafts token `c + k` at pair `c + k - 2`. A round is scored from every `c` whose next token is in the
     loss mask; its chain ends at the first miss or at a token outside the mask (the end of the reply).
 
-    `sources` names the source of each batch (one sequence per batch): the result then also holds each source's
-    numbers in `by_source`, counted in the same pass as the pooled ones.
+    `sources` names the source of each batch (a batch holds sequences of one source): the result then also holds each
+    source's numbers in `by_source`, counted in the same pass as the pooled ones.
     """
     batches = list(batches)
     if sources is not None and len(sources) != len(batches):
