@@ -464,7 +464,9 @@ def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tu
     """
     `python_function_conversation` for every documented function of the Python standard library under `root`
     (default: this interpreter's), keyed `<dotted file path>:<qualified name>` (`json.__init__:dumps`), in an order
-    fixed by a hash of the key so that any prefix mixes modules.
+    fixed by a hash of the key so that any prefix mixes modules. The order hashes the key with a salt: ordered by
+    the very hash that [`is_heldout`] thresholds, a prefix would start with every held-out function, and a replies
+    dataset of the first few hundred would be mostly held out.
     """
     root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
     records = []
@@ -483,7 +485,7 @@ def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tu
             messages = python_function_conversation(lines, node)
             if messages is not None:
                 records.append((f"{module}:{name}", messages))
-    records.sort(key=lambda record: hashlib.sha256(record[0].encode("utf-8")).digest())
+    records.sort(key=lambda record: hashlib.sha256(f"order/{record[0]}".encode()).digest())
     for key, messages in records:
         yield key, key, messages
 
