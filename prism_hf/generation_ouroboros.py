@@ -125,6 +125,11 @@ class OuroborosCandidateGenerator(CandidateGenerator):
                 always = self.tokens + ([] if eos is None else torch.tensor(eos).flatten().tolist())
                 self.small_head = assistant._reduced_vocabulary_head().with_tokens(always)
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most tokens the next round drafts, pool phrases included (see `PrismCandidateGenerator`'s)."""
+        return self.num_draft_tokens
+
     # ------------------------------------------------------------------------------------------------- drafting
 
     @torch.no_grad()
@@ -298,6 +303,11 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self._from_pool: list[bool] = []
         self._num_budgeted = 0
         self._vocab_size = target.config.get_text_config().vocab_size  # the width of the target's logits
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The draft's budget, then the pool's phrase of up to `Ouroboros.num_draft_tokens` after it."""
+        return self.num_draft_tokens + self.assistant.num_draft_tokens
 
     def _next_token(
         self, candidate_ids: torch.LongTensor, draft_hidden: torch.Tensor

@@ -205,6 +205,14 @@ class PrismCandidateGenerator(CandidateGenerator):
         else:
             self.model_kwargs_overrides = {"output_hidden_states": list(draft_model.config.feature_layers)}
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """
+        The most tokens the next round drafts (transformers >= 5.25 reads it to size the target cache's rollback of
+        recurrent states); like transformers' own drafters, the current length, which the heuristic schedules adapt.
+        """
+        return self.num_draft_tokens
+
     @torch.no_grad()
     def get_candidates(
         self,
