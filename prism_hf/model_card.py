@@ -317,6 +317,11 @@ def _describe_prompt_source(source: str) -> str:
             "the documented functions of the Python standard library, each asked for by its signature and docstring, "
             "HumanEval-style (`prism_hf.prompt_data.python_function_conversation`)"
         )
+    if source == "math-word-problems":
+        return (
+            "grade-school math word problems made from templates with drawn names and numbers, shaped like the "
+            "benchmark's math task (`prism_hf.prompt_data.math_word_problem`)"
+        )
     return f"{source}; a conversation contributes the turns up to one of its user turns"
 
 

