@@ -322,6 +322,18 @@ def _describe_prompt_source(source: str) -> str:
             "grade-school math word problems made from templates with drawn names and numbers, shaped like the "
             "benchmark's math task (`prism_hf.prompt_data.math_word_problem`)"
         )
+    if source == "prompt-requests":
+        return (
+            "requests for the target to write prompts of the benchmark's kinds about drawn news and general-knowledge "
+            "topics: 8 short factual questions, 8 German sentences, or a 200-word news article "
+            "(`prism_hf.prompt_data.PROMPT_REQUESTS`); its replies are the prompts of a second dataset"
+        )
+    if (Path(source) / "manifest.json").is_file():
+        return (
+            f"prompts the target wrote itself, parsed from the replies in `{source}` "
+            "(`prism_hf.prompt_data.prompts_from_request_reply`): its factual questions as asked, its German "
+            "sentences to translate into English, its news articles to summarise"
+        )
     return f"{source}; a conversation contributes the turns up to one of its user turns"
 
 

