@@ -494,32 +494,9 @@ def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tu
 # Grade-school math word problems made from templates: the benchmark's math task (multi-step arithmetic told as a
 # story, answered step by step) without its prompts. Each template draws its names, things and numbers from a
 # random generator seeded by the problem's key, with numbers chosen so that every step comes out whole.
-_NAMES = (
-    "Ava",
-    "Ben",
-    "Carla",
-    "Diego",
-    "Emma",
-    "Farid",
-    "Grace",
-    "Hiro",
-    "Ines",
-    "Jamal",
-    "Kira",
-    "Liam",
-    "Maya",
-    "Noah",
-    "Olga",
-    "Pablo",
-    "Quinn",
-    "Rosa",
-    "Sam",
-    "Tara",
-    "Umar",
-    "Vera",
-    "Wes",
-    "Yuki",
-    "Zane",
+_NAMES = tuple(
+    "Ava Ben Carla Diego Emma Farid Grace Hiro Ines Jamal Kira Liam Maya "
+    "Noah Olga Pablo Quinn Rosa Sam Tara Umar Vera Wes Yuki Zane".split()
 )
 _GOODS = (
     ("notebook", "notebooks"),
