@@ -786,7 +786,13 @@ _REQUEST_ASPECTS = (
     "its effects on daily life",
     "plans for the future",
 )
-_ENGLISH_WORDS = frozenset("the and is are of to that it for with this be on you not".split())  # none German
+# common words of one language that are not words of the other, to tell German lines from English or mixed ones
+_ENGLISH_WORDS = frozenset(
+    "the and is are of to that it for with this be on you not from by which will has have".split()
+)
+_GERMAN_WORDS = frozenset(
+    "der die das und ist nicht ein eine einen mit von für zu den dem im sich auf auch wird sind".split()
+)
 
 
 def _iter_prompt_requests() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
@@ -804,8 +810,9 @@ def _iter_prompt_requests() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
 def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
     """
     The prompts in the target's `reply` to the prompt request `request_id` (a `"prompt-requests"` key): one per
-    line for questions (ending in `?`) and German sentences (not English, by its common words), numbering and
-    bullets removed, 4-40 words, repeats dropped; the whole reply for a news article (80-500 words). Each is asked
+    line for questions (ending in `?`) and German sentences (by common words: German ones and next to no English
+    ones, which a small model mixes in), numbering and bullets removed, 4-40 words, repeats dropped; the whole reply
+    for a news article (80-500 words). Each is asked
     through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request and the item's place.
     """
     kind = request_id.removeprefix("prompt-requests:").split("/", 1)[0]
@@ -823,8 +830,11 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
                 continue
             if kind == "questions" and not line.endswith("?"):
                 continue
-            if kind == "german-sentences" and sum(w in _ENGLISH_WORDS for w in words) > 0.15 * len(words):
-                continue
+            if kind == "german-sentences" and (
+                sum(w in _ENGLISH_WORDS for w in words) > 0.05 * len(words)
+                or sum(w in _GERMAN_WORDS for w in words) < 0.1 * len(words)
+            ):
+                continue  # English, or German mixed with English, as a small model writes it
             items.append(line)
     templates = WRITTEN_PROMPT_TEMPLATES[kind]
     return [

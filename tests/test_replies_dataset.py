@@ -539,7 +539,10 @@ def test_prompt_request_replies_are_parsed_into_prompts():
         "What is the tallest tree?",
         "Where do owls sleep at night?",
     ]
-    german = '"Der Zug kommt heute später in Berlin an."\nThe train is late in Berlin today and it is cold.\n'
+    german = (
+        '"Der Zug kommt heute später in Berlin an."\nThe train is late in Berlin today and it is cold.\n'
+        "Mehrere Fragen für die Union: appointment of a new government from Kenya and Mali.\n"  # mixed: dropped
+    )
     (prompt,) = prompt_data.prompts_from_request_reply("prompt-requests:german-sentences/railways/y", german)
     assert prompt in {
         t.format(text="Der Zug kommt heute später in Berlin an.")
