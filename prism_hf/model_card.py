@@ -328,7 +328,9 @@ def _describe_prompt_source(source: str) -> str:
             "topics: 8 short factual questions, 8 German sentences, or a 200-word news article "
             "(`prism_hf.prompt_data.PROMPT_REQUESTS`); its replies are the prompts of a second dataset"
         )
-    if (Path(source) / "manifest.json").is_file():
+    from .training.replies import is_reply_dataset
+
+    if is_reply_dataset(source):
         return (
             f"prompts the target wrote itself, parsed from the replies in `{source}` "
             "(`prism_hf.prompt_data.prompts_from_request_reply`): its factual questions as asked, its German "
