@@ -812,8 +812,8 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
     The prompts in the target's `reply` to the prompt request `request_id` (a `"prompt-requests"` key): one per
     line for questions (ending in `?`) and German sentences (by common words: German ones and next to no English
     ones, which a small model mixes in), numbering and bullets removed, 4-40 words, repeats dropped; the whole reply
-    for a news article (80-500 words). Each is asked
-    through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request and the item's place.
+    for a news article (80-500 words). Each is asked through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a
+    hash of the request and the item's place.
     """
     kind = request_id.removeprefix("prompt-requests:").split("/", 1)[0]
     if kind not in PROMPT_REQUESTS:
@@ -841,6 +841,10 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
         templates[_pick(f"template/{request_id}#{place}", len(templates))].format(text=item)
         for place, item in enumerate(items)
     ]
+
+
+# Sources of user turns without replies: they train a draft only through replies a target writes to them
+PROMPT_ONLY_SOURCES = ("math-word-problems", "prompt-requests")
 
 
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:

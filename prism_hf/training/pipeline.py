@@ -21,7 +21,13 @@ from transformers.utils import logging
 
 from ..configuration_prism import PrismConfig
 from ..modeling_prism import PrismDraftModel
-from ..prompt_data import SHAREGPT_HELDOUT_FRACTION, BenchmarkFilter, is_heldout, iter_conversation_records
+from ..prompt_data import (
+    PROMPT_ONLY_SOURCES,
+    SHAREGPT_HELDOUT_FRACTION,
+    BenchmarkFilter,
+    is_heldout,
+    iter_conversation_records,
+)
 from ..reference_models import load_reference_model, resolve_dtype
 from .data import TrainingExample, build_examples, select_draft_vocabulary
 from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_top1
@@ -251,7 +257,7 @@ def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> I
     `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never train on
     what it is benchmarked on.
     """
-    if data in ("math-word-problems", "prompt-requests"):
+    if data in PROMPT_ONLY_SOURCES:
         raise ValueError(
             f"{data!r} holds prompts only, no replies to train on: have the target answer them with "
             f"`prism-hf data --source {data}` and train on that replies dataset."
