@@ -232,10 +232,12 @@ def write_model_card(
 
 def _recipe_text(args: dict, num_modules: int) -> str:
     """The recipe a training run followed: both phases, or phase 2 continued from `--init-draft`."""
-    finetune = (
-        f"CE only, {args.get('finetune_epochs')} epochs, lr {args.get('finetune_learning_rate')}"
-        f"{', draft vocabulary recounted from this data' if args.get('recount_vocabulary') else ''}."
-    )
+    vocabulary = ""
+    if args.get("recount_vocabulary"):
+        vocabulary = ", draft vocabulary recounted from this data"
+    elif args.get("extend_vocabulary"):
+        vocabulary = f", draft vocabulary extended to {args.get('draft_vocab_size')} tokens with this data's"
+    finetune = f"CE only, {args.get('finetune_epochs')} epochs, lr {args.get('finetune_learning_rate')}{vocabulary}."
     if args.get("init_draft") and not args.get("warmup_epochs"):
         return (
             f"phase 2 continued from the {num_modules}-module draft `{args['init_draft']}` (its own phases in its "

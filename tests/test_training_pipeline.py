@@ -463,6 +463,36 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     with pytest.raises(ValueError, match="recount_vocabulary re-chooses the reduced vocabulary of an --init-draft"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), recount_vocabulary=True, **common))
 
+    # --extend-vocabulary: m2's vocabulary kept, the new data's tokens added up to the larger size, weights as m2's
+    extended = tmp_path / "m2-extended"
+    extend_args = more_args | {"draft_vocab_size": 32}
+    train_draft(
+        DraftTrainingArguments(
+            output_dir=str(extended), init_draft=str(m2), extend_vocabulary=True, more_data=[str(other)], **extend_args
+        ),
+        progress=False,
+    )
+    draft = prism_hf.PrismDraftModel.from_pretrained(extended)
+    vocab = set(draft.draft_to_target.tolist())
+    assert draft.config.draft_vocab_size == 32 and len(vocab) == 32
+    assert set(expected["draft_to_target"].tolist()) < vocab
+    digits = set(fresh_vocab.tolist()) - set(expected["draft_to_target"].tolist())
+    assert digits and digits <= vocab  # the new data's tokens the chat vocabulary lacked
+    for name, value in draft.state_dict().items():
+        assert name == "draft_to_target" or torch.equal(value, expected[name]), name
+    assert "--extend-vocabulary" in json.loads((extended / "training_record.json").read_text())["command"]
+    for bad, message in [
+        ({"draft_vocab_size": 24}, "a draft_vocab_size above the init draft's \\(got 24, init draft 24\\)"),
+        ({"recount_vocabulary": True}, "recount_vocabulary and extend_vocabulary both re-choose the vocabulary"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_draft(
+                DraftTrainingArguments(
+                    output_dir=str(tmp_path / "x"), init_draft=str(m2), extend_vocabulary=True, **(more_args | bad)
+                ),
+                progress=False,
+            )
+
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
     with pytest.raises(ValueError, match="has 2 modules but --num-modules is 1: phase 2 keeps the draft's modules"):

@@ -167,6 +167,15 @@ class DraftTrainingArguments:
             "teaches it the new ones"
         },
     )
+    extend_vocabulary: bool = field(
+        default=False,
+        metadata={
+            "help": "with --init-draft: keep its vocabulary and add the most frequent tokens of this run's training "
+            "replies that it lacks, up to --draft-vocab-size (larger than the init draft's). Unlike "
+            "--recount-vocabulary no token the draft could propose is dropped: new domains gain their tokens while "
+            "the old ones keep theirs"
+        },
+    )
     save_warmup: bool = field(
         default=False,
         metadata={
@@ -208,20 +217,31 @@ class DraftTrainingArguments:
         return " ".join(parts)
 
 
-def load_init_draft(draft: PrismDraftModel, path: str | Path) -> None:
+def load_init_draft(
+    draft: PrismDraftModel, path: str | Path, extend_vocabulary: bool = False
+) -> torch.LongTensor | None:
     """
     Loads the weights and vocabulary of the draft saved at `path` into the new `draft`, which has as many modules and
     the same step map; a `ValueError` names what differs when the saved draft was built for another target shape,
-    feature layers, vocabulary size or module layout.
+    feature layers, vocabulary size or module layout. With `extend_vocabulary` the new draft's vocabulary may be
+    larger (its rows are the target's LM head, not weights): the saved vocabulary is returned for the caller to
+    extend, and `draft.draft_to_target` is left as it was. Returns the saved vocabulary (`None` for a full one).
     """
     saved = PrismDraftModel.from_pretrained(path, dtype=draft.dtype)
     keys = ("num_modules", "step_module_map", "hidden_size", "intermediate_size", "num_attention_heads")
-    keys += ("num_key_value_heads", "head_dim", "feature_layers", "draft_vocab_size", "verifier_vocab_size")
+    keys += ("num_key_value_heads", "head_dim", "feature_layers", "verifier_vocab_size")
+    keys += () if extend_vocabulary else ("draft_vocab_size",)
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
     if differing:
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
         raise ValueError(f"--init-draft {path} does not fit this run ({details}).")
-    draft.load_state_dict(saved.state_dict())
+    state = saved.state_dict()
+    if extend_vocabulary:
+        vocabulary = state.pop("draft_to_target")
+        draft.load_state_dict(state, strict=False)
+        return vocabulary
+    draft.load_state_dict(state)
+    return saved.draft_to_target
 
 
 def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | None]:
@@ -320,6 +340,17 @@ def train_draft(
             "recount_vocabulary re-chooses the reduced vocabulary of an --init-draft: it needs init_draft and "
             "draft_vocab_size (a new draft's vocabulary is always counted from its training replies)."
         )
+    if args.extend_vocabulary:
+        if args.recount_vocabulary:
+            raise ValueError("recount_vocabulary and extend_vocabulary both re-choose the vocabulary: choose one.")
+        init_config = None if args.init_draft is None else PrismConfig.from_pretrained(args.init_draft)
+        init_vocab_size = None if init_config is None else init_config.draft_vocab_size
+        if init_vocab_size is None or args.draft_vocab_size is None or args.draft_vocab_size <= init_vocab_size:
+            raise ValueError(
+                "extend_vocabulary adds tokens to the reduced vocabulary of an --init-draft: it needs init_draft and "
+                f"a draft_vocab_size above the init draft's (got {args.draft_vocab_size}, init draft "
+                f"{init_vocab_size})."
+            )
     if args.warmup_epochs <= 0 and args.save_warmup:
         raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
     init_modules, init_step_map = _init_draft_modules(args)
@@ -427,12 +458,14 @@ def train_draft(
     if args.init_draft is not None:
         if init_modules > 1:
             draft = expand_modules(draft, init_modules, init_step_map)
-        load_init_draft(draft, args.init_draft)
-    if draft_vocab_size is not None and (args.init_draft is None or args.recount_vocabulary):
+        kept_vocabulary = load_init_draft(draft, args.init_draft, extend_vocabulary=args.extend_vocabulary)
+    if draft_vocab_size is not None and (args.init_draft is None or args.recount_vocabulary or args.extend_vocabulary):
         eos = tokenizer.eos_token_id
-        eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        always = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if args.extend_vocabulary:
+            always = kept_vocabulary.tolist() + always
         vocab = select_draft_vocabulary(
-            vocabulary_examples, draft_vocab_size, draft.config.verifier_vocab_size, eos_ids
+            vocabulary_examples, draft_vocab_size, draft.config.verifier_vocab_size, always
         )
         draft.draft_to_target.copy_(vocab)
     if draft_vocab_size is not None or args.init_draft is not None:
