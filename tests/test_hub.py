@@ -270,6 +270,12 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
 
     record_path, args_path = draft_copy / "training_record.json", draft_copy / "training_args.json"
     args, record = json.loads(args_path.read_text()), json.loads(record_path.read_text())
+    # first as a draft trained from scratch on one source: both phases, no per-source numbers
+    args.update(init_draft=None, warmup_epochs=1.5, more_data=[])
+    for key in ("heldout_by_source", "heldout_init_draft"):
+        record.pop(key, None)
+    args_path.write_text(json.dumps(args))
+    record_path.write_text(json.dumps(record))
     card = write_model_card(draft_copy).read_text()
     assert "- Recipe: phase 1 warm-up of one module for" in card and "By source" not in card
 
