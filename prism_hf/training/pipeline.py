@@ -238,7 +238,9 @@ def load_init_draft(
     state = saved.state_dict()
     if extend_vocabulary:
         vocabulary = state.pop("draft_to_target")
-        draft.load_state_dict(state, strict=False)
+        if draft.draft_to_target is not None:  # a target-sized vocabulary has none: nothing left out
+            state["draft_to_target"] = draft.draft_to_target.clone()
+        draft.load_state_dict(state)  # strict: every weight comes from the init draft
         return vocabulary
     draft.load_state_dict(state)
     return saved.draft_to_target
