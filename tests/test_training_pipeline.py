@@ -145,6 +145,21 @@ def test_batched_features_equal_one_sequence_at_a_time(tiny_chat_model):
         torch.testing.assert_close(item.last_hidden_state, alone.last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
+def test_target_features_skip_the_lm_head_and_equal_the_causal_lm_states(llama_target, monkeypatch):
+    """Features come from the decoder alone: the same states as the CausalLM's forward, with no LM head run."""
+    sequences = torch.randint(0, llama_target.config.vocab_size, (2, 24))
+    reference = llama_target(sequences, output_hidden_states=True, use_cache=False).hidden_states
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LM head ran during feature extraction")
+
+    monkeypatch.setattr(llama_target.lm_head, "forward", refuse)
+    features = compute_target_features(llama_target, sequences, [1, -1])
+    assert torch.equal(features.hidden_states[0], reference[1])
+    assert torch.equal(features.hidden_states[1], reference[-1])
+    assert torch.equal(features.last_hidden_state, reference[-1])
+
+
 def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     target_dir, data, questions = tiny_chat_model
     out = tmp_path / "draft"

@@ -71,8 +71,13 @@ def compute_target_features(
     attention_mask: torch.Tensor | None = None,
     loss_mask: torch.Tensor | None = None,
 ) -> TargetFeatures:
-    """Runs the verifier once over `input_ids` and keeps the states the draft needs."""
-    outputs = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    """
+    Runs the verifier's decoder once over `input_ids` and keeps the states the draft needs. The LM head is left out:
+    over every position it is a sixth of a Qwen2.5-Coder-1.5B forward and a fifth of SmolLM2-135M's, while the loss
+    applies it later to the positions it scores only.
+    """
+    decoder = getattr(target, "base_model", target)
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
     hidden_states = tuple(outputs.hidden_states[i] for i in feature_layers)
     if loss_mask is None:
         loss_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
