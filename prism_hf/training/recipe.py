@@ -73,8 +73,8 @@ def compute_target_features(
 ) -> TargetFeatures:
     """
     Runs the verifier's decoder once over `input_ids` and keeps the states the draft needs. The LM head is left out:
-    over every position it is a sixth of a Qwen2.5-Coder-1.5B forward and a fifth of SmolLM2-135M's, while the loss
-    applies it later to the positions it scores only.
+    over every position it holds 15% of a Qwen2.5-Coder-1.5B forward's weight multiplies and 21% of SmolLM2-135M's,
+    while the loss applies it later to the positions it scores only.
     """
     decoder = getattr(target, "base_model", target)
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
