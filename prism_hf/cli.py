@@ -186,7 +186,9 @@ def _add_bench_parser(subparsers) -> None:
     size.add_argument("--full", dest="mode", action="store_const", const="full", help="every prompt, 256 new tokens")
     size.add_argument("--mode", choices=["quick", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--per-category", type=int, help="Spec-Bench prompts per task (overrides the mode)")
-    parser.add_argument("--limit", type=int, help="HumanEval / held-out ShareGPT prompts, each (overrides the mode)")
+    parser.add_argument(
+        "--limit", type=int, help="HumanEval / held-out ShareGPT / copy prompts, each (overrides the mode)"
+    )
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per prompt (overrides the mode)")
     parser.add_argument("--output-dir", help="default: benchmarks/results/<target name>/")
     parser.add_argument("--spec-bench-path", help="a Spec-Bench question.jsonl (default: shared/data/spec_bench)")

