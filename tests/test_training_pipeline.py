@@ -508,6 +508,27 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
                 progress=False,
             )
 
+    # --feature-layers adding a layer: the fusion starts as m2's single layer (identity, zeros on the new one), so the
+    # widened draft scores exactly as m2 before training and keeps m2's weights at learning rate 0
+    widened = tmp_path / "m2-widened"
+    train_draft(
+        DraftTrainingArguments(output_dir=str(widened), init_draft=str(m2), feature_layers=[1, -1], **more_args),
+        progress=False,
+    )
+    draft = prism_hf.PrismDraftModel.from_pretrained(widened)
+    hidden = draft.config.hidden_size
+    assert draft.config.feature_layers == [1, -1]
+    fusion = draft.feature_fusion.weight
+    assert torch.equal(fusion, torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1))
+    for name, value in expected.items():
+        assert torch.equal(value, draft.state_dict()[name]), name
+    m2_final = json.loads((m2 / "training_record.json").read_text())["heldout_by_phase"]["finetune"]["metrics"]
+    assert json.loads((widened / "training_record.json").read_text())["heldout_init_draft"]["metrics"] == m2_final
+    with pytest.raises(ValueError, match=r"feature_layers: \[-1\] vs \[1\]\); a run may add feature layers"):
+        train_draft(
+            DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), feature_layers=[1], **more_args)
+        )
+
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
     with pytest.raises(ValueError, match="has 2 modules but --num-modules is 1: phase 2 keeps the draft's modules"):

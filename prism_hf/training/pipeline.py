@@ -228,16 +228,28 @@ def load_init_draft(
     feature layers, vocabulary size or module layout. With `extend_vocabulary` the new draft's vocabulary may be
     larger (its rows are the target's LM head, not weights): the saved vocabulary is returned for the caller to
     extend, and `draft.draft_to_target` is left as it was. Returns the saved vocabulary (`None` for a full one).
+
+    The new draft may read more target layers than the saved one (e.g. a low layer beside the last, as EAGLE-3 fuses
+    low, middle and high ones): the fusion then starts as the saved draft's (the identity on its single layer), with
+    zero weight on the added layers, so the draft starts out predicting exactly as the saved one and learns to use
+    them.
     """
     saved = PrismDraftModel.from_pretrained(path, dtype=draft.dtype)
     keys = ("num_modules", "step_module_map", "hidden_size", "intermediate_size", "num_attention_heads")
-    keys += ("num_key_value_heads", "head_dim", "feature_layers", "verifier_vocab_size")
+    keys += ("num_key_value_heads", "head_dim", "verifier_vocab_size")
     keys += () if extend_vocabulary else ("draft_vocab_size",)
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
+    saved_layers, new_layers = list(saved.config.feature_layers), list(draft.config.feature_layers)
+    if saved_layers != new_layers and not set(saved_layers) < set(new_layers):
+        differing.append("feature_layers")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
-        raise ValueError(f"--init-draft {path} does not fit this run ({details}).")
+        raise ValueError(
+            f"--init-draft {path} does not fit this run ({details}); a run may add feature layers to the draft's."
+        )
     state = saved.state_dict()
+    if saved_layers != new_layers:
+        state["feature_fusion.weight"] = _widened_fusion(saved, new_layers)
     if extend_vocabulary:
         vocabulary = state.pop("draft_to_target")
         if draft.draft_to_target is not None:  # a target-sized vocabulary has none: nothing left out
@@ -246,6 +258,24 @@ def load_init_draft(
         return vocabulary
     draft.load_state_dict(state)
     return saved.draft_to_target
+
+
+def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> torch.Tensor:
+    """
+    The fusion weight over `layers` (a superset of `saved`'s feature layers) that computes the saved draft's fused
+    feature: its weight block (the identity for a single layer) under each of its layers, zeros under the others.
+    """
+    hidden = saved.config.hidden_size
+    old = (
+        saved.feature_fusion.weight.detach()
+        if saved.feature_fusion is not None
+        else torch.eye(hidden, dtype=saved.dtype)
+    )
+    weight = torch.zeros(hidden, hidden * len(layers), dtype=old.dtype)
+    for place, layer in enumerate(saved.config.feature_layers):
+        column = layers.index(layer) * hidden
+        weight[:, column : column + hidden] = old[:, place * hidden : (place + 1) * hidden]
+    return weight
 
 
 def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | None]:
