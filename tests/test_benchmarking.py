@@ -320,6 +320,22 @@ def test_bench_config_int8_drafts(tmp_path):
     ).resolved()
     (only,) = build_strategies(target, config)[1:]
     assert only.name == "m2-int8" and only.description.endswith("(M = 2, int8)")
+    # Ouroboros with each draft follows the run's heads: the int8 one here, drafting exactly
+    config = BenchmarkConfig(
+        target="tiny",
+        drafts={"m2": str(tmp_path / "m2")},
+        draft_int8=True,
+        float_draft=False,
+        ouroboros_prism=True,
+        device="cpu",
+    ).resolved()
+    strategies = build_strategies(target, config)
+    assert [s.name for s in strategies] == ["plain", "m2-int8", "ouroboros-m2-int8"]
+    pooled = strategies[2].generate_kwargs["assistant_model"].small_model
+    assert pooled is not strategies[1].generate_kwargs["assistant_model"] and pooled._int8_lm_head
+    records = run_benchmark(target, prompt, strategies[1:], max_new_tokens=16, progress=False)
+    assert all(r.identical and r.error is None for r in records)
+    assert isinstance(pooled.verifier.draft_lm_int8, torch.ao.nn.quantized.dynamic.Linear)
     with pytest.raises(ValueError, match="float_draft=False leaves out the float-head drafts: set draft_int8"):
         BenchmarkConfig(target="tiny", drafts={"m2": str(tmp_path / "m2")}, float_draft=False, device="cpu").resolved()
 

@@ -202,13 +202,7 @@ def prism_strategy(
     A saved PRISM draft, cast to the target's dtype and device (`num_draft_tokens`, `draft_length_schedule`: else
     the draft config's); `int8` drafts with an int8 draft-vocabulary LM head (`quantize_cpu_linears_int8`).
     """
-    draft = load_draft(name, draft_dir, target)
-    if int8 and quantize_cpu_linears_int8(draft) == 0:
-        raise ValueError(
-            f"The int8 copy of draft {name!r} has no LM head to quantize: int8 drafting is for float32 drafts on "
-            f"the CPU with a reduced draft vocabulary (this one: {draft.dtype} on {draft.device}, draft_vocab_size "
-            f"{draft.config.draft_vocab_size})."
-        )
+    draft = load_draft(name, draft_dir, target, int8=int8)
     if draft_length_schedule is not None:
         draft.config.num_draft_tokens_schedule = draft_length_schedule
     kwargs = {} if num_draft_tokens is None else {"num_assistant_tokens": num_draft_tokens}
@@ -216,10 +210,22 @@ def prism_strategy(
     return assistant_strategy(name, draft, description, **kwargs)
 
 
-def load_draft(name: str, draft_dir: str | os.PathLike, target: PreTrainedModel) -> PrismDraftModel:
-    """A saved PRISM draft (checked like `check_draft_dir`), cast to the target's dtype and device."""
+def load_draft(
+    name: str, draft_dir: str | os.PathLike, target: PreTrainedModel, int8: bool = False
+) -> PrismDraftModel:
+    """
+    A saved PRISM draft (checked like `check_draft_dir`), cast to the target's dtype and device; `int8` drafts with
+    an int8 draft-vocabulary LM head (`quantize_cpu_linears_int8`).
+    """
     path = check_draft_dir(name, draft_dir)
-    return PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
+    draft = PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
+    if int8 and quantize_cpu_linears_int8(draft) == 0:
+        raise ValueError(
+            f"The int8 copy of draft {name!r} has no LM head to quantize: int8 drafting is for float32 drafts on "
+            f"the CPU with a reduced draft vocabulary (this one: {draft.dtype} on {draft.device}, draft_vocab_size "
+            f"{draft.config.draft_vocab_size})."
+        )
+    return draft
 
 
 def parse_draft_spec(spec: str) -> tuple[str, str]:

@@ -135,7 +135,8 @@ class BenchmarkConfig:
         ouroboros (`bool`): add Ouroboros drafting from the phrase pool alone.
         ouroboros_assistant (`str`, *optional*): add Ouroboros drafting with this small same-tokenizer model.
         ouroboros_prism (`bool`): add Ouroboros with each PRISM draft of `drafts` (the pool leads, PRISM fills the
-            gaps; named `ouroboros-<draft name>`).
+            gaps; named `ouroboros-<draft name>`, and `ouroboros-<draft name>-int8` with `draft_int8`: the drafts'
+            LM heads as `draft_int8` and `float_draft` choose).
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
         ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant` (each copy of it that
@@ -305,7 +306,11 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                 variant = "-".join([label + suffix, *(f"{k}{v}" for k, v in options.items())])
                 ouroboros.append((small, variant, options))
     if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
-        ouroboros += [(load_draft(name, path, target), name, {}) for name, path in config.drafts.items()]
+        ouroboros += [
+            (load_draft(name, path, target, int8=int8), name + ("-int8" if int8 else ""), {})
+            for name, path in config.drafts.items()
+            for int8 in heads
+        ]
     for model, label, options in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
