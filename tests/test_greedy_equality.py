@@ -197,6 +197,21 @@ def test_feature_fusion_draft_matches(tiny_target):
     assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=25)
 
 
+def test_fused_intermediate_states_are_normalised_first(tiny_target):
+    """Each intermediate feature layer is RMS-normalised before the fusion (massive activations), the last one not."""
+    layers = tiny_target.config.num_hidden_layers
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, feature_layers=[1, layers - 1, layers])
+    assert sorted(draft.feature_norms) == ["0", "1"]  # layer `layers` is the final, normalised state
+    assert sorted(prism_hf.PrismDraftModel.from_target(tiny_target, feature_layers=[-1, 1]).feature_norms) == ["1"]
+    assert prism_hf.PrismDraftModel.from_target(tiny_target).feature_norms is None
+    size = draft.config.hidden_size
+    states = [torch.randn(1, 4, size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    fused = draft.fuse_selected_features(states)
+    massive = [states[0] * 1000, states[1] * 10, states[2]]
+    torch.testing.assert_close(draft.fuse_selected_features(massive), fused, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(draft.fuse_selected_features([*states[:2], states[2] * 2]), fused)
+
+
 def test_reduced_vocabulary_draft_matches(llama_target):
     draft = prism_hf.PrismDraftModel.from_target(llama_target, draft_vocab_size=64)
     draft.draft_to_target.copy_(torch.arange(0, VOCAB, 4))

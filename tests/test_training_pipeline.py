@@ -520,6 +520,7 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     assert draft.config.feature_layers == [1, -1]
     fusion = draft.feature_fusion.weight
     assert torch.equal(fusion, torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1))
+    assert list(draft.feature_norms) == ["0"] and torch.equal(draft.feature_norms["0"].weight, torch.ones(hidden))
     for name, value in expected.items():
         assert torch.equal(value, draft.state_dict()[name]), name
     m2_final = json.loads((m2 / "training_record.json").read_text())["heldout_by_phase"]["finetune"]["metrics"]

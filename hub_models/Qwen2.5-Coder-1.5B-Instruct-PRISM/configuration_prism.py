@@ -52,8 +52,9 @@ class PrismConfig(PretrainedConfig):
             values are the ones every later step attends to.
         feature_layers (`list[int]`, *optional*, defaults to `[-1]`):
             Indices into the verifier's `hidden_states` tuple (0 = embeddings, -1 = last, post-norm) whose states
-            feed the draft. One index: used as is. Several (e.g. early/middle/late, "PRISM*"): concatenated and
-            projected back to `hidden_size` by one shared `feature_fusion` layer.
+            feed the draft. One index: used as is. Several (e.g. early/middle/late, "PRISM*"): each intermediate
+            state RMS-normalised (the last one is already), concatenated and projected back to `hidden_size` by one
+            shared `feature_fusion` layer.
         draft_vocab_size (`int`, *optional*):
             Size of a reduced draft vocabulary (the most frequent verifier tokens). `None` drafts over the full
             verifier vocabulary. The chosen ids are stored in the checkpoint as the `draft_to_target` buffer.
@@ -169,6 +170,10 @@ class PrismConfig(PretrainedConfig):
         if self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
         check_confidence_threshold("draft_confidence_threshold", self.draft_confidence_threshold)
+
+    def is_final_feature_layer(self, layer: int) -> bool:
+        """Whether `hidden_states[layer]` is the verifier's last, normalised state (`-1`, or its layer count)."""
+        return layer in (-1, self.verifier_num_hidden_layers)
 
     def module_for_step(self, step: int) -> int:
         """Index of the module that runs drafting step `step` (1-based)."""

@@ -308,6 +308,21 @@ class PrismDraftModel(PrismPreTrainedModel):
         self.feature_fusion = (
             nn.Linear(num_features * config.hidden_size, config.hidden_size, bias=False) if num_features > 1 else None
         )
+        # Fused intermediate states are the verifier's raw residual stream, whose scale grows with depth and which
+        # holds massive activations (SmolLM2-135M: a norm of ~25,000 at the first position of layer 15 against ~170
+        # elsewhere, and ~45 for the final, normalised state): each gets an RMSNorm (learned scale) before the fusion,
+        # as the final state had the verifier's own. A single feature layer goes in as it is.
+        self.feature_norms = (
+            nn.ModuleDict(
+                {
+                    str(place): PrismRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                    for place, layer in enumerate(config.feature_layers)
+                    if not config.is_final_feature_layer(layer)
+                }
+            )
+            if num_features > 1
+            else None
+        )
         self.fc = nn.ModuleList(
             [nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) for _ in range(config.num_modules)]
         )
@@ -531,6 +546,8 @@ class PrismDraftModel(PrismPreTrainedModel):
         states = [state.to(device=self.device, dtype=self.dtype) for state in states]
         if self.feature_fusion is None:
             return states[0]
+        norms = self.feature_norms
+        states = [norms[str(i)](state) if str(i) in norms else state for i, state in enumerate(states)]
         return self.feature_fusion(torch.cat(states, dim=-1))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,8 @@ def load_init_draft(
         )
     state = saved.state_dict()
     if saved_layers != new_layers:
-        state["feature_fusion.weight"] = _widened_fusion(saved, new_layers)
+        state = {k: v for k, v in state.items() if not k.startswith("feature_norms.")}
+        state.update(_widened_fusion(saved, new_layers))
     if extend_vocabulary:
         vocabulary = state.pop("draft_to_target")
         if draft.draft_to_target is not None:  # a target-sized vocabulary has none: nothing left out
@@ -260,10 +261,11 @@ def load_init_draft(
     return saved.draft_to_target
 
 
-def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> torch.Tensor:
+def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> dict[str, torch.Tensor]:
     """
-    The fusion weight over `layers` (a superset of `saved`'s feature layers) that computes the saved draft's fused
-    feature: its weight block (the identity for a single layer) under each of its layers, zeros under the others.
+    The feature-fusion weights over `layers` (a superset of `saved`'s feature layers) that compute the saved draft's
+    fused feature: its weight block (the identity for a single layer) under each of its layers, zeros under the
+    others; each intermediate layer's norm keeps the saved draft's scale, a new one starts at ones.
     """
     hidden = saved.config.hidden_size
     old = (
@@ -271,11 +273,17 @@ def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> torch.Tensor:
         if saved.feature_fusion is not None
         else torch.eye(hidden, dtype=saved.dtype)
     )
-    weight = torch.zeros(hidden, hidden * len(layers), dtype=old.dtype)
+    old_norms = saved.feature_norms if saved.feature_norms is not None else {}
+    state = {"feature_fusion.weight": torch.zeros(hidden, hidden * len(layers), dtype=old.dtype)}
+    for place, layer in enumerate(layers):
+        if not saved.config.is_final_feature_layer(layer):
+            state[f"feature_norms.{place}.weight"] = torch.ones(hidden, dtype=old.dtype)
     for place, layer in enumerate(saved.config.feature_layers):
         column = layers.index(layer) * hidden
-        weight[:, column : column + hidden] = old[:, place * hidden : (place + 1) * hidden]
-    return weight
+        state["feature_fusion.weight"][:, column : column + hidden] = old[:, place * hidden : (place + 1) * hidden]
+        if str(place) in old_norms:
+            state[f"feature_norms.{layers.index(layer)}.weight"] = old_norms[str(place)].weight.detach().clone()
+    return state
 
 
 def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | None]:
