@@ -148,6 +148,15 @@ def _training_data(args: dict) -> list[str]:
     return [str(name) for name in [args.get("data"), *(args.get("more_data") or [])] if name]
 
 
+def _regenerated_text(args: dict, record: dict) -> str:
+    """What the card adds after the data names: whose replies the draft learned from."""
+    if args.get("regenerate_responses") or record.get("data_kind") == "replies dataset":
+        return ", the target's own replies"
+    if record.get("data_kind") == "mixed":
+        return ", the target's own replies beside other text"
+    return ""
+
+
 def _hub_dataset(data: str) -> str | None:
     """
     The Hub dataset behind a `prism-hf train --data` value: a named source, or a replies dataset folder under
@@ -212,9 +221,7 @@ def write_model_card(
         command=record.get("command", "unknown"),
         num_examples=record.get("num_examples"),
         data=", ".join(_training_data(args)),
-        regenerated=", the target's own replies"
-        if args.get("regenerate_responses") or record.get("data_kind") == "replies dataset"
-        else "",
+        regenerated=_regenerated_text(args, record),
         num_tokens=record.get("num_tokens"),
         num_loss_tokens=record.get("num_loss_tokens"),
         max_length=args.get("max_length"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 
 import pytest
@@ -575,16 +576,34 @@ def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_dat
     assert record["num_examples"] == train_a + train_b and record["heldout_examples"] == heldout_a + heldout_b
     assert f"--more-data {other}" in record["command"]
 
-    not_replies = DraftTrainingArguments(
-        output_dir=str(tmp_path / "x"), data=str(chat), more_data=[str(chat_data)], **common
-    )
-    with pytest.raises(ValueError, match="is not a replies dataset folder"):
-        train_draft(not_replies)
-    jsonl_first = DraftTrainingArguments(
-        output_dir=str(tmp_path / "y"), data=str(chat_data), more_data=[str(chat)], **common
-    )
-    with pytest.raises(ValueError, match="--data must be one too"):
-        train_draft(jsonl_first)
+
+def test_more_data_mixes_replies_datasets_and_conversations(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """
+    A replies dataset beside a conversation source (the JSONL the replies answer, with its own replies): the
+    conversations the replies dataset holds out are not trained on from the JSONL either, whichever comes first.
+    """
+    from prism_hf import prompt_data
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    chat = tmp_path / "chat"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, chat, num_prompts=6), progress=False)  # held out: 0.3
+    common = dict(target=str(tiny_chat_target), warmup_epochs=1, finetune_epochs=0, target_dtype="float32")
+    common |= dict(eval_every=0, draft_vocab_size=None, heldout_fraction=0.05)
+    train, heldout = load_reply_examples(chat, 2048)
+    replies_train, replies_heldout = sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
+    keys = [key for key, _, _ in prompt_data.iter_conversation_records(str(chat_data))]
+    kept = [key for key in keys if not prompt_data.is_heldout(key, 0.3)]
+    assert 0 < len(kept) < len(keys)
+    jsonl_heldout = math.ceil(0.05 * len(kept))  # the JSONL's own held-out part, out of what is left
+    for name, sources in (("replies-first", [chat, chat_data]), ("jsonl-first", [chat_data, chat])):
+        out = tmp_path / name
+        train_draft(
+            DraftTrainingArguments(output_dir=str(out), data=str(sources[0]), more_data=[str(sources[1])], **common)
+        )
+        record = json.loads((out / "training_record.json").read_text())
+        assert record["data_kind"] == "mixed"
+        assert record["num_examples"] == replies_train + len(kept) - jsonl_heldout
+        assert record["heldout_examples"] == replies_heldout + jsonl_heldout
 
 
 def test_prompt_request_replies_are_parsed_into_prompts():

@@ -35,7 +35,7 @@ from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_t
 from .features import FeatureStore, collate
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
-from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples
+from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples, reply_dataset_heldout_fraction
 
 logger = logging.get_logger(__name__)
 
@@ -64,9 +64,10 @@ class DraftTrainingArguments:
     more_data: list[str] | None = field(
         default=None,
         metadata={
-            "help": "more training data beside --data, of the same kind (replies datasets, or conversation sources "
-            "such as 'sharegpt', 'python-functions' or JSONL files), each with its own held-out conversations (all of "
-            "them score the draft); e.g. task-shaped replies beside chat replies"
+            "help": "more training data beside --data: replies datasets or conversation sources such as 'sharegpt', "
+            "'python-functions' or JSONL files, mixed as needed, each with its own held-out conversations (all of "
+            "them score the draft; a conversation a replies dataset holds out is not trained on from another source); "
+            "e.g. task-shaped replies beside chat replies, or ShareGPT's own replies beside the target's"
         },
     )
     num_examples: int | None = field(
@@ -309,7 +310,9 @@ def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | 
     return config.num_modules, list(config.step_module_map)
 
 
-def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> Iterable[list[dict[str, str]]]:
+def load_conversations(
+    data: str, benchmark: BenchmarkFilter | None = None, heldout_elsewhere: float = 0.0
+) -> Iterable[list[dict[str, str]]]:
     """
     The conversations of a training source (see [`iter_conversation_records`]): `"sharegpt"`, `"sharegpt-tasks"`,
     `"sharegpt-copy"`, `"python-functions"` or a JSONL file of `{"messages": [...]}` / ShareGPT rows.
@@ -317,7 +320,10 @@ def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> I
     ShareGPT conversations held out for benchmarking (`prism-hf bench --prompt-sets sharegpt-heldout sharegpt-copy`)
     are left out, and so are conversations whose user turns share text with a benchmark prompt (`benchmark`, by
     default every prompt `prism-hf bench` can run; see [`BenchmarkFilter`]), as when writing a replies dataset: a
-    draft must never train on what it is benchmarked on.
+    draft must never train on what it is benchmarked on. `heldout_elsewhere`, the held-out fraction of replies
+    datasets trained on beside this source, leaves out the conversations they hold out (the same key rule, see
+    [`is_heldout`]): the target's held-out replies to a ShareGPT prompt are not scored after training on its
+    ShareGPT reply.
     """
     if data in PROMPT_ONLY_SOURCES:
         raise ValueError(
@@ -331,6 +337,8 @@ def load_conversations(data: str, benchmark: BenchmarkFilter | None = None) -> I
     def rows() -> Iterable[list[dict[str, str]]]:
         for key, _, messages in records:
             if sharegpt and is_heldout(key, SHAREGPT_HELDOUT_FRACTION):
+                continue
+            if heldout_elsewhere and is_heldout(key, heldout_elsewhere):
                 continue
             if not benchmark.overlaps_chat(messages):
                 yield messages
@@ -408,41 +416,35 @@ def train_draft(
     if cache_dir is not None and world > 1:
         cache_dir = str(Path(cache_dir) / f"rank{rank}-of-{world}")
 
-    # ---- data: named shards of training and held-out examples
-    if examples is None and is_reply_dataset(args.data):
-        train_shards, heldout_shards = [], []
-        for index, dataset in enumerate([args.data, *(args.more_data or [])]):
-            if not is_reply_dataset(dataset):
-                raise ValueError(f"--more-data {dataset!r} is not a replies dataset folder (prism-hf data).")
-            check_reply_tokenizer(dataset, tokenizer)
-            train, heldout = load_reply_examples(dataset, args.max_length, args.num_examples)
-            # shard names stay unique (they name cached features too); the first dataset's keep their plain names
-            prefix = f"data{index}-" if index else ""
+    # ---- data: named shards of training and held-out examples, source by source (replies datasets and conversation
+    # sources may be mixed: e.g. the target's own replies beside a public corpus that is cheaper to read than to write)
+    sources = [args.data, *(args.more_data or [])]
+    if examples is not None and args.more_data:
+        raise ValueError("--more-data names training sources to read: it cannot add to given `examples`.")
+    # a conversation a replies dataset of this run holds out stays out of the conversation sources' training too
+    reply_heldout_fraction = max(
+        (reply_dataset_heldout_fraction(source) for source in sources if is_reply_dataset(source)), default=0.0
+    )
+    train_shards, heldout_shards = [], []
+    for index, source in enumerate(sources):
+        # shard names stay unique (they name cached features too); the first source's keep their plain names
+        prefix = f"data{index}-" if index else ""
+        if examples is None and is_reply_dataset(source):
+            check_reply_tokenizer(source, tokenizer)
+            train, heldout = load_reply_examples(source, args.max_length, args.num_examples)
             train_shards += [(prefix + name, shard) for name, shard in train]
             heldout_shards += [(prefix + name, shard) for name, shard in heldout]
-    else:
-        if examples is not None and args.more_data:
-            raise ValueError("--more-data names training sources to read: it cannot add to given `examples`.")
-        to_read: list[tuple[str, list[TrainingExample] | None]] = [(args.data, examples)]
-        for dataset in args.more_data or []:
-            if is_reply_dataset(dataset):
-                raise ValueError(
-                    f"--more-data {dataset!r} is a replies dataset: --data must be one too (both replies datasets, "
-                    "or both conversation sources)."
-                )
-            to_read.append((dataset, None))
-        train_shards, heldout_shards = [], []
-        for index, (source, source_examples) in enumerate(to_read):
-            if source_examples is None:
-                conversations = load_conversations(source)
-                source_examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
-            if not source_examples:
-                raise ValueError(f"No usable training examples in {source!r}.")
-            # each source is split on its own: adding a source leaves the others' held-out conversations as they were
-            train, heldout = split_heldout(source_examples, args.heldout_fraction)
-            prefix = f"data{index}-" if index else ""
-            train_shards += [(f"{prefix}train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
-            heldout_shards.append((f"{prefix}heldout-00000", heldout))
+            continue
+        source_examples = examples if index == 0 else None
+        if source_examples is None:
+            conversations = load_conversations(source, heldout_elsewhere=reply_heldout_fraction)
+            source_examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
+        if not source_examples:
+            raise ValueError(f"No usable training examples in {source!r}.")
+        # each source is split on its own: adding a source leaves the others' held-out conversations as they were
+        train, heldout = split_heldout(source_examples, args.heldout_fraction)
+        train_shards += [(f"{prefix}train-{i // 256:05d}", train[i : i + 256]) for i in range(0, len(train), 256)]
+        heldout_shards.append((f"{prefix}heldout-00000", heldout))
     # the draft vocabulary comes from every training reply there is, whatever the budget: counting is cheap, and a
     # token missing from the vocabulary is a certain rejection
     vocabulary_examples = [e for _, shard in train_shards for e in shard]
@@ -539,7 +541,6 @@ def train_draft(
     heldout_targets = [target_top1(draft, batch) for batch in heldout_batches]
     # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-..."):
     # with several sources, every evaluation also scores each on its own, in the same pass (chat and code differ)
-    sources = [args.data, *(args.more_data or [])]
     heldout_sources = [sources[_source_index(name)] for name, shard in heldout_shards for _ in shard]
 
     def evaluate(model: PrismDraftModel) -> HeldOutMetrics:
@@ -635,7 +636,7 @@ def train_draft(
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
             **({"heldout_init_draft": initial_heldout} if initial_heldout is not None else {}),
-            "data_kind": "replies dataset" if is_reply_dataset(args.data) else "conversations",
+            "data_kind": _data_kind(sources, examples is not None),
             "feature_seconds": round(feature_seconds, 1),
             # features read from --feature-cache-dir cost no target forwards: the speed counts computed tokens only
             "feature_tokens_computed": feature_tokens_computed,
@@ -696,6 +697,12 @@ def _limit_tokens(
         if total >= max_tokens:
             break
     return kept
+
+
+def _data_kind(sources: list[str], given_examples: bool) -> str:
+    """`"replies dataset"` when every source is one (the target's own replies), `"conversations"` when none is."""
+    replies = [not given_examples and is_reply_dataset(sources[0])] + [is_reply_dataset(s) for s in sources[1:]]
+    return "replies dataset" if all(replies) else "conversations" if not any(replies) else "mixed"
 
 
 def _source_index(shard_name: str) -> int:

@@ -701,6 +701,12 @@ def is_reply_dataset(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
+def reply_dataset_heldout_fraction(dataset_dir: str | Path) -> float:
+    """The `--heldout-fraction` a replies dataset was written with: its held-out conversations by key."""
+    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return float(manifest["heldout_fraction"])
+
+
 def load_reply_examples(
     dataset_dir: str | Path, max_length: int, max_examples: int | None = None
 ) -> tuple[list[tuple[str, list[TrainingExample]]], list[tuple[str, list[TrainingExample]]]]:
