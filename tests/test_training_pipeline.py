@@ -621,7 +621,6 @@ def test_training_conversations_skip_benchmark_prompts(tmp_path):
 def test_more_data_adds_conversation_sources_each_split_on_its_own(tiny_chat_model, tmp_path):
     """`--data A.jsonl --more-data B.jsonl`: both trained on; adding B leaves the held-out part of A as it was."""
     from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
-    from prism_hf.training.replies import MANIFEST_FILE
 
     target_dir, data, _ = tiny_chat_model
     other = tmp_path / "more.jsonl"
@@ -668,14 +667,3 @@ def test_more_data_adds_conversation_sources_each_split_on_its_own(tiny_chat_mod
     # (one file per shard name: the second run found --data's shards, held-out included, unchanged in the cache)
     cached = sorted(path.name.split(".")[0].rsplit("-", 1)[0] for path in (tmp_path / "features").iterdir())
     assert cached == ["data1-heldout-00000", "data1-train-00000", "heldout-00000", "train-00000"], cached
-
-    reply_dataset = tmp_path / "replies"
-    reply_dataset.mkdir()
-    (reply_dataset / MANIFEST_FILE).write_text("{}")
-    with pytest.raises(ValueError, match="is a replies dataset: --data must be one too"):
-        train_draft(
-            DraftTrainingArguments(
-                output_dir=str(tmp_path / "x"), data=str(data), more_data=[str(reply_dataset)], **common
-            ),
-            progress=False,
-        )
