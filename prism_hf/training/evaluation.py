@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..modeling_prism import PrismDraftModel
 from .recipe import TargetFeatures
@@ -124,9 +125,11 @@ def evaluate_draft(
     num_steps: int = 5,
     targets: Iterable[torch.Tensor] | None = None,
     sources: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> HeldOutMetrics:
     """
-    Held-out acceptance of `draft` over `batches` of target features (see the module docstring).
+    Held-out acceptance of `draft` over `batches` of target features (see the module docstring); `progress` shows a
+    bar (a large held-out part takes minutes on a CPU).
 
     Step k at pair position `p` drafts token `p + 2` from context up to `p - k + 1`, so the round that starts after
     token `c` drafts token `c + k` at pair `c + k - 2`. A round is scored from every `c` whose next token is in the
@@ -146,7 +149,8 @@ def evaluate_draft(
         in_vocab = torch.zeros(draft.config.verifier_vocab_size, dtype=torch.bool, device=draft.device)
         in_vocab[draft.draft_to_target] = True
     targets = iter(targets) if targets is not None else None
-    for index, batch in enumerate(batches):
+    bar = tqdm(batches, desc="held-out evaluation", unit="seq", disable=not progress, leave=False)
+    for index, batch in enumerate(bar):
         batch = batch.to(draft.device)
         features = draft.fuse_selected_features(batch.hidden_states)
         output = draft(batch.input_ids, features, num_steps=num_steps, output_logits=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
@@ -538,7 +539,10 @@ def train_draft(
     train_speed: dict[str, float] = {}
     # the held-out sequences and the target's greedy tokens on them, fixed for every evaluation
     heldout_batches = [collate([item]) for item in heldout_store.features]
-    heldout_targets = [target_top1(draft, batch) for batch in heldout_batches]
+    heldout_targets = [
+        target_top1(draft, batch)
+        for batch in tqdm(heldout_batches, desc="held-out target tokens", unit="seq", disable=not progress)
+    ]
     # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-..."):
     # with several sources, every evaluation also scores each on its own, in the same pass (chat and code differ)
     heldout_sources = [sources[_source_index(name)] for name, shard in heldout_shards for _ in shard]
@@ -550,6 +554,7 @@ def train_draft(
             num_steps=args.eval_steps,
             targets=heldout_targets,
             sources=heldout_sources if len(sources) > 1 else None,
+            progress=progress,
         )
 
     # what a run from --init-draft starts from, on the same held-out conversations: the record shows what it added
