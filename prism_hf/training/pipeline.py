@@ -422,15 +422,16 @@ def train_draft(
     sources = [args.data, *(args.more_data or [])]
     if examples is not None and args.more_data:
         raise ValueError("--more-data names training sources to read: it cannot add to given `examples`.")
+    # which sources are replies datasets (given `examples` take --data's place)
+    is_replies = [(examples is None or index > 0) and is_reply_dataset(source) for index, source in enumerate(sources)]
     # a conversation a replies dataset of this run holds out stays out of the conversation sources' training too
-    reply_heldout_fraction = max(
-        (reply_dataset_heldout_fraction(source) for source in sources if is_reply_dataset(source)), default=0.0
-    )
+    reply_fractions = [reply_dataset_heldout_fraction(s) for s, r in zip(sources, is_replies, strict=True) if r]
+    reply_heldout_fraction = max(reply_fractions, default=0.0)
     train_shards, heldout_shards = [], []
-    for index, source in enumerate(sources):
+    for index, (source, replies) in enumerate(zip(sources, is_replies, strict=True)):
         # shard names stay unique (they name cached features too); the first source's keep their plain names
         prefix = f"data{index}-" if index else ""
-        if examples is None and is_reply_dataset(source):
+        if replies:
             check_reply_tokenizer(source, tokenizer)
             train, heldout = load_reply_examples(source, args.max_length, args.num_examples)
             train_shards += [(prefix + name, shard) for name, shard in train]
@@ -641,7 +642,7 @@ def train_draft(
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
             **({"heldout_init_draft": initial_heldout} if initial_heldout is not None else {}),
-            "data_kind": _data_kind(sources, examples is not None),
+            "data_kind": "replies dataset" if all(is_replies) else "mixed" if any(is_replies) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
             # features read from --feature-cache-dir cost no target forwards: the speed counts computed tokens only
             "feature_tokens_computed": feature_tokens_computed,
@@ -702,12 +703,6 @@ def _limit_tokens(
         if total >= max_tokens:
             break
     return kept
-
-
-def _data_kind(sources: list[str], given_examples: bool) -> str:
-    """`"replies dataset"` when every source is one (the target's own replies), `"conversations"` when none is."""
-    replies = [not given_examples and is_reply_dataset(sources[0])] + [is_reply_dataset(s) for s in sources[1:]]
-    return "replies dataset" if all(replies) else "conversations" if not any(replies) else "mixed"
 
 
 def _source_index(shard_name: str) -> int:
