@@ -36,7 +36,7 @@ from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_t
 from .features import FeatureStore, collate
 from .loop import train_phase
 from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
-from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples, reply_dataset_heldout_fraction
+from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples, read_reply_manifest
 
 logger = logging.get_logger(__name__)
 
@@ -425,7 +425,11 @@ def train_draft(
     # which sources are replies datasets (given `examples` take --data's place)
     is_replies = [(examples is None or index > 0) and is_reply_dataset(source) for index, source in enumerate(sources)]
     # a conversation a replies dataset of this run holds out stays out of the conversation sources' training too
-    reply_fractions = [reply_dataset_heldout_fraction(s) for s, r in zip(sources, is_replies, strict=True) if r]
+    reply_fractions = [
+        read_reply_manifest(source)["heldout_fraction"]
+        for source, replies in zip(sources, is_replies, strict=True)
+        if replies
+    ]
     reply_heldout_fraction = max(reply_fractions, default=0.0)
     train_shards, heldout_shards = [], []
     for index, (source, replies) in enumerate(zip(sources, is_replies, strict=True)):

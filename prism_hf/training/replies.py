@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -181,7 +182,7 @@ def iter_written_prompts(
     the request's id as its conversation key, so the prompts of a held-out request stay held out (at the same
     held-out fraction) and share its greedy or sampled mode; row ids are `<request id>#<place>`.
     """
-    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = read_reply_manifest(dataset_dir)
     if manifest.get("source") != "prompt-requests":
         raise ValueError(
             f"{dataset_dir} holds replies to {manifest.get('source')!r} prompts: as a source of prompts, a replies "
@@ -468,7 +469,7 @@ def check_reply_tokenizer(dataset_dir: str | Path, tokenizer: PreTrainedTokenize
     Raises a `ValueError` unless the replies in `dataset_dir` were written with `tokenizer`'s token ids and chat
     template: with another tokenizer the same ids are other words, and a draft trained on them is silently useless.
     """
-    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = read_reply_manifest(dataset_dir)
     expected = tokenizer_fingerprint(tokenizer)
     found = manifest.get("tokenizer_fingerprint")
     if found is None:
@@ -696,15 +697,14 @@ def reply_shards(dataset_dir: str | Path) -> list[Path]:
     return sorted((directory / DATA_DIR).glob("shard-*.jsonl.gz"))
 
 
+def read_reply_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """The `manifest.json` of a replies dataset: what its replies were written with (see [`ReplyDatasetArguments`])."""
+    return json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+
+
 def is_reply_dataset(path: str | Path) -> bool:
     """Whether `path` is a folder written by [`write_reply_dataset`]."""
     return (Path(path) / MANIFEST_FILE).is_file()
-
-
-def reply_dataset_heldout_fraction(dataset_dir: str | Path) -> float:
-    """The `--heldout-fraction` a replies dataset was written with: its held-out conversations by key."""
-    manifest = json.loads((Path(dataset_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    return float(manifest["heldout_fraction"])
 
 
 def load_reply_examples(
