@@ -550,6 +550,61 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
         )
 
 
+def test_resumed_run_reads_the_init_drafts_score_instead_of_scoring_it_again(tiny_chat_model, tmp_path, monkeypatch):
+    """
+    The held-out score of the --init-draft is saved beside the checkpoints when a run starts; a resumed run reads it
+    back (one held-out evaluation less: minutes for a real target) and the record carries it.
+    """
+    from prism_hf.training import pipeline
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    target_dir, data, _ = tiny_chat_model
+    common = dict(
+        target=str(target_dir),
+        data=str(data),
+        num_examples=6,
+        max_length=128,
+        batch_size=2,
+        target_dtype="float32",
+        draft_vocab_size=24,
+        eval_every=0,
+    )
+    init = tmp_path / "init"
+    train_draft(DraftTrainingArguments(output_dir=str(init), warmup_epochs=2, finetune_epochs=1, **common), False)
+    more = tmp_path / "more"
+    args = DraftTrainingArguments(
+        output_dir=str(more), init_draft=str(init), warmup_epochs=0, finetune_epochs=1, **common
+    )
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted_phase(*args, **kwargs):
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_phase", interrupted_phase)
+        with pytest.raises(Interrupted):
+            train_draft(args, progress=False)
+    saved = json.loads((more / "checkpoints" / "init-draft-heldout.json").read_text())
+    # the init draft's final weights, scored on the same held-out conversations as when it was trained
+    init_final = json.loads((init / "training_record.json").read_text())["heldout_by_phase"]["finetune"]["metrics"]
+    assert saved == {"metrics": init_final}
+
+    evaluations = []
+
+    def counted_evaluate_draft(*args, **kwargs):
+        evaluations.append(1)
+        return evaluate_draft(*args, **kwargs)
+
+    evaluate_draft = pipeline.evaluate_draft
+    monkeypatch.setattr(pipeline, "evaluate_draft", counted_evaluate_draft)
+    train_draft(args, progress=False, resume=True)
+    assert len(evaluations) == 1  # the end of phase 2 only
+    assert json.loads((more / "training_record.json").read_text())["heldout_init_draft"] == saved
+    assert not (more / "checkpoints").exists()
+
+
 def test_default_draft_vocabulary_is_clipped_to_the_targets(tiny_chat_model, tmp_path):
     """The default 32768-token draft vocabulary keeps a smaller target's whole vocabulary (no reduced head)."""
     from prism_hf.training.pipeline import DraftTrainingArguments, train_draft

@@ -562,8 +562,18 @@ def train_draft(
             progress=progress,
         )
 
-    # what a run from --init-draft starts from, on the same held-out conversations: the record shows what it added
-    initial_heldout = {"metrics": evaluate(draft).to_dict(prefix="")} if args.init_draft is not None else None
+    # what a run from --init-draft starts from, on the same held-out conversations: the record shows what it added.
+    # Kept beside the checkpoints, so that a resumed run does not score the unchanged init draft again (minutes).
+    initial_heldout = None
+    if args.init_draft is not None:
+        initial_path = checkpoints / "init-draft-heldout.json"
+        if resume and initial_path.is_file():
+            initial_heldout = json.loads(initial_path.read_text())
+        else:
+            initial_heldout = {"metrics": evaluate(draft).to_dict(prefix="")}
+            if accelerator.is_main_process:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                initial_path.write_text(json.dumps(initial_heldout) + "\n")
 
     def run_phase(name: str, model: PrismDraftModel, phase: PhaseConfig, num_updates: int, seed: int) -> None:
         phase_started = time.perf_counter()
