@@ -28,6 +28,7 @@ from pathlib import Path
 
 from prism_hf.benchmarking.report import machine_metadata
 from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+from prism_hf.training.replies import load_reply_examples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,6 +126,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if run_name in done:
             print(f"{run_name}: already measured")
             continue
+        scored_on = {run["heldout_tokens"] for run in results["runs"]}
+        if len(scored_on) > 1:
+            raise ValueError(f"The runs in {results_path} were scored on different held-out sets: {sorted(scored_on)}")
+        if scored_on and "max_heldout_tokens" not in overrides:
+            # a replies dataset grows by appending shards, which brings new held-out conversations: score this run on
+            # the ones the earlier runs were scored on, or its point is not on their curve
+            max_length = overrides.get("max_length", DraftTrainingArguments.max_length)
+            limit = heldout_token_limit(args.data, max_length, next(iter(scored_on)))
+            if limit is not None:
+                print(f"{run_name}: {args.data} has grown; scored on the earlier runs' held-out conversations only")
+                overrides = overrides | {"max_heldout_tokens": limit}
         training = DraftTrainingArguments(
             target=args.target,
             output_dir=str(drafts / run_name),
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             train_draft(training)
             seconds = time.perf_counter() - started
         entry = _run_entry(run_name, overrides, drafts / run_name, seconds)
+        if scored_on and entry["heldout_tokens"] not in scored_on:
+            raise ValueError(
+                f"{run_name} was scored on {entry['heldout_tokens']} held-out reply tokens, the runs in "
+                f"{results_path} on {next(iter(scored_on))}: its point would not be on their curve."
+            )
         # re-read: another process may have added its runs meanwhile (variants run side by side, one thread each)
         results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
         if "init_draft" in overrides:
@@ -197,6 +214,27 @@ def attach_benchmark(results: dict, bench_results: Path) -> None:
             "prompt_sets": bench["metadata"]["prompt_sets"],
             "results": str(bench_results),
         }
+
+
+def heldout_token_limit(data: str | Path, max_length: int, heldout_reply_tokens: int) -> int | None:
+    """
+    The `max_heldout_tokens` (prompt and reply tokens) that scores a grown replies dataset on the held-out
+    conversations that earlier runs, scored on `heldout_reply_tokens` reply tokens, saw: those of its first
+    shards. None when its held-out part is still just those.
+    """
+    _, heldout = load_reply_examples(data, max_length)
+    reply_tokens = sequence_tokens = 0
+    for example in (example for _, examples in heldout for example in examples):
+        if reply_tokens == heldout_reply_tokens:
+            return sequence_tokens  # the pipeline keeps the first examples up to this many tokens: these
+        reply_tokens += int(example.loss_mask.sum())
+        sequence_tokens += len(example.input_ids)
+    if reply_tokens == heldout_reply_tokens:
+        return None
+    raise ValueError(
+        f"No first held-out conversations of {data} add up to the {heldout_reply_tokens} held-out reply tokens the "
+        "earlier runs were scored on: the dataset changed in other ways than by growing. Start a new results folder."
+    )
 
 
 def _trained_with(draft_dir: Path, training: DraftTrainingArguments) -> dict | None:

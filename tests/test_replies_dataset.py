@@ -275,8 +275,7 @@ def test_push_publishes_a_dataset_repo(tiny_chat_target, chat_data, tmp_path, mo
         push_reply_dataset(out, "org/tiny-replies", dry_run=True, base_model="org/tiny-chat")
 
 
-def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_data, tmp_path, one_thread):
-    """benchmarks/draft_training.py scaling: entries keyed by training tokens and num_modules, with a chart."""
+def _draft_training_module():
     import importlib.util
     from pathlib import Path
 
@@ -284,6 +283,12 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
     spec = importlib.util.spec_from_file_location("draft_training", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """benchmarks/draft_training.py scaling: entries keyed by training tokens and num_modules, with a chart."""
+    module = _draft_training_module()
     data = tmp_path / "replies"
     write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=10, heldout_fraction=0.2), progress=False)
     out = tmp_path / "scaling"
@@ -329,6 +334,34 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
     (tmp_path / "other.json").write_text(json.dumps(bench | {"aggregates": {"plain": {"all": overall}}}))
     with pytest.raises(ValueError, match="measured none of these runs"):
         module.main(argv + ["--bench-results", str(tmp_path / "other.json")])
+
+
+def test_scaling_runs_after_the_dataset_grew_are_scored_on_the_earlier_heldout_set(
+    tiny_chat_target, chat_data, tmp_path, one_thread
+):
+    """
+    A replies dataset grown by more shards brings new held-out conversations: a budget added to the curve afterwards
+    is scored on the held-out conversations of the earlier runs only, so that its point is on their curve.
+    """
+    module = _draft_training_module()
+    data = tmp_path / "replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=6, heldout_fraction=0.4), progress=False)
+    argv = ["scaling", "--data", str(data), "--target", str(tiny_chat_target), "--output-dir", str(tmp_path / "out")]
+    argv += ["--drafts-dir", str(tmp_path / "drafts"), "--override", "draft_vocab_size=null", "batch_size=2"]
+    argv += ["warmup_epochs=1", "finetune_epochs=1"]
+    (first,) = [run for run in module.main(argv + ["--budgets", "60"]) if run["num_modules"] == 2]
+    write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=10, heldout_fraction=0.4), progress=False)
+    _, heldout = load_reply_examples(data, 2048)
+    grown_heldout = sum(int(example.loss_mask.sum()) for _, examples in heldout for example in examples)
+    assert grown_heldout > first["heldout_tokens"]  # the growth brought held-out conversations
+
+    runs = module.main(argv + ["--budgets", "60", "200"])
+    assert [run["variant"] for run in runs] == ["60-m2", "60-m1", "200-m2", "200-m1"]
+    assert {run["heldout_tokens"] for run in runs} == {first["heldout_tokens"]}
+    assert "max_heldout_tokens" not in runs[0]["overrides"] and "max_heldout_tokens" in runs[2]["overrides"]
+    # a results folder whose runs saw held-out conversations the dataset no longer starts with is refused
+    with pytest.raises(ValueError, match="changed in other ways than by growing"):
+        module.heldout_token_limit(data, 2048, first["heldout_tokens"] + 1)
 
 
 def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
