@@ -402,24 +402,27 @@ def test_compiled_loss_matches_eager_loss_and_gradients(llama_target):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_model, tmp_path):
-    """`--save-warmup`, then `--init-draft .../warmup --warmup-epochs 0`: the M = 1 draft of a run of both phases."""
-    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
-
+def _tiny_training(tiny_chat_model, **settings) -> dict:
+    """`DraftTrainingArguments` fields for a few-second run on the tiny chat model, with `settings` on top."""
     target_dir, data, _ = tiny_chat_model
     common = dict(
         target=str(target_dir),
         data=str(data),
         num_examples=6,
         max_length=128,
-        warmup_epochs=4,
-        finetune_epochs=2,
         batch_size=2,
         target_dtype="float32",
         draft_vocab_size=24,
-        feature_noise=0.1,
         eval_every=0,
     )
+    return common | settings
+
+
+def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_model, tmp_path):
+    """`--save-warmup`, then `--init-draft .../warmup --warmup-epochs 0`: the M = 1 draft of a run of both phases."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    common = _tiny_training(tiny_chat_model, warmup_epochs=4, finetune_epochs=2, feature_noise=0.1)
     m2 = tmp_path / "m2"
     train_draft(DraftTrainingArguments(output_dir=str(m2), num_modules=2, save_warmup=True, **common), progress=False)
     warmup = prism_hf.PrismDraftModel.from_pretrained(m2 / "warmup")
@@ -558,17 +561,7 @@ def test_resumed_run_reads_the_init_drafts_score_instead_of_scoring_it_again(tin
     from prism_hf.training import pipeline
     from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
 
-    target_dir, data, _ = tiny_chat_model
-    common = dict(
-        target=str(target_dir),
-        data=str(data),
-        num_examples=6,
-        max_length=128,
-        batch_size=2,
-        target_dtype="float32",
-        draft_vocab_size=24,
-        eval_every=0,
-    )
+    common = _tiny_training(tiny_chat_model)
     init = tmp_path / "init"
     train_draft(DraftTrainingArguments(output_dir=str(init), warmup_epochs=2, finetune_epochs=1, **common), False)
     more = tmp_path / "more"
