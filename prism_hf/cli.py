@@ -70,6 +70,11 @@ def _run_train(namespace: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(DraftTrainingArguments)}
     args = DraftTrainingArguments(**{k: v for k, v in vars(namespace).items() if k in fields})
     train_draft(args, resume=namespace.resume)
+    # under `accelerate launch`, the process group is shut down before the interpreter exits: left to exit with it,
+    # its threads can abort a process whose work is done ("terminate called without an active exception")
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
     print(json.dumps({"saved": args.output_dir}))
 
 
