@@ -2,7 +2,7 @@
 Draft training runs compared on held-out numbers: every run trains on the same replies dataset and is scored on its
 held-out conversations (per-step acceptance, predicted tau at draft lengths 1-5, vocabulary coverage).
 
-Two experiments:
+Three experiments:
 
 - `ablations`: recipe variants at one token budget (`--max-train-tokens`), each changing the candidate recipe in
   one respect: `python benchmarks/draft_training.py ablations --data DIR --target smollm2-135m-instruct
@@ -11,6 +11,10 @@ Two experiments:
   `python benchmarks/draft_training.py scaling --data DIR --target smollm2-135m-instruct --budgets 100000 400000
   1600000 3200000` writes `benchmarks/results/<target>-data-scaling/` (entries keyed by training tokens and
   `num_modules`, with a chart).
+- `epochs`: one recipe at one token budget with several phase-2 lengths from one phase 1, to tell whether the draft
+  is short of data or of updates: `python benchmarks/draft_training.py epochs --data DIR --target
+  smollm2-135m-instruct --max-train-tokens 350000 --finetune-epochs 0.5 5` writes
+  `benchmarks/results/<target>-finetune-epochs/`.
 
 Each writes `results.json` and `results.md`; a run already in `results.json` is skipped, so an interrupted
 experiment continues. Features are computed once into `--feature-cache-dir` and shared by runs with the same
@@ -68,13 +72,14 @@ NOT_RECIPE = {"compile_loss", "save_warmup", "init_draft", "max_heldout_tokens"}
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("experiment", choices=["ablations", "scaling"])
+    parser.add_argument("experiment", choices=["ablations", "scaling", "epochs"])
     parser.add_argument("--data", required=True, help="a replies dataset folder (prism-hf data)")
     parser.add_argument("--target", required=True)
-    parser.add_argument("--max-train-tokens", type=int, help="ablations: the token budget of every variant")
+    parser.add_argument("--max-train-tokens", type=int, help="ablations, epochs: the token budget of every run")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="ablations: which (default: all)")
     parser.add_argument("--budgets", type=int, nargs="+", help="scaling: training-token budgets")
-    parser.add_argument("--recipe", choices=sorted(VARIANTS), default="base", help="scaling: the recipe")
+    parser.add_argument("--recipe", choices=sorted(VARIANTS), default="base", help="scaling, epochs: the recipe")
+    parser.add_argument("--finetune-epochs", type=float, nargs="+", help="epochs: the phase-2 lengths")
     parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--feature-cache-dir", type=Path)
     parser.add_argument("--drafts-dir", type=Path, help="where the trained drafts go (default: under /tmp)")
@@ -106,6 +111,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error("ablations need --max-train-tokens")
         runs = [(v, VARIANTS[v] | common, args.max_train_tokens) for v in (args.variants or VARIANTS)]
         output = args.output_dir or RESULTS / f"{name}-recipe-ablations"
+    elif args.experiment == "epochs":
+        if args.max_train_tokens is None or not args.finetune_epochs:
+            parser.error("epochs needs --max-train-tokens and --finetune-epochs")
+        recipe, budget = VARIANTS[args.recipe] | common, args.max_train_tokens
+        # the shortest phase 2 trains the shared phase 1; the longer ones fine-tune its warmed-up module (as the
+        # scaling experiment's M = 1 baseline does), so they differ in phase-2 updates only
+        first, *longer = sorted(set(args.finetune_epochs))
+        runs = [(f"{budget}-ft{first:g}", dict(recipe, finetune_epochs=first, save_warmup=True), budget)]
+        warmup = str(drafts / runs[0][0] / "warmup")
+        for epochs in longer:
+            overrides = dict(recipe, finetune_epochs=epochs, init_draft=warmup, warmup_epochs=0.0)
+            runs.append((f"{budget}-ft{epochs:g}", overrides, budget))
+        output = args.output_dir or RESULTS / f"{name}-finetune-epochs"
     else:
         if not args.budgets:
             parser.error("scaling needs --budgets")

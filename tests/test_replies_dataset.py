@@ -364,15 +364,33 @@ def test_scaling_runs_after_the_dataset_grew_are_scored_on_the_earlier_heldout_s
         module.heldout_token_limit(data, 2048, first["heldout_tokens"] + 1)
 
 
+def test_epochs_experiment_shares_phase_1_and_differs_in_phase_2_updates(
+    tiny_chat_target, chat_data, tmp_path, one_thread
+):
+    """benchmarks/draft_training.py epochs: one phase 1, then phase 2 of each length from its warmed-up module."""
+    module = _draft_training_module()
+    data = tmp_path / "replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=10, heldout_fraction=0.2), progress=False)
+    out = tmp_path / "epochs"
+    argv = ["epochs", "--data", str(data), "--target", str(tiny_chat_target), "--max-train-tokens", "400"]
+    argv += ["--finetune-epochs", "3", "1", "--output-dir", str(out), "--drafts-dir", str(tmp_path / "drafts")]
+    argv += ["--override", "draft_vocab_size=null", "warmup_epochs=2", "batch_size=2"]
+    runs = module.main(argv)
+    assert [run["variant"] for run in runs] == ["400-ft1", "400-ft3"]
+    short, long = runs
+    assert short["train_tokens"] == long["train_tokens"] and long["warmup_from"] == "400-ft1"
+    assert long["updates"]["warmup"] == short["updates"]["warmup"]
+    assert long["updates"]["finetune"] == 3 * short["updates"]["finetune"]
+    long_log = (tmp_path / "drafts" / "400-ft3" / "training_log.jsonl").read_text().splitlines()
+    assert {json.loads(line)["phase"] for line in long_log} == {"finetune"}
+    assert json.loads((out / "results.json").read_text())["experiment"] == "epochs"
+    with pytest.raises(SystemExit):
+        module.main(argv[:5])  # no --finetune-epochs
+
+
 def test_scaling_trend_is_fitted_on_log_tokens_and_projected():
     """The scaling report's trend: tau per doubling of data and the tokens a tau needs, from 100K tokens on."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_training.py"
-    spec = importlib.util.spec_from_file_location("draft_training", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _draft_training_module()
 
     def run(tokens, tau, modules):
         return {"num_modules": modules, "train_tokens": tokens, "heldout_predicted_tau": [1.0, tau]}
