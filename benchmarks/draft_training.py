@@ -16,9 +16,9 @@ Three experiments:
   smollm2-135m-instruct --max-train-tokens 350000 --finetune-epochs 0.5 5` writes
   `benchmarks/results/<target>-finetune-epochs/`.
 
-Each writes `results.json` and `results.md`; a run already in `results.json` is skipped, so an interrupted
-experiment continues. Features are computed once into `--feature-cache-dir` and shared by runs with the same
-feature layers; drafts go to `--drafts-dir`.
+Each writes `results.json` and `results.md`; a run already in `results.json` is skipped and an interrupted run
+continues from its checkpoints, so an interrupted experiment continues. Features are computed once into
+`--feature-cache-dir` and shared by runs with the same feature layers; drafts go to `--drafts-dir`.
 """
 
 from __future__ import annotations
@@ -172,9 +172,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{run_name}: the draft in {drafts / run_name} was trained with these arguments: not retrained")
             seconds = trained["total_seconds"]
         else:
+            # an interrupted run with the same arguments continues from its checkpoints (long runs span sessions)
+            pending = drafts / run_name / "pending_training_args.json"
+            wanted = json.dumps(asdict(training), indent=2) + "\n"
+            checkpoints = drafts / run_name / "checkpoints"
+            resume = pending.is_file() and pending.read_text() == wanted and checkpoints.is_dir()
+            if resume:
+                print(f"{run_name}: continuing the interrupted run in {drafts / run_name} from its checkpoints")
+            pending.parent.mkdir(parents=True, exist_ok=True)
+            pending.write_text(wanted)
             started = time.perf_counter()
-            train_draft(training)
+            train_draft(training, resume=resume)
             seconds = time.perf_counter() - started
+            pending.unlink()
         entry = _run_entry(run_name, overrides, drafts / run_name, seconds)
         if scored_on and entry["heldout_tokens"] not in scored_on:
             raise ValueError(
@@ -286,6 +296,8 @@ def _run_entry(name: str, overrides: dict, draft_dir: Path, seconds: float) -> d
         "train_tokens_per_second": record["train_tokens_per_second"],
         "feature_tokens_per_second": record["feature_tokens_per_second"],
         "seconds": round(seconds, 1),
+        # the machine that trained it (runs of one experiment may span sessions on different CPUs)
+        "machine": record.get("machine"),
     }
 
 
@@ -398,11 +410,24 @@ def render(results: dict) -> str:
         "| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     benched = [run for run in results["runs"] if "benchmark" in run]
+    trained_on: dict[str, list[str]] = {}
+    for run in results["runs"]:
+        trained_on.setdefault(run.get("machine") or "not recorded", []).append(run["variant"])
+    if set(trained_on) != {"not recorded"}:
+        # timings are the machine's that trained each run: the latest run's machine is not every run's
+        lines[2] = f"Latest run's machine: {lines[2].removeprefix('Machine: ')}"
+        lines[3:3] = [
+            "Each run's timings (train tok/s, minutes) are its own machine's: "
+            + "; ".join(f"{machine}: {', '.join(variants)}" for machine, variants in trained_on.items())
+            + "."
+        ]
     if benched:
         bench = benched[0]["benchmark"]
+        sources = sorted({run["benchmark"]["results"] for run in benched})
         lines[2:2] = [
             f"Benchmark tau and speedup: `prism-hf bench` over {bench['prompts']} prompts "
-            f"({', '.join(bench['prompt_sets'])}), {bench['new_tokens']} new tokens, greedy ({bench['results']}).",
+            f"({', '.join(bench['prompt_sets'])}), {bench['new_tokens']} new tokens, greedy ({', '.join(sources)}; "
+            "a speedup is over plain `generate` in the same run).",
             "",
         ]
         lines[-2] = lines[-2][: -len(" minutes |")] + " minutes | benchmark tau | speedup |"

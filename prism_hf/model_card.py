@@ -228,7 +228,7 @@ def write_model_card(
         recipe=_recipe_text(args, config["num_modules"]),
         total_seconds=record.get("total_seconds"),
         time_parts=_time_parts(record),
-        device=record.get("device"),
+        device=f"{record.get('device')}, {record['machine']}" if record.get("machine") else record.get("device"),
         final_metrics=final_text or "n/a",
         heldout=_heldout_text(record),
         measurements=measurements.strip(),

@@ -248,6 +248,11 @@ def test_card_states_the_time_spent_regenerating_replies(draft_copy):
     record_path.write_text(json.dumps({**record, "regenerate_seconds": 1520.4}))
     card = write_model_card(draft_copy).read_text()
     assert "- Time: 3195.1 s on cpu (regenerating replies: 1520.4 s; target features: 290.0 s)." in card
+    # the processor that trained it, as the training record names it
+    machine = "AMD EPYC (AVX512; avx512_bf16), 2 torch threads"
+    record_path.write_text(json.dumps({**record, "machine": machine}))
+    card = write_model_card(draft_copy).read_text()
+    assert f"- Time: 3195.1 s on cpu, {machine} (target features: 290.0 s)." in card
 
 
 def test_card_names_every_dataset_trained_on(draft_copy):

@@ -6,11 +6,13 @@ import gzip
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from prism_hf.benchmarking.report import describe_machine
 from prism_hf.cli import main as cli_main
 from prism_hf.prompt_data import BenchmarkFilter, load_spec_bench
 from prism_hf.training import replies as replies_module
@@ -277,7 +279,6 @@ def test_push_publishes_a_dataset_repo(tiny_chat_target, chat_data, tmp_path, mo
 
 def _draft_training_module():
     import importlib.util
-    from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "draft_training.py"
     spec = importlib.util.spec_from_file_location("draft_training", script)
@@ -308,6 +309,10 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
     m1_log = (tmp_path / "drafts" / "60-m1" / "training_log.jsonl").read_text().splitlines()
     assert {json.loads(line)["phase"] for line in m1_log} == {"finetune"}
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "results.png"}
+    # each run names the processor its timings come from (an experiment may span sessions on different CPUs)
+    assert {run["machine"] for run in runs} == {describe_machine()}
+    timings = f"Each run's timings (train tok/s, minutes) are its own machine's: {describe_machine()}: 60-m2, 60-m1, "
+    assert timings in (out / "results.md").read_text()
     assert module.main(argv) == runs  # finished runs are not trained again
 
     # results lost, drafts kept: drafts trained with the same arguments are read back, not retrained
@@ -334,6 +339,28 @@ def test_scaling_experiment_trains_m2_and_m1_per_budget(tiny_chat_target, chat_d
     (tmp_path / "other.json").write_text(json.dumps(bench | {"aggregates": {"plain": {"all": overall}}}))
     with pytest.raises(ValueError, match="measured none of these runs"):
         module.main(argv + ["--bench-results", str(tmp_path / "other.json")])
+
+
+def test_interrupted_experiment_run_continues_from_its_checkpoints(tiny_chat_target, chat_data, tmp_path):
+    """A run stopped mid-training resumes from its checkpoints when run again with the same arguments only."""
+    module = _draft_training_module()
+    data = tmp_path / "replies"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, data, num_prompts=6, heldout_fraction=0.4), progress=False)
+    argv = ["scaling", "--data", str(data), "--target", str(tiny_chat_target), "--budgets", "60"]
+    argv += ["--output-dir", str(tmp_path / "out"), "--drafts-dir", str(tmp_path / "drafts"), "--override"]
+    resumed = []
+
+    def interrupted(training, resume=False):
+        resumed.append(resume)
+        (Path(training.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)  # as after some updates
+        raise KeyboardInterrupt
+
+    module.train_draft = interrupted
+    for overrides in (["batch_size=2"], ["batch_size=2"], ["batch_size=1"], ["batch_size=1"]):
+        with pytest.raises(KeyboardInterrupt):
+            module.main(argv + overrides)
+    # the second call continues the first; other arguments start afresh, and their rerun continues them
+    assert resumed == [False, True, False, True]
 
 
 def test_scaling_runs_after_the_dataset_grew_are_scored_on_the_earlier_heldout_set(

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import prism_hf
+from prism_hf.benchmarking.report import describe_machine
 from prism_hf.cli import build_parser
 from prism_hf.cli import main as cli_main
 from prism_hf.training import WARMUP_PHASE, compute_target_features, prism_loss
@@ -213,6 +214,7 @@ def test_cli_train_end_to_end(tiny_chat_model, tmp_path):
     assert best["metrics"]["predicted_tau"] == record["heldout_predicted_tau"]
     assert set(record["train_tokens_per_second"]) == {"warmup", "finetune"}
     assert record["data_kind"] == "conversations" and 0 <= record["feature_seconds"] <= record["total_seconds"]
+    assert record["machine"] == describe_machine()  # the timings' processor
     # no feature cache: every training and held-out token went through the target
     assert record["feature_tokens_computed"] > record["num_tokens"] and record["feature_tokens_per_second"] > 0
     # the recorded command reproduces the saved arguments

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..benchmarking.report import describe_machine
 from ..configuration_prism import PrismConfig
 from ..modeling_prism import PrismDraftModel
 from ..prompt_data import (
@@ -666,6 +667,8 @@ def train_draft(
             "train_tokens_per_second": train_speed,
             "total_seconds": round(total_seconds, 1),
             "device": str(accelerator.device),
+            # the timings above mean little without the processor (bfloat16 is fast only on some CPUs)
+            "machine": describe_machine(),
             "target_dtype": str(target.dtype),
             "num_processes": world,
             "parameter_checksums": checksums,
