@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             resume = pending.is_file() and pending.read_text() == wanted and checkpoints.is_dir()
             if resume:
                 print(f"{run_name}: continuing the interrupted run in {drafts / run_name} from its checkpoints")
+            else:
+                shutil.rmtree(checkpoints, ignore_errors=True)  # another run's: never to be continued by this one
             pending.parent.mkdir(parents=True, exist_ok=True)
             pending.write_text(wanted)
             started = time.perf_counter()

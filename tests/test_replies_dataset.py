@@ -351,16 +351,18 @@ def test_interrupted_experiment_run_continues_from_its_checkpoints(tiny_chat_tar
     resumed = []
 
     def interrupted(training, resume=False):
-        resumed.append(resume)
-        (Path(training.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)  # as after some updates
+        checkpoints = Path(training.output_dir) / "checkpoints"
+        resumed.append((resume, checkpoints.is_dir()))
+        checkpoints.mkdir(parents=True, exist_ok=True)  # as after some updates
         raise KeyboardInterrupt
 
     module.train_draft = interrupted
     for overrides in (["batch_size=2"], ["batch_size=2"], ["batch_size=1"], ["batch_size=1"]):
         with pytest.raises(KeyboardInterrupt):
             module.main(argv + overrides)
-    # the second call continues the first; other arguments start afresh, and their rerun continues them
-    assert resumed == [False, True, False, True]
+    # the second call continues the first; other arguments start afresh (the first run's checkpoints removed), and
+    # their rerun continues them
+    assert resumed == [(False, False), (True, True), (False, False), (True, True)]
 
 
 def test_scaling_runs_after_the_dataset_grew_are_scored_on_the_earlier_heldout_set(
