@@ -126,6 +126,13 @@ def test_feature_cache_resumes_and_never_reuses_other_settings(tiny_chat_model, 
         other = FeatureStore.build(target, examples, [1, -1], cache_dir=tmp_path, shard_size=4, progress=False)
         assert calls == [2, 4, 2] and len(list(tmp_path.glob("shard-*"))) == 4
         assert len(other.features[0].hidden_states) == 2
+        # the same examples under another shard name (the dataset in another place among the sources) are read back
+        renamed = FeatureStore.build(
+            target, examples, [-1], cache_dir=tmp_path, shard_size=4, name="data2-train", progress=False
+        )
+        assert calls == [2, 4, 2] and renamed.computed_tokens == 0 and len(list(tmp_path.glob("*"))) == 4
+        c = collate(renamed.features)
+        assert torch.equal(a.input_ids, c.input_ids) and torch.equal(a.last_hidden_state, c.last_hidden_state)
     finally:
         features_module.compute_features_batched = original
 

@@ -68,7 +68,9 @@ class FeatureStore:
         similar-length sequences. With `cache_dir`, shard `name` is kept as `<name>-<digest>.safetensors`, where the
         digest covers its examples and the feature layers: an existing file is read instead of computed, so a run over
         more shards computes only the new ones, and other data, `max_length` or layers never reuse (or overwrite) a
-        file computed from something else. The target itself is the cache folder's business: one folder per target.
+        file computed from something else. A file is found by its digest whatever its name, so a dataset's features
+        are reused whichever place it takes among a run's sources. The target itself is the cache folder's business:
+        one folder per target.
         """
         cache = Path(cache_dir) if cache_dir is not None else None
         if cache is not None:
@@ -85,6 +87,10 @@ class FeatureStore:
         for name, examples in shards:
             digest = _examples_digest(examples, feature_layers)
             path = cache / f"{name}-{digest[:16]}.safetensors" if cache is not None else None
+            if path is not None and not path.exists():
+                # the same examples under another name (e.g. a replies dataset given as --more-data here, as --data
+                # in the run that cached it): the digest, not the name, says what a file holds
+                path = next(iter(sorted(cache.glob(f"*-{digest[:16]}.safetensors"))), path)
             if path is not None and path.exists():
                 stored = _load_shard(path, len(feature_layers), expected_digest=digest)
                 if stored is not None:
