@@ -6,10 +6,12 @@ import gzip
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_chat import save_tiny_chat_target
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prism_hf.benchmarking.report import describe_machine
@@ -718,16 +720,24 @@ def test_prompt_request_replies_are_parsed_into_prompts():
     assert {key.split(":")[1].split("/")[0] for key, _, _ in requests[:12]} == set(prompt_data.PROMPT_REQUESTS)
 
 
-def test_prompts_the_target_wrote_are_a_source(tiny_chat_target, chat_data, tmp_path, one_thread):
-    """A replies dataset of prompt requests is the `--source` of a second: its parsed prompts, in its splits."""
+@pytest.mark.parametrize("writer", ["the target", "another model"])
+def test_prompts_a_model_wrote_are_a_source(writer, tiny_chat_target, chat_data, tmp_path, one_thread):
+    """
+    A replies dataset of prompt requests is the `--source` of a second: its parsed prompts, in its splits, whether
+    the target wrote them or a model with another tokenizer did (its replies are decoded with the writer's).
+    """
     from prism_hf import prompt_data
 
+    writer_path = tiny_chat_target
+    if writer == "another model":
+        writer_path = save_tiny_chat_target(tmp_path / "writer", reversed_vocabulary=True)
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    writer_tokenizer = AutoTokenizer.from_pretrained(writer_path)
     kinds = [key.split(":")[1].split("/")[0] for key, _, _ in prompt_data.iter_conversation_records("prompt-requests")]
     count = next(n for n in range(1, 50) if len(set(kinds[:n])) == 3)  # the first requests of all three kinds
     requests = tmp_path / "requests"
     write_reply_dataset(
-        _args(tiny_chat_target, chat_data, requests, source="prompt-requests", num_prompts=count, shard_size=count),
+        _args(writer_path, chat_data, requests, source="prompt-requests", num_prompts=count, shard_size=count),
         progress=False,
     )
     # the random target writes noise: stand in for what a real one writes, re-encoded with its tokenizer
@@ -740,7 +750,8 @@ def test_prompts_the_target_wrote_are_a_source(tiny_chat_target, chat_data, tmp_
     rows = read_reply_shard(shard)
     for row in rows:
         prompt = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m]
-        reply = tokenizer.encode(written[row["id"].split(":")[1].split("/")[0]]) + [tokenizer.eos_token_id]
+        kind = row["id"].split(":")[1].split("/")[0]
+        reply = writer_tokenizer.encode(written[kind]) + [writer_tokenizer.eos_token_id]
         row["input_ids"], row["loss_mask"] = prompt + reply, [0] * len(prompt) + [1] * len(reply)
     replies_module._write_shard(shard, rows)
     kind_of = {row["id"]: row["id"].split(":")[1].split("/")[0] for row in rows}
@@ -764,3 +775,10 @@ def test_prompts_the_target_wrote_are_a_source(tiny_chat_target, chat_data, tmp_
 
     with pytest.raises(ValueError, match="must answer 'prompt-requests'"):
         write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=str(answers)), progress=False)
+    if writer == "another model":
+        # the writer's tokenizer is read from the model the dataset records: gone, its ids cannot be read
+        shutil.rmtree(writer_path)
+        with pytest.raises(ValueError, match="whose tokenizer is not the target's: reading its text needs"):
+            write_reply_dataset(
+                _args(tiny_chat_target, chat_data, tmp_path / "y", source=str(requests)), progress=False
+            )

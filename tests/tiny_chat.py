@@ -16,8 +16,12 @@ CHAT_TEMPLATE = (
 TOPICS = ["the sky", "rivers", "bread", "chess", "volcanoes", "owls", "trains", "tea", "maps", "bees"]
 
 
-def save_tiny_chat_target(path: Path) -> Path:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+def save_tiny_chat_target(path: Path, reversed_vocabulary: bool = False) -> Path:
+    """
+    A tiny random chat Llama with a byte-level tokenizer; `reversed_vocabulary` numbers the bytes the other way, so
+    the same text has other token ids (a model of another family).
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=reversed_vocabulary)
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()

@@ -68,9 +68,9 @@ class ReplyDatasetArguments:
             "its replies, as the benchmark's copy-heavy tasks are answered), 'python-functions' (complete a "
             "documented function of Python's standard library), 'math-word-problems' (grade-school word problems from "
             "templates, shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, "
-            "German sentences and news articles), a replies dataset of 'prompt-requests' (the prompts the target "
-            "wrote: questions, sentences to translate, articles to summarise) or a JSONL file of messages / "
-            "ShareGPT rows"
+            "German sentences and news articles), a replies dataset of 'prompt-requests' (the prompts it, or "
+            "another model, wrote: questions, sentences to translate, articles to summarise) or a JSONL file of "
+            "messages / ShareGPT rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
@@ -177,10 +177,14 @@ def iter_written_prompts(
     dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
-    `(conversation key, row id, messages)` of the prompts a target wrote: the replies of a `"prompt-requests"` replies
-    dataset, decoded with `tokenizer` and parsed by [`prompts_from_request_reply`]. Every prompt of one request has
-    the request's id as its conversation key, so the prompts of a held-out request stay held out (at the same
-    held-out fraction) and share its greedy or sampled mode; row ids are `<request id>#<place>`.
+    `(conversation key, row id, messages)` of the prompts a model wrote: the replies of a `"prompt-requests"` replies
+    dataset, decoded and parsed by [`prompts_from_request_reply`]. Every prompt of one request has the request's id
+    as its conversation key, so the prompts of a held-out request stay held out (at the same held-out fraction) and
+    share its greedy or sampled mode; row ids are `<request id>#<place>`.
+
+    The writer need not be the target: a small target writes poor German and repetitive articles, so a larger model
+    of another family may write its prompts. The replies are then decoded with the writer's tokenizer (loaded from
+    the dataset's recorded `target`, see [`writer_tokenizer`]), and only the text is kept.
     """
     manifest = read_reply_manifest(dataset_dir)
     if manifest.get("source") != "prompt-requests":
@@ -188,11 +192,11 @@ def iter_written_prompts(
             f"{dataset_dir} holds replies to {manifest.get('source')!r} prompts: as a source of prompts, a replies "
             "dataset must answer 'prompt-requests' (prism-hf data --source prompt-requests)."
         )
-    check_reply_tokenizer(dataset_dir, tokenizer)
+    decoder = writer_tokenizer(dataset_dir, tokenizer)
     for path in reply_shards(dataset_dir):
         for row in read_reply_shard(path):
             reply = [token for token, mask in zip(row["input_ids"], row["loss_mask"], strict=True) if mask]
-            text = tokenizer.decode(reply, skip_special_tokens=True)
+            text = decoder.decode(reply, skip_special_tokens=True)
             for place, prompt in enumerate(prompts_from_request_reply(row["id"], text)):
                 yield row["id"], f"{row['id']}#{place}", [{"role": "user", "content": prompt}]
 
@@ -483,6 +487,33 @@ def check_reply_tokenizer(dataset_dir: str | Path, tokenizer: PreTrainedTokenize
             f"(fingerprint {found}) than the training target's ({expected}): its token ids would mean other tokens. "
             "Use replies written by the target or a model of its family that shares its tokenizer."
         )
+
+
+def writer_tokenizer(dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """
+    The tokenizer whose ids the replies in `dataset_dir` are written in: `tokenizer` when the dataset records its
+    fingerprint, else the tokenizer of the model the dataset records as its `target` (a reference-model name, local
+    folder or Hub id; a reference model is materialised), checked against the recorded fingerprint. For reading a
+    dataset's text only: training on its ids still needs [`check_reply_tokenizer`].
+    """
+    from transformers import AutoTokenizer
+
+    from ..reference_models import resolve_model
+
+    manifest = read_reply_manifest(dataset_dir)
+    if manifest.get("tokenizer_fingerprint") in (None, tokenizer_fingerprint(tokenizer)):
+        check_reply_tokenizer(dataset_dir, tokenizer)  # an older manifest without a fingerprint is refused there
+        return tokenizer
+    writer = manifest.get("target")
+    try:
+        decoder = AutoTokenizer.from_pretrained(resolve_model(writer))
+    except Exception as error:
+        raise ValueError(
+            f"{dataset_dir} was written by {writer!r}, whose tokenizer is not the target's: reading its text needs "
+            f"that tokenizer, and loading it failed ({type(error).__name__}: {error})."
+        ) from error
+    check_reply_tokenizer(dataset_dir, decoder)
+    return decoder
 
 
 def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
