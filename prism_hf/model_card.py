@@ -309,7 +309,7 @@ def _time_parts(record: dict) -> str:
     return "; ".join(parts)
 
 
-def _describe_prompt_source(source: str) -> str:
+def _describe_prompt_source(source: str, target: str) -> str:
     """Where a replies dataset's prompts come from, for its card."""
     if source == "sharegpt":
         return (
@@ -344,11 +344,13 @@ def _describe_prompt_source(source: str) -> str:
             "topics: 8 short factual questions, 8 German sentences, or a 200-word news article "
             "(`prism_hf.prompt_data.PROMPT_REQUESTS`); its replies are the prompts of a second dataset"
         )
-    from .training.replies import is_reply_dataset
+    from .training.replies import is_reply_dataset, read_reply_manifest
 
     if is_reply_dataset(source):
+        writer = read_reply_manifest(source).get("target")
+        writer = "the target itself" if writer == target else f"`{writer}`"
         return (
-            f"prompts the target wrote itself, parsed from the replies in `{source}` "
+            f"prompts {writer} wrote, parsed from the replies in `{source}` "
             "(`prism_hf.prompt_data.prompts_from_request_reply`): its factual questions as asked, its German "
             "sentences to translate into English, its news articles to summarise"
         )
@@ -435,7 +437,7 @@ def write_dataset_card(
         name=dataset_dir.name,
         base_model=base_model,
         num_prompts=num_prompts,
-        source=_describe_prompt_source(manifest["source"]),
+        source=_describe_prompt_source(manifest["source"], manifest["target"]),
         temperature=manifest["temperature"],
         max_new_tokens=manifest["max_new_tokens"],
         max_prompt_length=manifest["max_prompt_length"],

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prism_hf.benchmarking.report import describe_machine
 from prism_hf.cli import main as cli_main
+from prism_hf.model_card import write_dataset_card
 from prism_hf.prompt_data import BenchmarkFilter, load_spec_bench
 from prism_hf.training import replies as replies_module
 from prism_hf.training.replies import (
@@ -772,6 +773,11 @@ def test_prompts_a_model_wrote_are_a_source(writer, tiny_chat_target, chat_data,
         kind = request.split(":")[1].split("/")[0]
         parsed = prompt_data.prompts_from_request_reply(request, written[kind])
         assert parsed[int(row["id"].split("#")[1])] in text
+
+    # the card names who wrote the prompts
+    card = write_dataset_card(answers, base_model="tiny/chat").read_text()
+    named = "the target itself" if writer == "the target" else f"`{writer_path}`"
+    assert f"prompts {named} wrote, parsed from the replies in `{requests}`" in card
 
     with pytest.raises(ValueError, match="must answer 'prompt-requests'"):
         write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=str(answers)), progress=False)
