@@ -536,7 +536,8 @@ def benchmark_markdown(record: dict[str, Any]) -> str:
         f"`prism-hf bench` ({meta.get('date', 'date unknown')[:10]}; target {meta.get('target')} in "
         f"{meta.get('dtype')} on {meta.get('device')}, {machine.strip(', ')}; greedy, batch 1, "
         f"{meta.get('max_new_tokens')} new tokens; prompts: {meta.get('prompts')}). This draft is `{strategy}`; "
-        "speedup is total plain time over total strategy time in the same run, tau the tokens per target forward.",
+        "speedup is plain time per new token over the strategy's, totals in the same run, tau the tokens per "
+        "target forward.",
         "",
         "| strategy | tok/s (median) | speedup | tau | identical to plain |",
         "| --- | ---: | ---: | ---: | ---: |",

@@ -13,6 +13,7 @@ from conftest import make_llama, training_prompts
 from prism_hf.benchmarking import (
     BenchmarkConfig,
     BenchPrompt,
+    RunRecord,
     Strategy,
     assistant_strategy,
     encode_prompt,
@@ -112,6 +113,26 @@ def test_sampling_mode_seeds_each_prompt_and_skips_the_comparison(llama_target, 
         BenchmarkConfig(target="t", temperature=-1.0).resolved()
     config = BenchmarkConfig(target="some/SmolLM2", temperature=1.0, output_dir=None).resolved()
     assert config.output_dir.endswith("smollm2-temperature-1")
+
+
+def test_sampled_speedups_compare_time_per_new_token():
+    """Sampled replies differ in length from plain's: a reply that stops early must not count as a faster one."""
+
+    def record(strategy, prompt_id, new_tokens, seconds):
+        return RunRecord(
+            strategy, prompt_id, "chat", prompt_tokens=8, new_tokens=new_tokens, seconds=seconds, target_forwards=1,
+            target_seconds=seconds, peak_memory_mb=1.0, identical=False, sampled=True,
+        )  # fmt: skip
+
+    records = [
+        record("plain", "p0", 10, 1.0),
+        record("plain", "p1", 20, 2.0),
+        record("draft", "p0", 5, 1.0),  # stopped early, at the same time: half plain's speed per token
+        record("draft", "p1", 40, 2.0),  # twice the tokens in the same time: twice plain's speed
+    ]
+    draft = report.summarize(records)["draft"]["all"]
+    assert draft["speedup"] == pytest.approx((3.0 / 30) / (3.0 / 45))  # 1.5, where the time ratio says 1.0
+    assert draft["speedup_median"] == pytest.approx(statistics.median([0.5, 2.0]))
 
 
 class _FakeTokenizer:

@@ -38,9 +38,18 @@ AGGREGATE_KEYS = (
 RecordLike = RunRecord | dict[str, Any]
 
 
-def _aggregate(group: list[RunRecord], plain_seconds: dict[str, float]) -> dict[str, Any]:
-    done = [r for r in group if r.ok and r.prompt_id in plain_seconds]
+def _seconds_per_token(seconds: float, new_tokens: int) -> float:
+    return seconds / max(1, new_tokens)  # a call that wrote nothing measures its overhead alone
+
+
+def _aggregate(group: list[RunRecord], plain: dict[str, RunRecord]) -> dict[str, Any]:
+    done = [r for r in group if r.ok and r.prompt_id in plain]
     strategy_seconds = sum(r.seconds for r in done)
+    # Speedups compare time per new token: sampled outputs differ in length from plain generate's (a reply that
+    # stops early is not a faster one); for outputs identical to plain greedy output it is the plain time ratio.
+    plain_seconds = sum(plain[r.prompt_id].seconds for r in done)
+    plain_tokens = sum(plain[r.prompt_id].new_tokens for r in done)
+    strategy_tokens = sum(r.new_tokens for r in done)
     failures = [
         {"prompt_id": r.prompt_id, "reason": r.error or f"differs from plain from new token {r.first_difference}"}
         for r in group
@@ -52,9 +61,18 @@ def _aggregate(group: list[RunRecord], plain_seconds: dict[str, float]) -> dict[
         "new_tokens": sum(r.new_tokens for r in done),
         "seconds": strategy_seconds,
         "tokens_per_second_median": statistics.median(r.tokens_per_second for r in done) if done else None,
-        # Total time over total time weighs prompts by their length, as a user waiting for all of them would.
-        "speedup": sum(plain_seconds[r.prompt_id] for r in done) / strategy_seconds if strategy_seconds else None,
-        "speedup_median": statistics.median(plain_seconds[r.prompt_id] / r.seconds for r in done) if done else None,
+        # Totals over totals weigh prompts by their length, as a user waiting for all of them would.
+        "speedup": _seconds_per_token(plain_seconds, plain_tokens)
+        / _seconds_per_token(strategy_seconds, strategy_tokens)
+        if strategy_seconds
+        else None,
+        "speedup_median": statistics.median(
+            _seconds_per_token(plain[r.prompt_id].seconds, plain[r.prompt_id].new_tokens)
+            / _seconds_per_token(r.seconds, r.new_tokens)
+            for r in done
+        )
+        if done
+        else None,
         "tau_mean": statistics.fmean(r.tau for r in done) if done else None,
         "draft_share_mean": statistics.fmean(r.draft_share for r in done) if done else None,
         "peak_memory_mb": max((r.peak_memory_mb for r in done), default=None),
@@ -68,10 +86,11 @@ def summarize(records: Sequence[RecordLike]) -> dict[str, dict[str, dict[str, An
     """
     `{strategy: {category: aggregate}}` with an `"all"` category, strategies in run order (plain first).
 
-    Speedups compare each strategy with plain generate on the same prompts only (a failed call drops its prompt).
+    Speedups compare each strategy's time per new token with plain generate's on the same prompts only (a failed call
+    drops its prompt).
     """
     records = [r if isinstance(r, RunRecord) else RunRecord.from_dict(r) for r in records]
-    plain_seconds = {r.prompt_id: r.seconds for r in records if r.strategy == PLAIN and r.ok}
+    plain = {r.prompt_id: r for r in records if r.strategy == PLAIN and r.ok}
     groups: dict[str, dict[str, list[RunRecord]]] = {}
     for record in records:
         categories = groups.setdefault(record.strategy, {})
@@ -79,7 +98,7 @@ def summarize(records: Sequence[RecordLike]) -> dict[str, dict[str, dict[str, An
     summary = {}
     for strategy, categories in groups.items():
         everything = [r for group in categories.values() for r in group]
-        summary[strategy] = {c: _aggregate(g, plain_seconds) for c, g in (*categories.items(), (ALL, everything))}
+        summary[strategy] = {c: _aggregate(g, plain) for c, g in (*categories.items(), (ALL, everything))}
     return summary
 
 
@@ -95,8 +114,9 @@ def _identical_cell(aggregate: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     """
-    One row per strategy and category. `speedup` is total plain seconds over total strategy seconds; `per-prompt
-    median` the median of the prompts' own ratios, which one call slowed by the machine moves far less. The
+    One row per strategy and category. `speedup` is plain generate's seconds per new token over the strategy's, totals
+    over the same prompts (the total time ratio when outputs are identical); `per-prompt median` the median of the
+    prompts' own ratios, which one call slowed by the machine moves far less. The
     `identical` column counts outputs equal to plain greedy output (`sampled` under sampling, where it does not apply).
     """
     lines = [
