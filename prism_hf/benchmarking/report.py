@@ -58,7 +58,7 @@ def _aggregate(group: list[RunRecord], plain: dict[str, RunRecord]) -> dict[str,
     return {
         "prompts": len(group),
         "completed": len(done),
-        "new_tokens": sum(r.new_tokens for r in done),
+        "new_tokens": strategy_tokens,
         "seconds": strategy_seconds,
         "tokens_per_second_median": statistics.median(r.tokens_per_second for r in done) if done else None,
         # Totals over totals weigh prompts by their length, as a user waiting for all of them would.
@@ -116,8 +116,8 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     """
     One row per strategy and category. `speedup` is plain generate's seconds per new token over the strategy's, totals
     over the same prompts (the total time ratio when outputs are identical); `per-prompt median` the median of the
-    prompts' own ratios, which one call slowed by the machine moves far less. The
-    `identical` column counts outputs equal to plain greedy output (`sampled` under sampling, where it does not apply).
+    prompts' own ratios, which one call slowed by the machine moves far less. The `identical` column counts outputs
+    equal to plain greedy output (`sampled` under sampling, where it does not apply).
     """
     lines = [
         "| strategy | category | tok/s (median) | speedup | per-prompt median | tau | draft share | peak MB "
