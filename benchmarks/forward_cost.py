@@ -7,21 +7,31 @@ decides whether drafting several tokens per small-model or target forward can pa
 `--fast-cpu-linears` measures the stock linear layers and `prism_hf.enable_fast_cpu_linears` side by side in one
 process, alternating in ABBA order for every forward, so that their ratios compare on equal terms (file
 `...-fast-linears.json`, both modes); `--int8` measures `prism_hf.quantize_cpu_linears_int8`, as a small drafting
-model would run (file `...-int8.json`).
+model would run (file `...-int8.json`). `--compare-attention` measures instead transformers' default attention, which
+repeats the key/value heads per query head whenever a mask is present (every forward over several new tokens on a
+cache), against `prism_hf.grouped_query_attention_on_cpu`, alternating in the same way, with the linear layers
+`--fast-cpu-linears` chooses (file `...-attention-<context>.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from prism_hf import disable_fast_cpu_linears, enable_fast_cpu_linears, quantize_cpu_linears_int8
+from prism_hf import (
+    disable_fast_cpu_linears,
+    enable_fast_cpu_linears,
+    grouped_query_attention_on_cpu,
+    quantize_cpu_linears_int8,
+)
 from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.reference_models import load_reference_model
 
@@ -37,11 +47,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=6, help="forwards per size (the first is discarded)")
     parser.add_argument("--fast-cpu-linears", action="store_true", help="switch to prism_hf.FastCpuLinear layers")
     parser.add_argument("--int8", action="store_true", help="quantize the linear layers to int8 (drafting models)")
+    parser.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="repeated key/value heads (transformers' default with a mask) against grouped_query_attention_on_cpu",
+    )
     parser.add_argument("--output", type=Path, help="results file (default: under benchmarks/results)")
     args = parser.parse_args(argv)
     print(f"Machine: {describe_machine()}", flush=True)
     if args.int8 and args.fast_cpu_linears:
         parser.error("--int8 replaces every float32 linear layer: it cannot be combined with --fast-cpu-linears.")
+    if args.compare_attention and args.int8:
+        parser.error("--compare-attention measures float32 targets: it cannot be combined with --int8.")
 
     model, _ = load_reference_model(args.model, dtype=getattr(torch, args.dtype))
     # each mode is a switch applied before its forwards; stock and fast linears swap back and forth on one model
@@ -52,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.int8:
         quantize_cpu_linears_int8(model)
         modes = {"int8": lambda model: None}
+    if args.compare_attention:
+        os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)  # transformers' default outside the grouped block
+        modes = {"repeated_heads": lambda model: None, "grouped_heads": lambda model: None}
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(100, vocab, (1, args.context), generator=generator)
@@ -66,9 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
                     switch(model)
                     cache = DynamicCache(config=model.config)
                     model(input_ids=context, cache=cache, use_cache=True)
-                    began = time.perf_counter()
-                    model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=k)
-                    times[mode].append(time.perf_counter() - began)
+                    with grouped_query_attention_on_cpu("cpu") if mode == "grouped_heads" else nullcontext():
+                        began = time.perf_counter()
+                        model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=k)
+                        times[mode].append(time.perf_counter() - began)
             for mode in modes:
                 seconds[mode][k] = statistics.median(times[mode][1:])
 
@@ -85,15 +106,22 @@ def main(argv: list[str] | None = None) -> dict:
         "context_tokens": args.context,
         "fast_cpu_linears": args.fast_cpu_linears,
         "int8": args.int8,
+        "attention": "repeated and grouped key/value heads" if args.compare_attention else "transformers' default",
         "machine": machine_metadata("cpu"),
         "forwards": {mode: table(mode_seconds) for mode, mode_seconds in seconds.items()},
     }
-    if args.fast_cpu_linears and 1 in seconds["stock"]:
+    if args.compare_attention:
+        result["repeated_over_grouped"] = {
+            str(k): round(seconds["repeated_heads"][k] / seconds["grouped_heads"][k], 3)
+            for k in seconds["grouped_heads"]
+        }
+    elif args.fast_cpu_linears and 1 in seconds["stock"]:
         result["stock_over_fast"] = {
             str(k): round(seconds["stock"][k] / seconds["fast"][k], 3) for k in seconds["stock"]
         }
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-fast-linears" if args.fast_cpu_linears else "-int8" if args.int8 else ""
+    suffix += f"-attention-{args.context}" if args.compare_attention else ""
     out = RESULTS / f"forward-cost-{Path(args.model).name.lower()}{suffix}.json"
     out = args.output or out
     out.write_text(json.dumps(result, indent=2) + "\n")

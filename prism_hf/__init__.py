@@ -10,7 +10,7 @@ from .cpu_linear import (
     few_rows_kernel_available,
     quantize_cpu_linears_int8,
 )
-from .generation_hooks import install_generation_hooks
+from .generation_hooks import grouped_query_attention_on_cpu, install_generation_hooks
 from .generation_ouroboros import (
     Ouroboros,
     OuroborosCandidateGenerator,
@@ -53,6 +53,7 @@ __all__ = [
     "disable_fast_cpu_linears",
     "enable_fast_cpu_linears",
     "few_rows_kernel_available",
+    "grouped_query_attention_on_cpu",
     "load_reference_model",
     "push_draft",
     "quantize_cpu_linears_int8",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import VOCAB, draft_config_set, training_prompts
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import prism_hf
 
@@ -219,3 +221,53 @@ def test_reduced_vocabulary_draft_matches(llama_target):
     prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     assert_same_as_plain(llama_target, draft, prompt, max_new_tokens=25)
     assert draft.last_generation_stats.drafted_tokens > 0
+
+
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def test_our_assistants_verify_with_grouped_attention_heads(llama_target, trained_llama_draft, monkeypatch):
+    """On a CPU the target verifies our drafts with grouped key/value heads; plain and HF-assisted decoding do not."""
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    seen: list[str | None] = []
+    attention = llama_target.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(lambda module, args: seen.append(os.environ.get(FORCE_GQA)))
+    prompt = training_prompts()[0][None]
+    try:
+        assert_same_as_plain(llama_target, trained_llama_draft, prompt, max_new_tokens=20)
+        assert seen[:5] == [None] * 5 and set(seen[21:]) == {"1"}  # plain's 20 forwards, then the assisted call's
+        assert os.environ.get(FORCE_GQA) is None
+        seen.clear()
+        llama_target.generate(prompt, prompt_lookup_num_tokens=3, do_sample=False, max_new_tokens=10)
+        assert seen and set(seen) == {None}
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("previous", [None, "0"])
+def test_grouped_attention_block_restores_the_environment(monkeypatch, previous):
+    if previous is None:
+        monkeypatch.delenv(FORCE_GQA, raising=False)
+    else:
+        monkeypatch.setenv(FORCE_GQA, previous)
+    with prism_hf.grouped_query_attention_on_cpu("cpu"):
+        assert os.environ[FORCE_GQA] == "1"
+    assert os.environ.get(FORCE_GQA) == previous
+    with prism_hf.grouped_query_attention_on_cpu(torch.device("cuda", 0)):
+        assert os.environ.get(FORCE_GQA) == previous
+
+
+def test_grouped_attention_heads_give_bit_identical_verification_logits(llama_target, monkeypatch):
+    """A 5-token forward on a cache (masked attention) gives the same float32 logits with grouped or repeated heads."""
+    assert llama_target.config.num_key_value_heads < llama_target.config.num_attention_heads
+    prompt = training_prompts(num=1, length=40)[0][None]
+    new = training_prompts(num=1, length=5, seed=3)[0][None]
+    logits = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv(FORCE_GQA, mode)
+        with torch.no_grad():
+            cache = DynamicCache(config=llama_target.config)
+            llama_target(prompt, cache=cache, use_cache=True)
+            mask = torch.ones(1, prompt.shape[1] + new.shape[1], dtype=torch.long)
+            logits[mode] = llama_target(new, attention_mask=mask, cache=cache, use_cache=True).logits
+    assert torch.equal(logits["0"], logits["1"])

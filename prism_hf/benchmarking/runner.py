@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..generation_hooks import grouped_query_attention_on_cpu
 from ..prompt_data import Prompt
 from .prompts import BenchPrompt, encode_prompts
 from .strategies import PLAIN, Strategy, plain_strategy
@@ -186,7 +187,8 @@ def _generate(
     decoding = sampling_kwargs(None) if decoding is None else decoding
     # The strategy's keywords come last so that one changing the decoding itself is measured (and caught), not refused.
     kwargs = {**decoding, "max_new_tokens": max_new_tokens, **strategy.generate_kwargs}
-    with peak_memory(target.device) as peak:
+    # every strategy, HF's included, verifies with the attention our assistants use on a CPU (plain is unaffected)
+    with peak_memory(target.device) as peak, grouped_query_attention_on_cpu(target.device):
         start = time.perf_counter()
         output = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         if target.device.type == "cuda":

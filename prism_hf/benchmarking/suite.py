@@ -393,6 +393,8 @@ def run_suite(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
         "target_path": str(target.name_or_path),
         "dtype": config.dtype,
         "fast_cpu_linears": config.fast_cpu_linears,
+        # every strategy's calls (`runner._generate`); changes only multi-token forwards, and only on a CPU
+        "grouped_query_attention_on_cpu": target.device.type == "cpu",
         "small_model_int8": config.small_model_int8,
         "draft_int8": config.draft_int8,
         "draft_own_length": config.draft_own_length,
