@@ -35,9 +35,9 @@ def grouped_query_attention_on_cpu(device: torch.device | str) -> Iterator[None]
     With a mask, transformers repeats every key/value head once per query head before calling torch (CUDA's fused
     kernels need that), which copies the whole KV cache in every layer of every forward. Forwards over several new
     tokens always carry a mask (a causal mask offset by the cache), so speculative verification pays that copy and
-    one-token decoding does not: on SmolLM2-135M after a 1,200-token prompt it is a third of a 5-token attention.
-    torch's CPU attention takes grouped heads with a mask directly and gives bit-identical outputs. The switch is
-    transformers' own `TRANSFORMERS_SDPA_FORCE_GQA`, set for the block and restored after it.
+    one-token decoding does not (docs/cpu-inference.md has measurements). torch's CPU attention takes grouped heads
+    with a mask directly and gives bit-identical outputs. The switch is transformers' own
+    `TRANSFORMERS_SDPA_FORCE_GQA`, set for the block and restored after it.
     """
     if torch.device(device).type != "cpu":
         yield
