@@ -344,8 +344,16 @@ def _describe_prompt_source(source: str, target: str) -> str:
             "topics: 8 short factual questions, 8 German sentences, or a 200-word news article "
             "(`prism_hf.prompt_data.PROMPT_REQUESTS`); its replies are the prompts of a second dataset"
         )
+    from .prompt_data import PASSAGE_QUESTIONS_PREFIX
     from .training.replies import is_reply_dataset, read_reply_manifest
 
+    if source.startswith(PASSAGE_QUESTIONS_PREFIX):
+        written = source.removeprefix(PASSAGE_QUESTIONS_PREFIX)
+        return (
+            f"retrieval-style prompts made from what `{read_reply_manifest(written).get('target')}` wrote in "
+            f"`{written}` (`prism_hf.prompt_data.passage_question_prompts`): its news articles on a topic, joined "
+            "and cut at 500 words, then one of its questions on that topic, as in the benchmark's RAG task"
+        )
     if is_reply_dataset(source):
         writer = read_reply_manifest(source).get("target")
         writer = "the target itself" if writer == target else f"`{writer}`"

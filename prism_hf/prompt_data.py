@@ -843,7 +843,17 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
     for a news article (80-500 words). Each is asked through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a
     hash of the request and the item's place.
     """
-    kind = request_id.removeprefix("prompt-requests:").split("/", 1)[0]
+    items = _written_items(request_id, reply)
+    templates = WRITTEN_PROMPT_TEMPLATES[_request_kind_and_topic(request_id)[0]]
+    return [
+        templates[_pick(f"template/{request_id}#{place}", len(templates))].format(text=item)
+        for place, item in enumerate(items)
+    ]
+
+
+def _written_items(request_id: str, reply: str) -> list[str]:
+    """The items of a reply to a prompt request, as [`prompts_from_request_reply`] parses them, before templating."""
+    kind = _request_kind_and_topic(request_id)[0]
     if kind not in PROMPT_REQUESTS:
         raise ValueError(f"{request_id!r} is not a prompt request (expected 'prompt-requests:<kind>/...').")
     if kind == "news-articles":
@@ -864,11 +874,63 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
             ):
                 continue  # English, or German mixed with English, as a small model writes it
             items.append(line)
-    templates = WRITTEN_PROMPT_TEMPLATES[kind]
-    return [
-        templates[_pick(f"template/{request_id}#{place}", len(templates))].format(text=item)
-        for place, item in enumerate(items)
-    ]
+    return items
+
+
+# `--source passage-questions:<replies dataset of prompt requests>`: RAG-shaped prompts made from what a model wrote
+PASSAGE_QUESTIONS_PREFIX = "passage-questions:"
+
+
+def _order_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _request_kind_and_topic(request_id: str) -> tuple[str, str]:
+    kind, _, rest = request_id.removeprefix("prompt-requests:").partition("/")
+    return kind, rest.split("/", 1)[0]
+
+
+def passage_question_prompts(
+    written: Iterable[tuple[str, str]], questions_per_request: int = 3, max_passage_words: int = 500
+) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """
+    Retrieval-style prompts (Spec-Bench's RAG task: retrieved passages cut at a word count, then the question on its
+    own line) made from what a model wrote for the prompt requests: each of the first `questions_per_request`
+    questions of a questions request, after the news articles written about the same topic, in an order drawn by a
+    hash of the question, joined and cut after `max_passage_words` words (mid-sentence, as retrieval cuts). Topics
+    without an article give none.
+
+    Args:
+        written (`Iterable[tuple[str, str]]`): `(request id, reply text)` of a replies dataset of prompt requests
+            (see [`PROMPT_REQUESTS`]), in file order.
+    Yields:
+        `(conversation key, row id, messages)`: the key is the questions request's id, so a held-out request's
+        prompts stay held out together; row ids are `<request id>#passage<place>`.
+    """
+    if questions_per_request < 1 or max_passage_words < 1:
+        raise ValueError(
+            f"questions_per_request ({questions_per_request}) and max_passage_words ({max_passage_words}) must be "
+            "positive."
+        )
+    articles: dict[str, list[tuple[str, str]]] = {}
+    questions: list[tuple[str, str, list[str]]] = []
+    for request_id, text in written:
+        kind, topic = _request_kind_and_topic(request_id)
+        if kind == "news-articles":
+            articles.setdefault(topic, []).extend((request_id, item) for item in _written_items(request_id, text))
+        elif kind == "questions":
+            questions.append((request_id, topic, _written_items(request_id, text)[:questions_per_request]))
+    for request_id, topic, items in questions:
+        for place, question in enumerate(items):
+            row_id = f"{request_id}#passage{place}"
+            ranked = sorted(articles.get(topic, ()), key=lambda a: _order_key(f"{row_id}/{a[0]}"))
+            if not ranked:
+                continue
+            passages = "\n".join(article for _, article in ranked)
+            words = list(re.finditer(r"\S+", passages))
+            if len(words) > max_passage_words:
+                passages = passages[: words[max_passage_words - 1].end()]
+            yield request_id, row_id, [{"role": "user", "content": f"{passages}\n{question}"}]
 
 
 # Sources of user turns without replies: they train a draft only through replies a target writes to them

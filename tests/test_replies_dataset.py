@@ -721,6 +721,37 @@ def test_prompt_request_replies_are_parsed_into_prompts():
     assert {key.split(":")[1].split("/")[0] for key, _, _ in requests[:12]} == set(prompt_data.PROMPT_REQUESTS)
 
 
+def test_passage_question_prompts_put_a_topics_articles_before_its_questions():
+    """RAG-shaped prompts: the articles written on a question's topic, joined and cut at a word count, then it."""
+    from prism_hf import prompt_data
+
+    def article(word):
+        return " ".join([word] * 90)
+
+    questions = "What do lions eat?\nWhere do owls sleep at night?\nHow old is the zoo today?\nWho feeds them?\n"
+    written = [
+        ("prompt-requests:news-articles/zoo/a", article("lion")),
+        ("prompt-requests:questions/zoo/b", questions),
+        ("prompt-requests:news-articles/zoo/c", article("owl")),
+        ("prompt-requests:questions/railways/d", "When was the first railway built?\n"),  # no article on railways
+        ("prompt-requests:german-sentences/zoo/e", "Der Zug kommt heute später in Berlin an.\n"),
+        ("prompt-requests:news-articles/zoo/f", "Too short."),  # not an article: left out
+    ]
+    rows = list(prompt_data.passage_question_prompts(written))
+    assert [row_id for _, row_id, _ in rows] == [f"prompt-requests:questions/zoo/b#passage{i}" for i in range(3)]
+    assert {key for key, _, _ in rows} == {"prompt-requests:questions/zoo/b"}  # one request, one split
+    asked = ["What do lions eat?", "Where do owls sleep at night?", "How old is the zoo today?"]
+    for (_, _, messages), question in zip(rows, asked, strict=True):
+        passages, last_line = messages[0]["content"].rsplit("\n", 1)
+        assert last_line == question
+        assert sorted(passages.split("\n")) == [article("lion"), article("owl")]
+    ((_, _, messages),) = prompt_data.passage_question_prompts(written, questions_per_request=1, max_passage_words=100)
+    passages, last_line = messages[0]["content"].rsplit("\n", 1)
+    assert last_line == "What do lions eat?" and len(passages.split()) == 100  # cut mid-passage, as retrieval cuts
+    with pytest.raises(ValueError, match=r"questions_per_request \(0\) and max_passage_words \(500\) must be"):
+        list(prompt_data.passage_question_prompts(written, questions_per_request=0))
+
+
 @pytest.mark.parametrize("writer", ["the target", "another model"])
 def test_prompts_a_model_wrote_are_a_source(writer, tiny_chat_target, chat_data, tmp_path, one_thread):
     """
@@ -778,6 +809,25 @@ def test_prompts_a_model_wrote_are_a_source(writer, tiny_chat_target, chat_data,
     card = write_dataset_card(answers, base_model="tiny/chat").read_text()
     named = "the target itself" if writer == "the target" else f"`{writer_path}`"
     assert f"prompts {named} wrote, parsed from the replies in `{requests}`" in card
+
+    # the same writing as RAG-shaped prompts: the articles on a question's topic, then the question
+    questions_request = next(key for key, kind in kind_of.items() if kind == "questions")
+    for row in rows:  # the article is about the questions' topic
+        if kind_of[row["id"]] == "news-articles":
+            row["id"] = "prompt-requests:news-articles/{}/any".format(questions_request.split("/")[1])
+    replies_module._write_shard(shard, rows)
+    source = f"{prompt_data.PASSAGE_QUESTIONS_PREFIX}{requests}"
+    passages = tmp_path / "passages"
+    args = _args(tiny_chat_target, chat_data, passages, source=source, num_prompts=2, max_prompt_length=4096)
+    write_reply_dataset(args, progress=False)
+    answered = [row for path in sorted((passages / "data").glob("*.jsonl.gz")) for row in read_reply_shard(path)]
+    assert [row["id"] for row in answered] == [f"{questions_request}#passage{i}" for i in range(2)]
+    for row, question in zip(answered, ["What is the tallest tree?", "Where do owls sleep at night?"], strict=True):
+        assert row["split"] == split[questions_request]
+        text = tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m])
+        assert f"{written['news-articles']}\n{question}" in text
+    card = write_dataset_card(passages, base_model="tiny/chat").read_text()
+    assert f"retrieval-style prompts made from what `{writer_path}` wrote in `{requests}`" in card
 
     with pytest.raises(ValueError, match="must answer 'prompt-requests'"):
         write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=str(answers)), progress=False)

@@ -39,11 +39,13 @@ from transformers.cache_utils import DynamicLayer
 
 from ..generation_hooks import grouped_query_attention_on_cpu
 from ..prompt_data import (
+    PASSAGE_QUESTIONS_PREFIX,
     SHAREGPT_HELDOUT_FRACTION,
     SHAREGPT_SOURCES,
     BenchmarkFilter,
     is_heldout,
     iter_conversation_records,
+    passage_question_prompts,
     prompts_from_request_reply,
 )
 from .data import TrainingExample
@@ -69,8 +71,9 @@ class ReplyDatasetArguments:
             "documented function of Python's standard library), 'math-word-problems' (grade-school word problems from "
             "templates, shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, "
             "German sentences and news articles), a replies dataset of 'prompt-requests' (the prompts it, or "
-            "another model, wrote: questions, sentences to translate, articles to summarise) or a JSONL file of "
-            "messages / ShareGPT rows"
+            "another model, wrote: questions, sentences to translate, articles to summarise), 'passage-questions:' "
+            "and such a dataset (its questions after its articles on the same topic, shaped like the benchmark's "
+            "RAG task) or a JSONL file of messages / ShareGPT rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
@@ -145,7 +148,11 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
     if tokenizer.chat_template is None:
         raise ValueError("The target's tokenizer has no chat template: a replies dataset answers chat prompts.")
     benchmark = BenchmarkFilter.default()
-    if is_reply_dataset(args.source):
+    if args.source.startswith(PASSAGE_QUESTIONS_PREFIX):
+        records = passage_question_prompts(
+            _written_replies(args.source.removeprefix(PASSAGE_QUESTIONS_PREFIX), tokenizer)
+        )
+    elif is_reply_dataset(args.source):
         records = iter_written_prompts(args.source, tokenizer)
     else:
         records = iter_conversation_records(args.source)
@@ -186,6 +193,13 @@ def iter_written_prompts(
     of another family may write its prompts. The replies are then decoded with the writer's tokenizer (loaded from
     the dataset's recorded `target`, see [`writer_tokenizer`]), and only the text is kept.
     """
+    for request_id, text in _written_replies(dataset_dir, tokenizer):
+        for place, prompt in enumerate(prompts_from_request_reply(request_id, text)):
+            yield request_id, f"{request_id}#{place}", [{"role": "user", "content": prompt}]
+
+
+def _written_replies(dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[str, str]]:
+    """`(request id, reply text)` of a replies dataset of prompt requests, in file order (`iter_written_prompts`)."""
     manifest = read_reply_manifest(dataset_dir)
     if manifest.get("source") != "prompt-requests":
         raise ValueError(
@@ -196,9 +210,7 @@ def iter_written_prompts(
     for path in reply_shards(dataset_dir):
         for row in read_reply_shard(path):
             reply = [token for token, mask in zip(row["input_ids"], row["loss_mask"], strict=True) if mask]
-            text = decoder.decode(reply, skip_special_tokens=True)
-            for place, prompt in enumerate(prompts_from_request_reply(row["id"], text)):
-                yield row["id"], f"{row['id']}#{place}", [{"role": "user", "content": prompt}]
+            yield row["id"], decoder.decode(reply, skip_special_tokens=True)
 
 
 class _PreallocatedLayer(DynamicLayer):
