@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import draft_config_set, training_prompts
+from transformers import AutoTokenizer, LlamaForCausalLM
 
+from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
 from prism_hf.training import compute_target_features
 from prism_hf.training.evaluation import evaluate_draft, predicted_tau
 
@@ -111,3 +117,35 @@ def test_numbers_by_source_are_each_source_scored_alone(llama_target, trained_ll
 
     with pytest.raises(ValueError, match="3 sources for 4 held-out batches: give one source per batch."):
         evaluate_draft(trained_llama_draft, batches, num_steps=3, sources=sources[:3])
+
+
+def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_prompts(
+    tiny_chat_target, tiny_draft, tmp_path, one_thread
+):
+    """benchmarks/prompt_acceptance.py: each draft scored on the replies plain greedy `generate` writes, per task."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_acceptance.py"
+    spec = importlib.util.spec_from_file_location("prompt_acceptance", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path / "acceptance.json"
+    options = ["--target", str(tiny_chat_target), "--per-category", "1", "--limit", "1", "--max-new-tokens", "6"]
+    drafts = ["--draft", f"a={tiny_draft}", "--draft", f"b={tiny_draft}"]
+    results = module.main([*options, *drafts, "--num-steps", "3", "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+
+    target = LlamaForCausalLM.from_pretrained(tiny_chat_target)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    prompts = load_prompts(("spec_bench", "humaneval"), per_category=1, limit=1)
+    assert results["metadata"]["prompts"] == [prompt.id for prompt in prompts]
+    reply_tokens: dict[str, int] = {}
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt).input_ids[None]
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        reply_tokens[prompt.category] = reply_tokens.get(prompt.category, 0) + out.shape[1] - ids.shape[1]
+    first, second = results["drafts"]["a"], results["drafts"]["b"]
+    assert first == second  # the same weights score the same
+    assert {task: scores["num_tokens"] for task, scores in first["by_source"].items()} == reply_tokens
+    assert first["num_tokens"] == sum(reply_tokens.values())
+    assert len(first["predicted_tau"]) == 3 and all(1.0 <= tau <= 4.0 for tau in first["predicted_tau"])
+    with pytest.raises(SystemExit):
+        module.main([*options, "--draft", f"a={tiny_draft}", "--draft", f"a={tiny_draft}", "--output", str(output)])

@@ -1,0 +1,114 @@
+"""
+Drafts' predicted tau on the benchmark prompts' own greedy replies: where the gap between a draft's held-out tau and
+its benchmark tau comes from.
+
+For each prompt of a `prism-hf bench` selection (same options: Spec-Bench tasks per category, HumanEval limit, new
+tokens), the target writes its greedy reply, as plain `generate` does, and each draft is scored teacher-forced on it
+exactly as on the held-out conversations during training (`prism_hf.training.evaluation.evaluate_draft`: predicted
+tau at constant draft lengths 1..`--num-steps`, bonus token included), overall and per task. This is evaluation only:
+nothing is trained on these prompts. Against the tau `prism-hf bench` measures on the same prompts, the difference is
+what generation loses (rounds cut by the confidence threshold, int8 heads, where rounds start); against the held-out
+tau of the training datasets, it is the distance between the training prompts and the benchmark's.
+
+`python benchmarks/prompt_acceptance.py --target smollm2-135m-instruct --draft published=hub_models/...` writes
+`benchmarks/results/prompt-acceptance-<target>.json` (or `--output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from prism_hf import PrismDraftModel, quantize_cpu_linears_int8
+from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
+from prism_hf.benchmarking.report import describe_machine, machine_metadata
+from prism_hf.benchmarking.strategies import parse_draft_spec
+from prism_hf.reference_models import load_reference_model
+from prism_hf.training.evaluation import evaluate_draft
+from prism_hf.training.recipe import TargetFeatures, compute_target_features
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def greedy_reply_features(target, tokenizer, prompts, max_new_tokens: int, feature_layers: list[int]):
+    """The target's features over each prompt and its greedy reply, the reply as the scored (loss-masked) part."""
+    features: list[TargetFeatures] = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt).input_ids[None].to(target.device)
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        mask = torch.zeros_like(out)
+        mask[:, ids.shape[1] :] = 1
+        features.append(compute_target_features(target, out, feature_layers, loss_mask=mask))
+    return features
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="smollm2-135m-instruct", help="reference model name or directory")
+    parser.add_argument("--dtype", default="float32", help="the target's dtype (as in the benchmark)")
+    parser.add_argument("--draft", action="append", required=True, metavar="NAME=DIR", help="a PRISM draft (repeat)")
+    parser.add_argument("--draft-int8", action="store_true", help="score the drafts with int8 draft LM heads")
+    parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench prompts per task")
+    parser.add_argument("--limit", type=int, default=3, help="HumanEval prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--num-steps", type=int, default=6, help="longest constant draft length scored")
+    parser.add_argument("--output", type=Path, help="results file (default: under benchmarks/results)")
+    args = parser.parse_args(argv)
+    drafts = [parse_draft_spec(spec) for spec in args.draft]
+    if len({name for name, _ in drafts}) != len(drafts):
+        parser.error("Each --draft needs its own NAME.")
+    print(f"Machine: {describe_machine()}", flush=True)
+    target, tokenizer = load_reference_model(args.target, dtype=getattr(torch, args.dtype))
+    target.eval()
+    prompts = load_prompts(("spec_bench", "humaneval"), per_category=args.per_category, limit=args.limit)
+    loaded = []
+    for name, path in drafts:
+        draft = PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
+        draft.bind_target(target)
+        if args.draft_int8 and quantize_cpu_linears_int8(draft) == 0:
+            raise ValueError(f"Draft {name!r} has no float32 draft-vocabulary LM head to quantize on the CPU.")
+        loaded.append((name, path, draft))
+    layers = sorted({layer for _, _, draft in loaded for layer in draft.config.feature_layers})
+    features = greedy_reply_features(target, tokenizer, prompts, args.max_new_tokens, layers)
+    categories = [prompt.category for prompt in prompts]
+    results: dict = {
+        "metadata": {
+            "target": args.target,
+            "dtype": args.dtype,
+            "draft_int8": args.draft_int8,
+            "max_new_tokens": args.max_new_tokens,
+            "per_category": args.per_category,
+            "limit": args.limit,
+            "prompts": [prompt.id for prompt in prompts],
+            "machine": machine_metadata(target.device),
+        },
+        "drafts": {},
+    }
+    for name, path, draft in loaded:
+        # each draft reads its own feature layers out of the union computed once
+        own = [
+            TargetFeatures(
+                f.input_ids,
+                tuple(f.hidden_states[layers.index(layer)] for layer in draft.config.feature_layers),
+                f.last_hidden_state,
+                f.loss_mask,
+            )
+            for f in features
+        ]
+        metrics = evaluate_draft(draft, own, num_steps=args.num_steps, sources=categories)
+        results["drafts"][name] = {"path": str(path), **metrics.to_dict(prefix="")}
+        by_task = ", ".join(f"{c} {m.predicted_tau[-1]:.2f}" for c, m in (metrics.by_source or {}).items())
+        print(f"{name}: predicted tau {metrics.predicted_tau} ({metrics.num_tokens} tokens); {by_task}", flush=True)
+    output = args.output or RESULTS / f"prompt-acceptance-{Path(args.target).name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"Wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
