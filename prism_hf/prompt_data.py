@@ -401,8 +401,13 @@ _TASK_TEXT_WORDS = (60, 500)  # a reply long enough to be a document, short enou
 _TASK_QUESTION_CHARS = 300
 
 
+def _order_key(key: str) -> bytes:
+    """A stable sort key from a string (the same on every machine and Python), for orders fixed by a hash."""
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
 def _pick(key: str, count: int) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % count
+    return int.from_bytes(_order_key(key)[:8], "big") % count
 
 
 def sharegpt_task_prompt(
@@ -514,7 +519,7 @@ def _iter_python_functions(root: str | os.PathLike | None = None) -> Iterator[tu
             messages = python_function_conversation(lines, node)
             if messages is not None:
                 records.append((f"{module}:{name}", messages))
-    records.sort(key=lambda record: hashlib.sha256(f"order/{record[0]}".encode()).digest())
+    records.sort(key=lambda record: _order_key(f"order/{record[0]}"))
     for key, messages in records:
         yield key, key, messages
 
@@ -829,7 +834,7 @@ def _iter_prompt_requests() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     ]
     # an order fixed by a salted hash of the key, so that any prefix mixes kinds and topics (see
     # `_iter_python_functions` on why the salt)
-    keys.sort(key=lambda k: hashlib.sha256("order/{}/{}/{}".format(*k).encode()).digest())
+    keys.sort(key=lambda k: _order_key("order/{}/{}/{}".format(*k)))
     for kind, topic, aspect in keys:
         key = f"prompt-requests:{kind}/{topic}/{aspect}"
         yield key, key, [{"role": "user", "content": PROMPT_REQUESTS[kind].format(topic=topic, aspect=aspect)}]
@@ -879,10 +884,6 @@ def _written_items(request_id: str, reply: str) -> list[str]:
 
 # `--source passage-questions:<replies dataset of prompt requests>`: RAG-shaped prompts made from what a model wrote
 PASSAGE_QUESTIONS_PREFIX = "passage-questions:"
-
-
-def _order_key(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()
 
 
 def _request_kind_and_topic(request_id: str) -> tuple[str, str]:
