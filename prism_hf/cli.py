@@ -135,8 +135,9 @@ def _add_bench_parser(subparsers) -> None:
         default=[],
         type=_ouroboros_options,
         metavar="OPTION=VALUE[,...]",
-        help="also run Ouroboros with --ouroboros-assistant (each copy that runs) and these Ouroboros options, e.g. "
-        "small_model_vocab=32768 (a draft_length_schedule here replaces the run's; repeat for more runs)",
+        help="also run Ouroboros with --ouroboros-assistant (each copy that runs) and, with --ouroboros-prism, each "
+        "--draft, with these Ouroboros options, e.g. small_model_vocab=32768 or unchecked_min_key_length=3 (a "
+        "num_draft_tokens or draft_length_schedule here replaces the run's; repeat for more runs)",
     )
     parser.add_argument(
         "--num-draft-tokens", type=int, help="initial draft length of PRISM drafts, --assistant and Ouroboros"
@@ -214,7 +215,7 @@ def _ouroboros_options(text: str) -> dict[str, object]:
 
     from .generation_ouroboros import Ouroboros
 
-    allowed = set(inspect.signature(Ouroboros).parameters) - {"small_model", "pool", "num_draft_tokens"}
+    allowed = set(inspect.signature(Ouroboros).parameters) - {"small_model", "pool"}
     options = {}
     for item in text.split(","):
         name, sep, value = item.partition("=")

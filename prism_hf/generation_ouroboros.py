@@ -34,6 +34,9 @@ from .phrase_pool import PhrasePool
 
 _Int8Linear = torch.ao.nn.quantized.dynamic.Linear  # what `quantize_cpu_linears_int8` puts in
 
+# `Ouroboros` options that shape a small causal LM's drafting; a PRISM draft drafts by its own config instead
+SMALL_LM_OPTIONS = frozenset({"confidence_threshold", "pool_suffix", "small_model_context", "small_model_vocab"})
+
 
 @dataclass
 class OuroborosStats(SpeculationStats):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -707,6 +708,46 @@ def test_benchmark_builds_ouroboros_with_each_prism_draft(llama_target, trained_
     records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=16, progress=False)
     assert all(r.identical for r in records)
     assert max(r.tau for r in records if r.strategy == "ouroboros-m2") > 1.0
+
+
+def test_benchmark_ouroboros_variants_with_prism_drafts(llama_target, trained_llama_draft, tmp_path):
+    """With `ouroboros_prism`, each variant also runs with each draft (own copy), its pool suffix length its own."""
+    from prism_hf.benchmarking import BenchmarkConfig
+    from prism_hf.benchmarking.suite import build_strategies
+    from prism_hf.cli import build_parser
+
+    trained_llama_draft.save_pretrained(tmp_path / "draft")
+    args = ["bench", "--target", "t", "--draft", f"m2={tmp_path / 'draft'}", "--ouroboros-prism"]
+    namespace = build_parser().parse_args(
+        [*args, "--ouroboros-variant", "unchecked_min_key_length=3,num_draft_tokens=4"]
+    )
+    config = BenchmarkConfig(
+        target="llama",
+        drafts={"m2": str(tmp_path / "draft")},
+        ouroboros_prism=True,
+        ouroboros_variants=namespace.ouroboros_variants,
+        num_draft_tokens=6,
+        device="cpu",
+    ).resolved()
+    strategies = build_strategies(llama_target, config)
+    assert [s.name for s in strategies] == [
+        "plain",
+        "m2",
+        "ouroboros-m2",
+        "ouroboros-m2-unchecked_min_key_length3-num_draft_tokens4",
+    ]
+    base, variant = (s.generate_kwargs["assistant_model"] for s in strategies[2:])
+    assert base.small_model is not variant.small_model  # a draft keeps state across calls: one copy each
+    assert (base.num_draft_tokens, variant.num_draft_tokens) == (6, 4)
+    assert (base.unchecked_min_key_length, variant.unchecked_min_key_length) == (2, 3)
+    prompts = [BenchPrompt(f"p{i}", "trained", p) for i, p in enumerate(training_prompts()[:2])]
+    records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=16, progress=False)
+    assert all(r.identical for r in records)
+
+    with pytest.raises(ValueError, match=r"sets pool_suffix, which concern a small causal LM, not a PRISM draft"):
+        dataclasses.replace(config, ouroboros_variants=[{"pool_suffix": True}]).resolved()
+    with pytest.raises(ValueError, match="ouroboros_variants are more runs of Ouroboros with a drafter: also set"):
+        BenchmarkConfig(target="t", ouroboros=True, ouroboros_variants=[{"num_draft_tokens": 4}]).resolved()
 
 
 # ------------------------------------------------------------------------------------------------- real model

@@ -18,6 +18,7 @@ import torch
 
 from ..configuration_prism import DRAFT_LENGTH_SCHEDULES
 from ..cpu_linear import enable_fast_cpu_linears, quantize_cpu_linears_int8
+from ..generation_ouroboros import SMALL_LM_OPTIONS
 from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
@@ -140,9 +141,11 @@ class BenchmarkConfig:
         ouroboros_warm (`bool`): also run each Ouroboros strategy with one pool kept across all prompts (warm
             start: prompts come grouped by category), next to the cold one (fresh pool per prompt).
         ouroboros_variants (`list[dict]`): more runs of Ouroboros with `ouroboros_assistant` (each copy of it that
-            runs, see `small_model_int8`), each with these `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`,
-            named `ouroboros-<small model>-small_model_vocab32768`; a `draft_length_schedule` given here replaces
-            the run's).
+            runs, see `small_model_int8`) and, with `ouroboros_prism`, with each PRISM draft (each head that runs),
+            each with these `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`, named
+            `ouroboros-<small model>-small_model_vocab32768`; a `num_draft_tokens` or `draft_length_schedule` given
+            here replaces the run's). Options of small causal LMs only (`SMALL_LM_OPTIONS`) are refused with
+            `ouroboros_prism`.
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
         draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
@@ -236,6 +239,19 @@ class BenchmarkConfig:
         if self.small_model_int8 and self.assistant is None and self.ouroboros_assistant is None:
             raise ValueError("small_model_int8 quantizes small models: also set assistant or ouroboros_assistant.")
         sampling_kwargs(self.temperature)  # refuses a temperature that is not positive
+        if self.ouroboros_variants and self.ouroboros_assistant is None and not self.ouroboros_prism:
+            raise ValueError(
+                "ouroboros_variants are more runs of Ouroboros with a drafter: also set ouroboros_assistant or "
+                "ouroboros_prism (with drafts)."
+            )
+        for options in self.ouroboros_variants if self.ouroboros_prism else []:
+            small_lm_only = sorted(set(options) & SMALL_LM_OPTIONS)
+            if small_lm_only:
+                raise ValueError(
+                    f"The Ouroboros variant {options} sets {', '.join(small_lm_only)}, which concern a small causal "
+                    "LM, not a PRISM draft, and would run with each draft of ouroboros_prism too: benchmark such "
+                    "variants in a run without ouroboros_prism."
+                )
         if self.draft_int8 and not self.drafts:
             raise ValueError("draft_int8 quantizes PRISM drafts: also give drafts.")
         if self.draft_own_length and not self.drafts:
@@ -303,14 +319,14 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
             small = smalls[config.ouroboros_assistant]
             ouroboros.append((small, label + suffix, {}))
             for options in config.ouroboros_variants:
-                variant = "-".join([label + suffix, *(f"{k}{v}" for k, v in options.items())])
-                ouroboros.append((small, variant, options))
+                ouroboros.append((small, _variant_label(label + suffix, options), options))
     if config.ouroboros_prism:  # own copies: a draft carries state across calls (e.g. its heuristic length)
-        ouroboros += [
-            (load_draft(name, path, target, int8=int8), name + ("-int8" if int8 else ""), {})
-            for name, path in config.drafts.items()
-            for int8 in heads
-        ]
+        for name, path in config.drafts.items():
+            for int8 in heads:
+                label = name + ("-int8" if int8 else "")
+                for options in [{}, *config.ouroboros_variants]:
+                    variant = _variant_label(label, options) if options else label
+                    ouroboros.append((load_draft(name, path, target, int8=int8), variant, options))
     for model, label, options in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"
@@ -319,12 +335,17 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
                     model,
                     target,
                     warm=warm,
-                    num_draft_tokens=config.num_draft_tokens,
                     name=name,
-                    **{"draft_length_schedule": schedule, **options},  # a variant's schedule replaces the run's
+                    # a variant's draft length and schedule replace the run's
+                    **{"num_draft_tokens": config.num_draft_tokens, "draft_length_schedule": schedule, **options},
                 )
             )
     return strategies
+
+
+def _variant_label(label: str, options: dict[str, Any]) -> str:
+    """`small-small_model_vocab32768`: the drafter's label, then each option's name and value."""
+    return "-".join([label, *(f"{k}{v}" for k, v in options.items())])
 
 
 def switch_to_fast_cpu_linears(target, strategies: list[Strategy]) -> int:
