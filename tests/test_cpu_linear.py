@@ -432,3 +432,6 @@ def test_routing_machine_key_names_the_processor_and_its_isa():
     assert cpu_linear.cpu_model_name() in key and torch.backends.cpu.get_cpu_capability() in key
     assert f"threads {torch.get_num_threads()}" in key and torch.__version__ in key
     assert set(cpu_linear.cpu_isa_flags()) <= set(cpu_linear._ISA_FLAGS)
+    # a changed kernel source is another kernel: its routing is timed afresh
+    kernel = cpu_linear._kernel_source_digest() if cpu_linear.few_rows_kernel_available() else "none"
+    assert key.endswith(f" | kernel {kernel}") and len(cpu_linear._kernel_source_digest()) == 12

@@ -2,7 +2,11 @@
 //
 // Decoding is bound by reading the weights: one pass over them should serve every row of a verification forward.
 // Each output feature's weights are read once per block of kRowBlock rows, while they sit in the L1 cache, and
-// multiplied into register accumulators; the inputs (few rows) stay in the L1/L2 caches. Every output value is
+// multiplied into register accumulators; the inputs (few rows) stay in the L1/L2 caches. While a micro-kernel works
+// through its weight rows it prefetches the next block's rows into L2 (one prefetch per 64-byte line): the
+// hardware prefetchers alone leave the loads waiting on memory once several rows give the FMAs work, and a prefetch
+// into L1 would evict the input rows. On a 2-core Zen 4 this took a SmolLM2-135M pass over all its linear layers
+// from 27 to 19 ms at one row and from 41 to 24 ms at eight. Every output value is
 // summed in the same order (8-lane partial sums along the input features, then a fixed horizontal sum) whatever the
 // number of rows, so row m of a k-row product equals the product of row m alone, bit for bit: a verification
 // forward then computes its linear layers exactly as one-token decoding does.
@@ -21,6 +25,7 @@ namespace {
 constexpr int kOutputBlock = 3;  // output features per micro-kernel: 3 x 4 accumulators + 3 weights + 1 input
 constexpr int kRowBlock = 4;     // input rows per micro-kernel (16 AVX2 registers in all)
 constexpr int kLanes = 8;
+constexpr int kLineFloats = 16;  // floats per 64-byte cache line: one prefetch each
 
 inline float horizontal_sum(__m256 v) {
   __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -38,6 +43,8 @@ void micro_kernel(const float* x, const float* w, float* y, int64_t K, int64_t N
     for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
+    if ((k & (kLineFloats - 1)) == 0)
+      for (int i = 0; i < NB; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + (NB + i) * K + k), _MM_HINT_T1);
     __m256 weights[NB];
     for (int i = 0; i < NB; ++i) weights[i] = _mm256_loadu_ps(w + i * K + k);
     for (int m = 0; m < MB; ++m) {
