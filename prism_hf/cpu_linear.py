@@ -16,8 +16,9 @@ Inputs of up to `KERNEL_ROWS_LIMIT` rows (decoding, verification, short prompts)
 (`csrc/few_rows_linear.cpp`, AVX2 + FMA, built with `torch.utils.cpp_extension` on first use, about 30-50 s once,
 and cached per torch version). It reads each weight once for all rows, prefetching the next rows into L2, so
 one-token forwards run at memory speed (plain decoding of SmolLM2-135M is about 1.7x faster than with `F.linear` on a
-2-core Zen 4) and forwards over up to 8 tokens cost about 1.2x one; and every row's result is bit-identical to that row's one-row product, so verification computes its linear layers exactly as
-one-token decoding does (attention still rounds differently, so whole forwards stay only close). Where the kernel
+2-core Zen 4) and forwards over up to 8 tokens cost about 1.2x one; and every row's result is bit-identical to that
+row's one-row product, so verification computes its linear layers exactly as one-token decoding does (attention still
+rounds differently, so whole forwards stay only close). Where the kernel
 cannot be built (no compiler, not Linux x86 with AVX2, or `PRISM_HF_CPU_KERNEL=0`), the same product is computed as
 `weight @ x.T` with the rows padded to a power of two, which streams the weights once whatever the row count up to
 4. Longer inputs (prefills of long prompts) keep `F.linear`, and so does anything that needs gradients.
