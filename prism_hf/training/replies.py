@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicLayer
 from ..generation_hooks import grouped_query_attention_on_cpu
 from ..prompt_data import (
     PASSAGE_QUESTIONS_PREFIX,
+    REQUEST_SOURCES,
     SHAREGPT_HELDOUT_FRACTION,
     SHAREGPT_SOURCES,
     BenchmarkFilter,
@@ -70,10 +71,12 @@ class ReplyDatasetArguments:
             "its replies, as the benchmark's copy-heavy tasks are answered), 'python-functions' (complete a "
             "documented function of Python's standard library), 'math-word-problems' (grade-school word problems from "
             "templates, shaped like the benchmark's math task), 'prompt-requests' (ask the target to write questions, "
-            "German sentences and news articles), a replies dataset of 'prompt-requests' (the prompts it, or "
-            "another model, wrote: questions, sentences to translate, articles to summarise), 'passage-questions:' "
-            "and such a dataset (its questions after its articles on the same topic, shaped like the benchmark's "
-            "RAG task) or a JSONL file of messages / ShareGPT rows"
+            "German sentences and news articles), 'instruction-requests' (ask it to write the instructions people "
+            "give a chat assistant: writing, roleplay, reasoning, explanations), a replies dataset of either (the "
+            "prompts it, or another model, wrote: questions, sentences to translate, articles to summarise, "
+            "instructions), 'passage-questions:' and a replies dataset of 'prompt-requests' (its questions after its "
+            "articles on the same topic, shaped like the benchmark's RAG task) or a JSONL file of messages / ShareGPT "
+            "rows"
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
@@ -150,7 +153,7 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
     benchmark = BenchmarkFilter.default()
     if args.source.startswith(PASSAGE_QUESTIONS_PREFIX):
         records = passage_question_prompts(
-            _written_replies(args.source.removeprefix(PASSAGE_QUESTIONS_PREFIX), tokenizer)
+            _written_replies(args.source.removeprefix(PASSAGE_QUESTIONS_PREFIX), tokenizer, ("prompt-requests",))
         )
     elif is_reply_dataset(args.source):
         records = iter_written_prompts(args.source, tokenizer)
@@ -184,10 +187,10 @@ def iter_written_prompts(
     dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[tuple[str, str, list[dict[str, str]]]]:
     """
-    `(conversation key, row id, messages)` of the prompts a model wrote: the replies of a `"prompt-requests"` replies
-    dataset, decoded and parsed by [`prompts_from_request_reply`]. Every prompt of one request has the request's id
-    as its conversation key, so the prompts of a held-out request stay held out (at the same held-out fraction) and
-    share its greedy or sampled mode; row ids are `<request id>#<place>`.
+    `(conversation key, row id, messages)` of the prompts a model wrote: the replies of a replies dataset of
+    `"prompt-requests"` or `"instruction-requests"`, decoded and parsed by [`prompts_from_request_reply`]. Every
+    prompt of one request has the request's id as its conversation key, so the prompts of a held-out request stay held
+    out (at the same held-out fraction) and share its greedy or sampled mode; row ids are `<request id>#<place>`.
 
     The writer need not be the target: a small target writes poor German and repetitive articles, so a larger model
     of another family may write its prompts. The replies are then decoded with the writer's tokenizer (loaded from
@@ -198,13 +201,19 @@ def iter_written_prompts(
             yield request_id, f"{request_id}#{place}", [{"role": "user", "content": prompt}]
 
 
-def _written_replies(dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[str, str]]:
-    """`(request id, reply text)` of a replies dataset of prompt requests, in file order (`iter_written_prompts`)."""
+def _written_replies(
+    dataset_dir: str | Path, tokenizer: PreTrainedTokenizerBase, sources: tuple[str, ...] = tuple(REQUEST_SOURCES)
+) -> Iterator[tuple[str, str]]:
+    """
+    `(request id, reply text)` of a replies dataset of requests for prompts (one of `sources`), in file order
+    (`iter_written_prompts`).
+    """
     manifest = read_reply_manifest(dataset_dir)
-    if manifest.get("source") != "prompt-requests":
+    if manifest.get("source") not in sources:
+        answers = " or ".join(f"'{source}'" for source in sources)
         raise ValueError(
-            f"{dataset_dir} holds replies to {manifest.get('source')!r} prompts: as a source of prompts, a replies "
-            "dataset must answer 'prompt-requests' (prism-hf data --source prompt-requests)."
+            f"{dataset_dir} holds replies to {manifest.get('source')!r} prompts: as a source of prompts here, a "
+            f"replies dataset must answer {answers} (prism-hf data --source {sources[0]})."
         )
     decoder = writer_tokenizer(dataset_dir, tokenizer)
     for path in reply_shards(dataset_dir):
