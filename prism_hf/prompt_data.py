@@ -876,12 +876,11 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
     `"instruction-requests"` key): one per line for questions (ending in `?`), German sentences (by common words:
     German ones and next to no English ones, which a small model mixes in) and instructions (not ending in `:`, which
     heads a list; roleplay requests run together are split at "Pretend you are" / "Act as"), numbering and bullets
-    removed, 4-40 words, repeats dropped; the whole reply for a news article
-    (80-500 words). Each is asked through a template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request
-    and the item's place.
+    removed, 4-40 words, repeats dropped; the whole reply for a news article (80-500 words). Each is asked through a
+    template of `WRITTEN_PROMPT_TEMPLATES`, chosen by a hash of the request and the item's place.
     """
     items = _written_items(request_id, reply)
-    templates = WRITTEN_PROMPT_TEMPLATES[_request_kind_and_topic(request_id)[0]]
+    templates = WRITTEN_PROMPT_TEMPLATES[_parse_request_id(request_id)[1]]
     return [
         templates[_pick(f"template/{request_id}#{place}", len(templates))].format(text=item)
         for place, item in enumerate(items)
@@ -890,8 +889,7 @@ def prompts_from_request_reply(request_id: str, reply: str) -> list[str]:
 
 def _written_items(request_id: str, reply: str) -> list[str]:
     """The items of a reply to a prompt request, as [`prompts_from_request_reply`] parses them, before templating."""
-    source, _, rest = request_id.partition(":")
-    kind = rest.partition("/")[0]
+    source, kind, _ = _parse_request_id(request_id)
     if kind not in REQUEST_SOURCES.get(source, ()):
         raise ValueError(
             f"{request_id!r} is not a prompt request (expected '<source>:<kind>/...' with a source and kind of "
@@ -927,9 +925,11 @@ def _written_items(request_id: str, reply: str) -> list[str]:
 PASSAGE_QUESTIONS_PREFIX = "passage-questions:"
 
 
-def _request_kind_and_topic(request_id: str) -> tuple[str, str]:
-    kind, _, rest = request_id.partition(":")[2].partition("/")
-    return kind, rest.split("/", 1)[0]
+def _parse_request_id(request_id: str) -> tuple[str, str, str]:
+    """`(source, kind, topic)` of a request id `<source>:<kind>/<topic>/<aspect>`."""
+    source, _, rest = request_id.partition(":")
+    kind, _, rest = rest.partition("/")
+    return source, kind, rest.split("/", 1)[0]
 
 
 def passage_question_prompts(
@@ -957,7 +957,7 @@ def passage_question_prompts(
     articles: dict[str, list[tuple[str, str]]] = {}
     questions: list[tuple[str, str, list[str]]] = []
     for request_id, text in written:
-        kind, topic = _request_kind_and_topic(request_id)
+        _, kind, topic = _parse_request_id(request_id)
         if kind == "news-articles":
             articles.setdefault(topic, []).extend((request_id, item) for item in _written_items(request_id, text))
         elif kind == "questions":

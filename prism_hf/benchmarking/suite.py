@@ -325,8 +325,8 @@ def build_strategies(target, config: BenchmarkConfig) -> list[Strategy]:
             for int8 in heads:
                 label = name + ("-int8" if int8 else "")
                 for options in [{}, *config.ouroboros_variants]:
-                    variant = _variant_label(label, options) if options else label
-                    ouroboros.append((load_draft(name, path, target, int8=int8), variant, options))
+                    draft = load_draft(name, path, target, int8=int8)
+                    ouroboros.append((draft, _variant_label(label, options), options))
     for model, label, options in ouroboros:
         for warm in (False, True) if config.ouroboros_warm else (False,):
             name = f"ouroboros-{label}{'-warm' if warm else ''}"

@@ -6,8 +6,8 @@
 // through its weight rows it prefetches the next block's rows into L2 (one prefetch per 64-byte line): the
 // hardware prefetchers alone leave the loads waiting on memory once several rows give the FMAs work, and a prefetch
 // into L1 would evict the input rows. On a 2-core Zen 4 this took a SmolLM2-135M pass over all its linear layers
-// from 27 to 19 ms at one row and from 41 to 24 ms at eight. Every output value is
-// summed in the same order (8-lane partial sums along the input features, then a fixed horizontal sum) whatever the
+// from 29.6 to 18.2 ms at one row and from 44.6 to 24.1 ms at eight (one run). Every output value is summed in the
+// same order (8-lane partial sums along the input features, then a fixed horizontal sum) whatever the
 // number of rows, so row m of a k-row product equals the product of row m alone, bit for bit: a verification
 // forward then computes its linear layers exactly as one-token decoding does.
 //
