@@ -660,6 +660,42 @@ def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_dat
     assert f"--more-data {other}" in record["command"]
 
 
+def test_more_data_examples_caps_only_the_more_data_sources(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """`--more-data-examples`: all of --data (a new kind of replies) beside the first rows of each other source."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    chat, other = tmp_path / "chat", tmp_path / "other"
+    write_reply_dataset(_args(tiny_chat_target, chat_data, chat, num_prompts=6), progress=False)
+    write_reply_dataset(_args(tiny_chat_target, chat_data, other, num_prompts=6, seed=1), progress=False)
+    common = dict(target=str(tiny_chat_target), warmup_epochs=1, finetune_epochs=0, target_dtype="float32")
+    common |= dict(eval_every=0, draft_vocab_size=None)
+
+    def split_counts(dataset, max_examples=None):
+        train, heldout = load_reply_examples(dataset, 2048, max_examples)
+        return sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
+
+    out = tmp_path / "capped"
+    train_draft(
+        DraftTrainingArguments(
+            output_dir=str(out), data=str(chat), more_data=[str(other)], more_data_examples=4, **common
+        )
+    )
+    record = json.loads((out / "training_record.json").read_text())
+    (train_a, heldout_a), (train_b, heldout_b) = split_counts(chat), split_counts(other, 4)
+    assert train_b + heldout_b == 4 < sum(split_counts(other))
+    assert record["num_examples"] == train_a + train_b and record["heldout_examples"] == heldout_a + heldout_b
+    with pytest.raises(ValueError, match="more_data_examples caps each --more-data source: it needs more_data"):
+        train_draft(
+            DraftTrainingArguments(output_dir=str(tmp_path / "x"), data=str(chat), more_data_examples=4, **common)
+        )
+    with pytest.raises(ValueError, match="more_data_examples must be at least 1, got 0"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "y"), data=str(chat), more_data=[str(other)], more_data_examples=0, **common
+            )
+        )
+
+
 def test_more_data_mixes_replies_datasets_and_conversations(tiny_chat_target, chat_data, tmp_path, one_thread):
     """
     A replies dataset beside a conversation source (the JSONL the replies answer, with its own replies): the

@@ -80,6 +80,14 @@ class DraftTrainingArguments:
             "--more-data: per source)"
         },
     )
+    more_data_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "conversations to use from each --more-data source, held-out ones included (default: "
+            "--num-examples): e.g. all of a new kind of replies as --data beside a slice of each dataset trained on "
+            "before, so the draft learns the new kind without forgetting the others"
+        },
+    )
     max_train_tokens: int | None = field(
         default=None,
         metadata={
@@ -406,6 +414,11 @@ def train_draft(
             )
     if args.warmup_epochs <= 0 and args.save_warmup:
         raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
+    if args.more_data_examples is not None and not args.more_data:
+        raise ValueError("more_data_examples caps each --more-data source: it needs more_data.")
+    for name in ("num_examples", "more_data_examples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}.")
     init_modules, init_step_map = _init_draft_modules(args)
     progress = progress and accelerator.is_local_main_process
     if target is None or tokenizer is None:
@@ -437,16 +450,19 @@ def train_draft(
     for index, (source, replies) in enumerate(zip(sources, is_replies, strict=True)):
         # shard names stay unique (they name cached features too); the first source's keep their plain names
         prefix = f"data{index}-" if index else ""
+        num_examples = args.num_examples
+        if index and args.more_data_examples is not None:
+            num_examples = args.more_data_examples
         if replies:
             check_reply_tokenizer(source, tokenizer)
-            train, heldout = load_reply_examples(source, args.max_length, args.num_examples)
+            train, heldout = load_reply_examples(source, args.max_length, num_examples)
             train_shards += [(prefix + name, shard) for name, shard in train]
             heldout_shards += [(prefix + name, shard) for name, shard in heldout]
             continue
         source_examples = examples if index == 0 else None
         if source_examples is None:
             conversations = load_conversations(source, heldout_elsewhere=reply_heldout_fraction)
-            source_examples = build_examples(tokenizer, conversations, args.num_examples or 1000, args.max_length)
+            source_examples = build_examples(tokenizer, conversations, num_examples or 1000, args.max_length)
         if not source_examples:
             raise ValueError(f"No usable training examples in {source!r}.")
         # each source is split on its own: adding a source leaves the others' held-out conversations as they were
