@@ -206,9 +206,14 @@ def test_replies_train_only_targets_with_their_tokenizer(tiny_chat_target, chat_
         check_reply_tokenizer(out, other)
 
 
-def test_too_few_prompts_is_an_error(tiny_chat_target, chat_data, tmp_path, one_thread):
-    with pytest.raises(ValueError, match="has only 10 usable prompts"):
-        write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "few", num_prompts=12), progress=False)
+def test_too_few_prompts_is_an_error_before_any_reply(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """A source shorter than --num-prompts is refused at once, not after the shards it can fill."""
+    out = tmp_path / "few"
+    with pytest.raises(ValueError, match=r"has only 10 usable prompts, fewer than num_prompts=12: ask for at most 10"):
+        write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=12), progress=False)
+    assert list((out / "data").iterdir()) == [] and not (out / "shards.jsonl").exists()
+    paths = write_reply_dataset(_args(tiny_chat_target, chat_data, out, num_prompts=10), progress=False)
+    assert sum(len(read_reply_shard(path)) for path in paths) == 10
 
 
 def test_benchmark_prompts_never_become_training_prompts(tiny_chat_target, tmp_path, one_thread):

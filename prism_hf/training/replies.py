@@ -593,6 +593,15 @@ def write_reply_dataset(
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     num_shards = math.ceil(args.num_prompts / args.shard_size)
+    if any(not shard_path(out, k).exists() for k in range(num_shards)):
+        # counted before any reply is written: a short source found by the last shard would cost hours of replies
+        # first (rendering every prompt takes seconds)
+        available = sum(1 for _ in islice(iter_prompts(args, tokenizer), args.num_prompts))
+        if available < args.num_prompts:
+            raise ValueError(
+                f"{args.source!r} has only {available} usable prompts, fewer than num_prompts={args.num_prompts}: "
+                f"ask for at most {available}."
+            )
     if model is not None or args.num_workers == 1:
         _write_shards(args, model, tokenizer, worker=0, num_workers=1, progress=progress)
     else:
