@@ -643,42 +643,41 @@ def test_python_functions_are_code_completion_exchanges(tmp_path):
     assert not any(key.startswith(("test.", "idlelib.", "site-packages.")) for key in stdlib)
 
 
-def test_more_data_trains_on_several_replies_datasets(tiny_chat_target, chat_data, tmp_path, one_thread):
-    """`--more-data`: several replies datasets in one run, each with its own held-out part, all checked."""
-    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
-
+@pytest.fixture
+def two_reply_datasets(tiny_chat_target, chat_data, tmp_path):
+    """Two replies datasets of 6 prompts (other seeds), and the arguments of a quick training run on them."""
     chat, other = tmp_path / "chat", tmp_path / "other"
     write_reply_dataset(_args(tiny_chat_target, chat_data, chat, num_prompts=6), progress=False)
     write_reply_dataset(_args(tiny_chat_target, chat_data, other, num_prompts=6, seed=1), progress=False)
     common = dict(target=str(tiny_chat_target), warmup_epochs=1, finetune_epochs=0, target_dtype="float32")
     common |= dict(eval_every=0, draft_vocab_size=None)
+    return chat, other, common
 
-    def split_counts(dataset):
-        train, heldout = load_reply_examples(dataset, 2048)
-        return sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
 
+def _split_counts(dataset, max_examples=None) -> tuple[int, int]:
+    """Training and held-out rows a training run reads from a replies dataset."""
+    train, heldout = load_reply_examples(dataset, 2048, max_examples)
+    return sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
+
+
+def test_more_data_trains_on_several_replies_datasets(two_reply_datasets, tmp_path, one_thread):
+    """`--more-data`: several replies datasets in one run, each with its own held-out part, all checked."""
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    chat, other, common = two_reply_datasets
     both = tmp_path / "both"
     train_draft(DraftTrainingArguments(output_dir=str(both), data=str(chat), more_data=[str(other)], **common))
     record = json.loads((both / "training_record.json").read_text())
-    (train_a, heldout_a), (train_b, heldout_b) = split_counts(chat), split_counts(other)
+    (train_a, heldout_a), (train_b, heldout_b) = _split_counts(chat), _split_counts(other)
     assert record["num_examples"] == train_a + train_b and record["heldout_examples"] == heldout_a + heldout_b
     assert f"--more-data {other}" in record["command"]
 
 
-def test_more_data_examples_caps_only_the_more_data_sources(tiny_chat_target, chat_data, tmp_path, one_thread):
+def test_more_data_examples_caps_only_the_more_data_sources(two_reply_datasets, tmp_path, one_thread):
     """`--more-data-examples`: all of --data (a new kind of replies) beside the first rows of each other source."""
     from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
 
-    chat, other = tmp_path / "chat", tmp_path / "other"
-    write_reply_dataset(_args(tiny_chat_target, chat_data, chat, num_prompts=6), progress=False)
-    write_reply_dataset(_args(tiny_chat_target, chat_data, other, num_prompts=6, seed=1), progress=False)
-    common = dict(target=str(tiny_chat_target), warmup_epochs=1, finetune_epochs=0, target_dtype="float32")
-    common |= dict(eval_every=0, draft_vocab_size=None)
-
-    def split_counts(dataset, max_examples=None):
-        train, heldout = load_reply_examples(dataset, 2048, max_examples)
-        return sum(len(s) for _, s in train), sum(len(s) for _, s in heldout)
-
+    chat, other, common = two_reply_datasets
     out = tmp_path / "capped"
     train_draft(
         DraftTrainingArguments(
@@ -686,8 +685,8 @@ def test_more_data_examples_caps_only_the_more_data_sources(tiny_chat_target, ch
         )
     )
     record = json.loads((out / "training_record.json").read_text())
-    (train_a, heldout_a), (train_b, heldout_b) = split_counts(chat), split_counts(other, 4)
-    assert train_b + heldout_b == 4 < sum(split_counts(other))
+    (train_a, heldout_a), (train_b, heldout_b) = _split_counts(chat), _split_counts(other, 4)
+    assert train_b + heldout_b == 4 < sum(_split_counts(other))
     assert record["num_examples"] == train_a + train_b and record["heldout_examples"] == heldout_a + heldout_b
     with pytest.raises(ValueError, match="more_data_examples caps each --more-data source: it needs more_data"):
         train_draft(
