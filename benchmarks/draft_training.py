@@ -66,6 +66,8 @@ VARIANTS: dict[str, dict] = {
     "ce-only": dict(BASE, ce_weight=1.0, regression_weight=0.0),  # EAGLE-3: no feature regression
     # what the 80K-token ablations and the references (EAGLE/HASS noise, the artifact's AdamW decay) point to
     "candidate": dict(BASE, feature_noise=0.2, weight_decay=0.01),
+    # each pair also reads the token before its own, so that one attention hop can copy (an induction lookup)
+    "batch-2-previous-token": dict(BASE, batch_size=2, previous_token_input=True),
 }
 # settings that change speed or what else is saved, not the trained draft: left out of a run's "changes"
 NOT_RECIPE = {"compile_loss", "save_warmup", "init_draft", "max_heldout_tokens"}

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from prism_hf import PrismDraftModel, quantize_cpu_linears_int8
-from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
+from prism_hf.benchmarking.prompts import PROMPT_SETS, encode_prompt, load_prompts
 from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.benchmarking.strategies import parse_draft_spec
 from prism_hf.reference_models import load_reference_model
-from prism_hf.training.evaluation import evaluate_draft
+from prism_hf.training.evaluation import evaluate_draft, target_top1
 from prism_hf.training.recipe import TargetFeatures, compute_target_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,12 +46,62 @@ def greedy_reply_features(target, tokenizer, prompts, max_new_tokens: int, featu
     return features
 
 
+def copyable_positions(input_ids: list[int], next_tokens: list[int]) -> list[bool]:
+    """
+    For each pair position `p` (drafting token `p + 2`, which is `next_tokens[p]`): whether tokens `p, p + 1` occurred
+    earlier in the sequence followed by that same token, i.e. whether copying what came after their last occurrence,
+    as prompt lookup and the phrase pool do, would draft it.
+    """
+    seen: dict[tuple[int, int], set[int]] = {}
+    copyable = []
+    for p, token in enumerate(next_tokens):
+        copyable.append(token in seen.get((input_ids[p], input_ids[p + 1]), ()))
+        if p + 2 < len(input_ids):
+            seen.setdefault((input_ids[p], input_ids[p + 1]), set()).add(input_ids[p + 2])
+    return copyable
+
+
+@torch.no_grad()
+def step1_accuracy_by_copyability(draft: PrismDraftModel, features: list[TargetFeatures]) -> dict[str, dict]:
+    """
+    The draft's first-step acceptance on reply tokens a copy would draft (`copyable_positions`) and on the others:
+    whether the draft copies from its context the way the phrase pool does.
+    """
+    counts = {"copyable": [0, 0], "other": [0, 0]}
+    for batch in features:
+        output = draft(
+            batch.input_ids, draft.fuse_selected_features(batch.hidden_states), num_steps=1, output_logits=False
+        )
+        drafted = draft.compute_logits(output.step_hidden_states[0][0]).argmax(-1)
+        if draft.draft_to_target is not None:
+            drafted = draft.draft_to_target[drafted]
+        top1 = target_top1(draft, batch)[0]
+        ids = batch.input_ids[0].tolist()
+        scored = batch.loss_mask[0, 2:].bool().tolist()  # pair p drafts token p + 2
+        for p, copyable in enumerate(copyable_positions(ids, top1.tolist())):
+            if scored[p]:
+                kind = counts["copyable" if copyable else "other"]
+                kind[0] += 1
+                kind[1] += int(drafted[p] == top1[p])
+    return {
+        kind: {"tokens": total, "step1_accuracy": round(hits / total, 4) if total else None}
+        for kind, (total, hits) in counts.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m-instruct", help="reference model name or directory")
     parser.add_argument("--dtype", default="float32", help="the target's dtype (as in the benchmark)")
     parser.add_argument("--draft", action="append", required=True, metavar="NAME=DIR", help="a PRISM draft (repeat)")
     parser.add_argument("--draft-int8", action="store_true", help="score the drafts with int8 draft LM heads")
+    parser.add_argument(
+        "--prompt-sets",
+        nargs="+",
+        default=["spec_bench", "humaneval"],
+        choices=list(PROMPT_SETS),
+        help="prompt sets, as prism-hf bench's (e.g. sharegpt-copy: copy tasks over held-out ShareGPT replies)",
+    )
     parser.add_argument("--per-category", type=int, default=2, help="Spec-Bench prompts per task")
     parser.add_argument("--limit", type=int, default=3, help="HumanEval prompts")
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -64,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Machine: {describe_machine()}", flush=True)
     target, tokenizer = load_reference_model(args.target, dtype=getattr(torch, args.dtype))
     target.eval()
-    prompts = load_prompts(("spec_bench", "humaneval"), per_category=args.per_category, limit=args.limit)
+    prompts = load_prompts(args.prompt_sets, per_category=args.per_category, limit=args.limit)
     loaded = []
     for name, path in drafts:
         draft = PrismDraftModel.from_pretrained(path).to(dtype=target.dtype, device=target.device).eval()
@@ -83,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_new_tokens": args.max_new_tokens,
             "per_category": args.per_category,
             "limit": args.limit,
+            "prompt_sets": args.prompt_sets,
             "prompts": [prompt.id for prompt in prompts],
             "machine": machine_metadata(target.device),
         },
@@ -100,9 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
             for f in features
         ]
         metrics = evaluate_draft(draft, own, num_steps=args.num_steps, sources=categories)
-        results["drafts"][name] = {"path": str(path), **metrics.to_dict(prefix="")}
+        by_copy = step1_accuracy_by_copyability(draft, own)
+        results["drafts"][name] = {"path": str(path), **metrics.to_dict(prefix=""), "step1_by_copyability": by_copy}
         by_task = ", ".join(f"{c} {m.predicted_tau[-1]:.2f}" for c, m in (metrics.by_source or {}).items())
         print(f"{name}: predicted tau {metrics.predicted_tau} ({metrics.num_tokens} tokens); {by_task}", flush=True)
+        print(f"{name}: step-1 acceptance by copyability {by_copy}", flush=True)
     output = args.output or RESULTS / f"prompt-acceptance-{Path(args.target).name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -81,7 +81,7 @@ Pin a version with `revision=` (a commit id) in `from_pretrained`, or `prism_dra
 
 ## Architecture
 
-{num_modules} modules (step map {step_module_map}), each `fc` ({hidden2} -> {hidden}) + one decoder layer
+{num_modules} modules (step map {step_module_map}), each `fc` ({fc_inputs} -> {hidden}) + one decoder layer
 (hidden {hidden}, MLP {intermediate}, {heads} heads / {kv_heads} KV heads); draft vocabulary
 {draft_vocab}; features from target hidden states {feature_layers}; {params:.1f}M parameters of its own (the
 target's embedding and LM head are shared, not stored); {num_draft_tokens} draft tokens per round by default.
@@ -204,7 +204,11 @@ def write_model_card(
         num_modules=config["num_modules"],
         step_module_map=config["step_module_map"],
         hidden=config["hidden_size"],
-        hidden2=2 * config["hidden_size"],
+        fc_inputs=(
+            f"{3 * config['hidden_size']}: token, previous token, feature"
+            if config.get("previous_token_input")
+            else 2 * config["hidden_size"]
+        ),
         intermediate=config["intermediate_size"],
         heads=config["num_attention_heads"],
         kv_heads=config["num_key_value_heads"],

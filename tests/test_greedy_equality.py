@@ -199,6 +199,19 @@ def test_feature_fusion_draft_matches(tiny_target):
     assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=25)
 
 
+def test_previous_token_input_draft_matches_and_saves(tiny_target, tmp_path):
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, previous_token_input=True)
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    assisted = assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=25)
+    assert draft.last_generation_stats.drafted_tokens > 0
+    draft.save_pretrained(tmp_path)
+    reloaded = prism_hf.PrismDraftModel.from_pretrained(tmp_path)
+    assert reloaded.config.previous_token_input
+    for name, value in draft.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
+    assert torch.equal(tiny_target.generate(prompt, assistant_model=reloaded, max_new_tokens=25), assisted)
+
+
 def test_fused_intermediate_states_are_normalised_first(tiny_target):
     """Each intermediate feature layer is RMS-normalised before the fusion (massive activations), the last one not."""
     layers = tiny_target.config.num_hidden_layers

@@ -147,5 +147,22 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
     assert {task: scores["num_tokens"] for task, scores in first["by_source"].items()} == reply_tokens
     assert first["num_tokens"] == sum(reply_tokens.values())
     assert len(first["predicted_tau"]) == 3 and all(1.0 <= tau <= 4.0 for tau in first["predicted_tau"])
+    # the first step's acceptance split by whether a copy of the context would draft the token adds up to it
+    split = first["step1_by_copyability"]
+    assert split["copyable"]["tokens"] + split["other"]["tokens"] == first["num_tokens"]
+    hits = sum(part["tokens"] * (part["step1_accuracy"] or 0) for part in split.values())
+    assert hits / first["num_tokens"] == pytest.approx(first["step_accuracy"][0], abs=1e-3)
+    # pair p drafts token p + 2: copyable when tokens p, p + 1 came earlier followed by it ("1 2 3 ... 1 2 3")
+    next_tokens = [3, 4, 1, 2, 3, 9, 5, 6]
+    assert module.copyable_positions([1, 2, 3, 4, 1, 2, 3, 9, 5, 6], next_tokens) == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     with pytest.raises(SystemExit):
         module.main([*options, "--draft", f"a={tiny_draft}", "--draft", f"a={tiny_draft}", "--output", str(output)])

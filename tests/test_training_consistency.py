@@ -48,6 +48,15 @@ def test_fused_feature_layers_train_and_draft_alike(llama_target):
     assert_training_forward_drafts_like_generate(llama_target, draft)
 
 
+def test_previous_token_input_trains_and_drafts_alike(llama_target):
+    """With the token before each pair's token in its input, training's unrolled steps still draft as generate()."""
+    torch.manual_seed(0)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, previous_token_input=True)
+    hidden = llama_target.config.hidden_size
+    assert [fc.weight.shape[1] for fc in draft.fc] == [3 * hidden] * draft.config.num_modules
+    assert_training_forward_drafts_like_generate(llama_target, draft)
+
+
 def assert_training_forward_drafts_like_generate(target, draft):
     sequence = target.generate(training_prompts()[0][None], do_sample=False, max_new_tokens=30)
     steps = 4  # more steps than modules: steps past the map reuse its last module

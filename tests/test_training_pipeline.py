@@ -542,6 +542,30 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
             DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), feature_layers=[1], **more_args)
         )
 
+    # --previous-token-input from a draft without it: the new fc block starts at zero, so the widened draft scores
+    # exactly as m2 and keeps its weights at learning rate 0; the way back (dropping the input) is refused
+    with_previous = tmp_path / "m2-previous-token"
+    train_draft(
+        DraftTrainingArguments(
+            output_dir=str(with_previous), init_draft=str(m2), previous_token_input=True, **more_args
+        ),
+        progress=False,
+    )
+    draft = prism_hf.PrismDraftModel.from_pretrained(with_previous)
+    assert draft.config.previous_token_input
+    for name, value in expected.items():
+        if name.startswith("fc."):
+            zeros = torch.zeros(hidden, hidden)
+            assert torch.equal(draft.state_dict()[name], torch.cat([value[:, :hidden], zeros, value[:, hidden:]], 1))
+        else:
+            assert torch.equal(value, draft.state_dict()[name]), name
+    record = json.loads((with_previous / "training_record.json").read_text())
+    assert record["heldout_init_draft"]["metrics"] == m2_final
+    with pytest.raises(
+        ValueError, match=r"\(previous_token_input: True vs False\); a run may add feature layers or the"
+    ):
+        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(with_previous), **more_args))
+
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
     with pytest.raises(ValueError, match="has 2 modules but --num-modules is 1: phase 2 keeps the draft's modules"):

@@ -294,7 +294,8 @@ class PrismPreTrainedModel(PreTrainedModel):
 
 class PrismDraftModel(PrismPreTrainedModel):
     """
-    PRISM draft: `num_modules` processing modules (`fc[m]` over `[embed(token); feature]`, then `layers[m]`), a
+    PRISM draft: `num_modules` processing modules (`fc[m]` over `[embed(token); feature]`, with
+    `config.previous_token_input` `[embed(token); embed(previous token); feature]`, then `layers[m]`), a
     final `norm`, and the verifier's LM head. Drafting step `k` runs module `config.module_for_step(k)`, so a step
     always costs one layer while total capacity grows with the number of modules.
 
@@ -323,8 +324,9 @@ class PrismDraftModel(PrismPreTrainedModel):
             if num_features > 1
             else None
         )
+        fc_inputs = (config.num_token_inputs + 1) * config.hidden_size
         self.fc = nn.ModuleList(
-            [nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False) for _ in range(config.num_modules)]
+            [nn.Linear(fc_inputs, config.hidden_size, bias=False) for _ in range(config.num_modules)]
         )
         self.layers = nn.ModuleList([PrismDecoderLayer(config) for _ in range(config.num_modules)])
         self.norm = PrismRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -555,6 +557,16 @@ class PrismDraftModel(PrismPreTrainedModel):
         input_ids = input_ids.to(_execution_device(embed_tokens))
         return embed_tokens(input_ids).to(device=self.device, dtype=self.dtype)
 
+    def embed_pairs(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """
+        The token side of pairs `start, start + 1, ...` of `input_ids` (`[batch, seq - 1 - start, hidden * n]`): pair
+        `p`'s token `p + 1`, then with `config.previous_token_input` token `p`.
+        """
+        embeds = self.embed(input_ids[:, start + 1 :])
+        if not self.config.previous_token_input:
+            return embeds
+        return torch.cat([embeds, self.embed(input_ids[:, start:-1])], dim=-1)
+
     def run_module(
         self,
         module_index: int,
@@ -564,7 +576,10 @@ class PrismDraftModel(PrismPreTrainedModel):
         past_key_values: PrismKeyValues | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PrismKeyValues]:
-        """One drafting step of module `module_index` over pairs `(feature at p, token at p + 1)`."""
+        """
+        One drafting step of module `module_index` over pairs `(feature at p, token at p + 1)`; `token_embeds` is
+        their token side from `embed_pairs`.
+        """
         hidden = self.fc[module_index](torch.cat([token_embeds, features], dim=-1))
         position_embeddings = self.rotary_emb(position_ids, dtype=hidden.dtype)
         return self.layers[module_index](hidden, position_embeddings, past_key_values, attention_mask)
@@ -609,7 +624,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         """
         if input_ids.shape[1] < 2:
             raise ValueError("The training forward needs sequences of at least 2 tokens.")
-        token_embeds = self.embed(input_ids[:, 1:])
+        token_embeds = self.embed_pairs(input_ids)
         step_features = features[:, :-1].to(self.dtype)
         seq = token_embeds.shape[1]
         position_ids = torch.arange(seq, device=self.device)[None].expand(input_ids.shape[0], -1)

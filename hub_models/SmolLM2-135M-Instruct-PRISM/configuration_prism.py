@@ -55,6 +55,12 @@ class PrismConfig(PretrainedConfig):
             feed the draft. One index: used as is. Several (e.g. early/middle/late, "PRISM*"): each intermediate
             state RMS-normalised (the last one is already), concatenated and projected back to `hidden_size` by one
             shared `feature_fusion` layer.
+        previous_token_input (`bool`, *optional*, defaults to `False`):
+            Whether each pair's input also holds the embedding of the token before its token: pair `p` reads
+            `[embed(token p + 1); embed(token p); feature p]` instead of `[embed(token p + 1); feature p]`. A key then
+            names the token its pair follows, so that one attention hop can find where the current token occurred
+            before and read the token that came after it there: the induction (copy) lookup a single layer cannot
+            make from the verifier's last state, which holds the next token more than the current one.
         draft_vocab_size (`int`, *optional*):
             Size of a reduced draft vocabulary (the most frequent verifier tokens). `None` drafts over the full
             verifier vocabulary. The chosen ids are stored in the checkpoint as the `draft_to_target` buffer.
@@ -103,6 +109,7 @@ class PrismConfig(PretrainedConfig):
         num_modules: int = 2,
         step_module_map: list[int] | None = None,
         feature_layers: list[int] | None = None,
+        previous_token_input: bool = False,
         draft_vocab_size: int | None = None,
         num_draft_tokens: int = 6,
         num_draft_tokens_schedule: str = "constant",
@@ -128,6 +135,7 @@ class PrismConfig(PretrainedConfig):
         self.num_modules = num_modules
         self.step_module_map = list(step_module_map) if step_module_map is not None else [0, min(1, num_modules - 1)]
         self.feature_layers = list(feature_layers) if feature_layers is not None else [-1]
+        self.previous_token_input = previous_token_input
         self.draft_vocab_size = draft_vocab_size
         self.num_draft_tokens = num_draft_tokens
         self.num_draft_tokens_schedule = num_draft_tokens_schedule
@@ -174,6 +182,11 @@ class PrismConfig(PretrainedConfig):
     def is_final_feature_layer(self, layer: int) -> bool:
         """Whether `hidden_states[layer]` is the verifier's last, normalised state (`-1`, or its layer count)."""
         return layer in (-1, self.verifier_num_hidden_layers)
+
+    @property
+    def num_token_inputs(self) -> int:
+        """Token embeddings in each pair's input: the pair's token, and with `previous_token_input` the one before."""
+        return 2 if self.previous_token_input else 1
 
     def module_for_step(self, step: int) -> int:
         """Index of the module that runs drafting step `step` (1-based)."""

@@ -245,9 +245,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
         new_pairs = total_pairs - self.num_cached_pairs
         features = draft.fuse_features(hidden_states, length=new_pairs)
-        tokens = input_ids[:, self.num_cached_pairs + 1 :]
+        token_embeds = draft.embed_pairs(input_ids, start=self.num_cached_pairs)
         positions = torch.arange(self.num_cached_pairs, total_pairs, device=draft.device)[None]
-        hidden, new_kv = draft.run_module(0, draft.embed(tokens), features, positions, self.cache.get())
+        hidden, new_kv = draft.run_module(0, token_embeds, features, positions, self.cache.get())
         self.cache.append(new_kv)
         self.num_cached_pairs = total_pairs
         return hidden[:, -1:]
@@ -262,9 +262,8 @@ class PrismCandidateGenerator(CandidateGenerator):
             if step > 1:
                 position = torch.tensor([[self.num_cached_pairs + step - 2]], device=draft.device)
                 module = draft.config.module_for_step(step)
-                draft_hidden, new_kv = draft.run_module(
-                    module, draft.embed(candidate_ids[:, -1:]), draft_hidden, position, self.cache.get()
-                )
+                token_embeds = draft.embed_pairs(candidate_ids, start=candidate_ids.shape[1] - 2)
+                draft_hidden, new_kv = draft.run_module(module, token_embeds, draft_hidden, position, self.cache.get())
                 self.cache.append(new_kv)
             token, logits = self._next_token(candidate_ids, draft_hidden)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)

@@ -120,6 +120,14 @@ class DraftTrainingArguments:
     intermediate_size: int | None = field(
         default=None, metadata={"help": "the draft layer's MLP width (default: the target's)"}
     )
+    previous_token_input: bool = field(
+        default=False,
+        metadata={
+            "help": "give each draft step the token before its token too, so that one attention hop can copy what "
+            "followed an earlier occurrence of the current token (an induction lookup); with --init-draft from a "
+            "draft without it, its weights start at zero and the draft starts out predicting as the saved one"
+        },
+    )
     num_steps: int = field(default=3, metadata={"help": "aligned draft steps unrolled in training"})
     warmup_epochs: float = field(
         default=2.0, metadata={"help": "phase 1 epochs (one module, soft CE + feature regression)"}
@@ -251,15 +259,20 @@ def load_init_draft(
     keys += ("num_key_value_heads", "head_dim", "verifier_vocab_size")
     keys += () if extend_vocabulary else ("draft_vocab_size",)
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
+    if saved.config.previous_token_input and not draft.config.previous_token_input:
+        differing.append("previous_token_input")
     saved_layers, new_layers = list(saved.config.feature_layers), list(draft.config.feature_layers)
     if saved_layers != new_layers and not set(saved_layers) < set(new_layers):
         differing.append("feature_layers")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
         raise ValueError(
-            f"--init-draft {path} does not fit this run ({details}); a run may add feature layers to the draft's."
+            f"--init-draft {path} does not fit this run ({details}); a run may add feature layers or the "
+            "previous-token input to the draft's."
         )
     state = saved.state_dict()
+    if draft.config.previous_token_input and not saved.config.previous_token_input:
+        state.update(_widened_token_inputs(saved))
     if saved_layers != new_layers:
         state = {k: v for k, v in state.items() if not k.startswith("feature_norms.")}
         state.update(_widened_fusion(saved, new_layers))
@@ -271,6 +284,22 @@ def load_init_draft(
         return vocabulary
     draft.load_state_dict(state)
     return saved.draft_to_target
+
+
+def _widened_token_inputs(saved: PrismDraftModel) -> dict[str, torch.Tensor]:
+    """
+    Each module's `fc` weights for `previous_token_input` from a saved draft without it: its columns over the token
+    and the feature as they were, zeros over the new previous-token block, so the widened draft computes exactly the
+    saved draft's hidden states until training moves them.
+    """
+    hidden = saved.config.hidden_size
+    state = {}
+    for m, fc in enumerate(saved.fc):
+        old = fc.weight.detach()
+        state[f"fc.{m}.weight"] = torch.cat(
+            [old[:, :hidden], torch.zeros_like(old[:, :hidden]), old[:, hidden:]], dim=1
+        )
+    return state
 
 
 def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -507,6 +536,8 @@ def train_draft(
     overrides = {}
     if args.intermediate_size is not None:
         overrides["intermediate_size"] = args.intermediate_size
+    if args.previous_token_input:
+        overrides["previous_token_input"] = True
     draft_vocab_size = args.draft_vocab_size
     if draft_vocab_size is not None and draft_vocab_size >= target.config.get_text_config().vocab_size:
         draft_vocab_size = None  # nothing to leave out: the draft head is the target's own
