@@ -26,8 +26,9 @@ from prism_hf import PrismDraftModel, quantize_cpu_linears_int8
 from prism_hf.benchmarking.prompts import PROMPT_SETS, encode_prompt, load_prompts
 from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.benchmarking.strategies import parse_draft_spec
+from prism_hf.modeling_prism import copy_candidates
 from prism_hf.reference_models import load_reference_model
-from prism_hf.training.evaluation import evaluate_draft, target_top1
+from prism_hf.training.evaluation import drafted_tokens, evaluate_draft, target_top1
 from prism_hf.training.recipe import TargetFeatures, compute_target_features
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,7 +73,11 @@ def step1_accuracy_by_copyability(draft: PrismDraftModel, features: list[TargetF
         output = draft(
             batch.input_ids, draft.fuse_selected_features(batch.hidden_states), num_steps=1, output_logits=False
         )
-        drafted = draft.compute_logits(output.step_hidden_states[0][0]).argmax(-1)
+        proposals = None
+        if draft.copy_gate is not None:
+            ids, lengths = copy_candidates(batch.input_ids, draft.config.copy_max_ngram)
+            proposals = (draft.to_draft_ids(ids)[0], lengths[0])
+        drafted = drafted_tokens(draft, output.step_hidden_states[0][0], proposals)
         if draft.draft_to_target is not None:
             drafted = draft.draft_to_target[drafted]
         top1 = target_top1(draft, batch)[0]

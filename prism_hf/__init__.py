@@ -20,7 +20,7 @@ from .generation_ouroboros import (
 )
 from .generation_prism import PrismCandidateGenerator, SpeculationStats
 from .hub import push_draft
-from .modeling_prism import PrismDraftModel, PrismDraftOutput
+from .modeling_prism import CopyIndex, PrismDraftModel, PrismDraftOutput
 from .phrase_pool import PhrasePool
 from .reference_models import load_reference_model, resolve_dtype
 from .training.pipeline import DraftTrainingArguments, train_draft
@@ -36,6 +36,7 @@ PrismDraftModel.register_for_auto_class("AutoModel")
 install_generation_hooks()
 
 __all__ = [
+    "CopyIndex",
     "DraftTrainingArguments",
     "FastCpuLinear",
     "Ouroboros",

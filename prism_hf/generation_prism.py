@@ -12,7 +12,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
 from .configuration_prism import DRAFT_LENGTH_SCHEDULES, check_confidence_threshold
-from .modeling_prism import PrismKeyValues
+from .modeling_prism import CopyIndex, PrismKeyValues
 
 if TYPE_CHECKING:
     from .modeling_prism import PrismDraftModel
@@ -162,6 +162,10 @@ class PrismCandidateGenerator(CandidateGenerator):
     A round also ends early after a token the draft gave less than `assistant_confidence_threshold` of probability
     (else the config's `draft_confidence_threshold`), so rounds are long where the draft is sure and short where it
     guesses.
+
+    A draft with a copy head (`PrismConfig.copy_max_ngram`) keeps a [`CopyIndex`] of the accepted text (the drafted
+    tokens of a round in its speculative overlay) and draws each token from the draft's distribution mixed with the
+    index's proposal ([`PrismDraftModel.mix_copy`]), exactly as in training.
     """
 
     requires_model_outputs = True
@@ -195,6 +199,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.cache = PrismDraftCache()
         self.num_cached_pairs = 0
+        self.copy_index = CopyIndex(draft_model.config.copy_max_ngram) if draft_model.config.copy_max_ngram else None
         self.stats = SpeculationStats()
         self._round_is_prefill = True
         draft_model.last_generation_stats = self.stats
@@ -250,6 +255,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         hidden, new_kv = draft.run_module(0, token_embeds, features, positions, self.cache.get())
         self.cache.append(new_kv)
         self.num_cached_pairs = total_pairs
+        if self.copy_index is not None:
+            self.copy_index.discard_speculative()
+            self.copy_index.extend(input_ids[0, len(self.copy_index) :].tolist())
         return hidden[:, -1:]
 
     def _draft(
@@ -267,6 +275,8 @@ class PrismCandidateGenerator(CandidateGenerator):
                 self.cache.append(new_kv)
             token, logits = self._next_token(candidate_ids, draft_hidden)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)
+            if self.copy_index is not None:
+                self.copy_index.extend(token[0].tolist(), speculative=True)
             step_logits.append(logits)
             if (
                 step < length
@@ -285,7 +295,12 @@ class PrismCandidateGenerator(CandidateGenerator):
         target-vocabulary logits (`[1, vocab]`) it was drawn from.
         """
         draft = self.draft
-        logits = draft.to_target_logits(draft.compute_logits(draft_hidden)[:, -1].float())
+        logits = draft.compute_logits(draft_hidden)[:, -1].float()
+        if self.copy_index is not None:
+            proposal, length = self.copy_index.lookup()
+            proposal = draft.to_draft_ids(torch.tensor([proposal], device=draft.device))
+            logits = draft.mix_copy(logits, proposal, torch.tensor([length], device=draft.device))
+        logits = draft.to_target_logits(logits)
         logits = self.logits_processor(candidate_ids, logits.to(candidate_ids.device))
         if self.do_sample:
             return torch.multinomial(logits.softmax(dim=-1), num_samples=1), logits

@@ -85,7 +85,7 @@ Pin a version with `revision=` (a commit id) in `from_pretrained`, or `prism_dra
 (hidden {hidden}, MLP {intermediate}, {heads} heads / {kv_heads} KV heads); draft vocabulary
 {draft_vocab}; features from target hidden states {feature_layers}; {params:.1f}M parameters of its own (the
 target's embedding and LM head are shared, not stored); {num_draft_tokens} draft tokens per round by default.
-The draft checks that a target fits before drafting: {verifier_model_type}, hidden size {verifier_hidden},
+{copy_head}The draft checks that a target fits before drafting: {verifier_model_type}, hidden size {verifier_hidden},
 vocabulary {verifier_vocab}, {verifier_layers} layers.
 
 ## Training
@@ -209,6 +209,12 @@ def write_model_card(
             if config.get("previous_token_input")
             else 2 * config["hidden_size"]
         ),
+        copy_head=(
+            f"A copy head proposes what followed the longest earlier match (up to {config['copy_max_ngram']} tokens)"
+            " of the text so far, mixed into each step's distribution by a fitted gate.\n"
+            if config.get("copy_max_ngram")
+            else ""
+        ),
         intermediate=config["intermediate_size"],
         heads=config["num_attention_heads"],
         kv_heads=config["num_key_value_heads"],
@@ -250,15 +256,26 @@ def _recipe_text(args: dict, num_modules: int) -> str:
     elif args.get("extend_vocabulary"):
         vocabulary = f", draft vocabulary extended to {args.get('draft_vocab_size')} tokens with this data's"
     finetune = f"CE only, {args.get('finetune_epochs')} epochs, lr {args.get('finetune_learning_rate')}{vocabulary}."
+    copy_head = ""
+    if args.get("copy_max_ngram"):
+        copy_head = (
+            f" Then the copy head's gate (matches of up to {args['copy_max_ngram']} tokens) fitted on this data, the "
+            "rest of the draft fixed."
+        )
+    if args.get("init_draft") and not args.get("warmup_epochs") and not args.get("finetune_epochs"):
+        return (
+            f"the {num_modules}-module draft `{args['init_draft']}` (its training in its own record), unchanged, with "
+            f"a copy head added: its gate (matches of up to {args.get('copy_max_ngram')} tokens) fitted on this data."
+        )
     if args.get("init_draft") and not args.get("warmup_epochs"):
         return (
             f"phase 2 continued from the {num_modules}-module draft `{args['init_draft']}` (its own phases in its "
-            f"own record): {finetune}"
+            f"own record): {finetune}{copy_head}"
         )
     return (
         f"phase 1 warm-up of one module for {args.get('warmup_epochs')} epochs (feature regression + "
         f"{args.get('ce_weight', 0.1)} soft CE against the target, {args.get('num_steps')} aligned steps, lr "
-        f"{args.get('warmup_learning_rate')}); phase 2: copied into {num_modules} modules, {finetune}"
+        f"{args.get('warmup_learning_rate')}); phase 2: copied into {num_modules} modules, {finetune}{copy_head}"
     )
 
 

@@ -10,6 +10,7 @@ from conftest import VOCAB, draft_config_set, training_prompts
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import prism_hf
+from prism_hf.modeling_prism import CopyIndex, copy_candidates
 
 
 def assert_same_as_plain(target, draft, input_ids, **kwargs):
@@ -284,3 +285,81 @@ def test_grouped_attention_heads_give_bit_identical_verification_logits(llama_ta
             mask = torch.ones(1, prompt.shape[1] + new.shape[1], dtype=torch.long)
             logits[mode] = llama_target(new, attention_mask=mask, cache=cache, use_cache=True).logits
     assert torch.equal(logits["0"], logits["1"])
+
+
+# ---------------------------------------------------------------- the copy head
+
+
+def _brute_force_copy(tokens: list[int], max_ngram: int) -> tuple[int, int]:
+    """The definition: the longest suffix (<= max_ngram) that occurred before, and what followed it there last."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n], n
+    return -1, 0
+
+
+def test_copy_index_proposes_the_latest_continuation_of_the_longest_match():
+    generator = torch.Generator().manual_seed(0)
+    for max_ngram in (1, 3, 8):
+        tokens = torch.randint(0, 4, (120,), generator=generator).tolist()
+        index = CopyIndex(max_ngram)
+        for end in range(1, len(tokens) + 1):
+            index.extend(tokens[end - 1 : end])
+            assert index.lookup() == _brute_force_copy(tokens[:end], max_ngram), (max_ngram, end)
+        proposals, lengths = copy_candidates(torch.tensor([tokens]), max_ngram)
+        assert [(int(t), int(n)) for t, n in zip(proposals[0], lengths[0], strict=True)] == [
+            _brute_force_copy(tokens[: p + 2], max_ngram) for p in range(len(tokens) - 1)
+        ]
+
+
+def test_copy_index_forgets_speculative_tokens():
+    index = CopyIndex(3)
+    index.extend([5, 6, 7, 5])
+    assert index.lookup() == (6, 1)
+    index.extend([6], speculative=True)
+    assert index.lookup() == (7, 2)
+    index.extend([9, 5, 6], speculative=True)
+    assert index.lookup() == (9, 2)  # the speculative occurrence is the latest
+    with pytest.raises(RuntimeError, match="Discard the speculative tokens before extending the accepted ones"):
+        index.extend([1])
+    index.discard_speculative()
+    assert index.tokens == [5, 6, 7, 5] and index.lookup() == (6, 1)
+    with pytest.raises(ValueError, match="at least one token, got max_ngram=0"):
+        CopyIndex(0)
+
+
+def test_mix_copy_moves_the_gate_share_onto_the_proposal(tiny_target):
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, copy_max_ngram=4)
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(1))
+    proposals, lengths = torch.tensor([7, -1, 2]), torch.tensor([4, 0, 1])
+    mixed = draft.mix_copy(logits, proposals, lengths)
+    probs = logits.softmax(-1)
+    log_gate, _ = draft.copy_gate(
+        lengths, probs.log().gather(-1, proposals.clamp(min=0)[:, None])[:, 0], probs.log().amax(-1)
+    )
+    gate = log_gate.exp()[:, None]
+    expected = probs.clone()
+    for row in (0, 2):
+        expected[row] = (1 - gate[row]) * probs[row]
+        expected[row, proposals[row]] += gate[row, 0]
+    torch.testing.assert_close(mixed.exp(), expected)
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(3))
+    assert torch.equal(prism_hf.PrismDraftModel.from_target(tiny_target).mix_copy(logits, proposals, lengths), logits)
+
+
+def test_copy_head_draft_matches_plain_and_saves(tiny_target, tmp_path):
+    """A gate that trusts the copy proposal (g = 0.998): the drafts are mostly copies, the output stays exact."""
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, copy_max_ngram=4)
+    with torch.no_grad():
+        draft.copy_gate.bias.fill_(6.0)
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    assisted = assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=60)
+    assert draft.last_generation_stats.drafted_tokens > 0
+    draft.save_pretrained(tmp_path)
+    reloaded = prism_hf.PrismDraftModel.from_pretrained(tmp_path)
+    assert reloaded.config.copy_max_ngram == 4
+    for name, value in draft.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
+    assert torch.equal(tiny_target.generate(prompt, assistant_model=reloaded, max_new_tokens=60), assisted)

@@ -309,6 +309,18 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
         "tokens) (sharegpt tau 1.300 (step 1 0.200, 10 tokens))."
     ) in " ".join(card.split())
 
+    # a copy head added to the draft and its gate fitted, no epochs: the card says the rest is the init draft's
+    args.update(finetune_epochs=0.0, copy_max_ngram=8, recount_vocabulary=False)
+    args_path.write_text(json.dumps(args))
+    config_path = draft_copy / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "copy_max_ngram": 8}))
+    card = " ".join(write_model_card(draft_copy).read_text().split())
+    assert (
+        "- Recipe: the 2-module draft `chat-draft` (its training in its own record), unchanged, with a copy head "
+        "added: its gate (matches of up to 8 tokens) fitted on this data."
+    ) in card
+    assert "A copy head proposes what followed the longest earlier match (up to 8 tokens) of the text so far" in card
+
 
 DATASET_DIRS = sorted(p.parent for p in (REPO / "hub_models").glob("*/manifest.json"))
 

@@ -8,6 +8,7 @@ from transformers import GenerationConfig
 
 import prism_hf
 from prism_hf.generation_prism import PrismCandidateGenerator
+from prism_hf.modeling_prism import copy_candidates
 from prism_hf.training import FINETUNE_PHASE, WARMUP_PHASE, compute_target_features, prism_loss
 
 
@@ -57,10 +58,29 @@ def test_previous_token_input_trains_and_drafts_alike(llama_target):
     assert_training_forward_drafts_like_generate(llama_target, draft)
 
 
-def assert_training_forward_drafts_like_generate(target, draft):
-    sequence = target.generate(training_prompts()[0][None], do_sample=False, max_new_tokens=30)
+def test_copy_head_trains_and_drafts_alike(llama_target):
+    """
+    With a copy head, training's mixture (proposals looked up over the whole sequence at once) is the distribution
+    generate() drafts from (an index grown token by token, drafted tokens in its overlay). The gate trusts the copy
+    (g = 0.95) and the context repeats itself, so copies are drafted, also over drafted tokens.
+    """
+    torch.manual_seed(0)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, copy_max_ngram=3)
+    with torch.no_grad():
+        draft.copy_gate.bias.fill_(3.0)
+    copied = assert_training_forward_drafts_like_generate(llama_target, draft, repeat_prompt=True)
+    assert copied >= 4
+
+
+def assert_training_forward_drafts_like_generate(target, draft, repeat_prompt: bool = False) -> int:
+    """Returns how many drafted tokens were the copy head's proposals."""
+    prompt = training_prompts()[0][None]
+    if repeat_prompt:
+        prompt = torch.cat([prompt, prompt], dim=1)
+    sequence = target.generate(prompt, do_sample=False, max_new_tokens=30)
     steps = 4  # more steps than modules: steps past the map reuse its last module
-    for anchor in (3, 11, 20):
+    copied = 0
+    for anchor in (3, 11, 20) if not repeat_prompt else (3, 11, 20, prompt.shape[1] // 2 + 2):
         prefix = sequence[:, : anchor + 2]  # context up to pair `anchor`, i.e. tokens 0..anchor+1
         candidates, candidate_logits = draft_from_generator(target, draft, prefix, steps)
         # teacher forcing with the draft's own tokens reproduces the drafting trajectory exactly
@@ -68,12 +88,19 @@ def assert_training_forward_drafts_like_generate(target, draft):
         features = compute_target_features(target, drafted_sequence, draft.config.feature_layers)
         with torch.no_grad():
             output = draft(drafted_sequence, draft.fuse_selected_features(features.hidden_states), num_steps=steps)
+        proposals, lengths = copy_candidates(drafted_sequence, max(1, draft.config.copy_max_ngram))
         for k in range(1, steps + 1):
-            training_logits = output.step_logits[k - 1][0, anchor + k - 1]
+            pair = anchor + k - 1
+            training_logits = output.step_logits[k - 1][0, pair]
+            with torch.no_grad():
+                proposal = draft.to_draft_ids(proposals[0, pair : pair + 1])
+                training_logits = draft.mix_copy(training_logits[None], proposal, lengths[0, pair : pair + 1])[0]
             assert training_logits.argmax().item() == candidates[k - 1].item()
             torch.testing.assert_close(
                 training_logits.log_softmax(-1), candidate_logits[k - 1].log_softmax(-1), atol=1e-4, rtol=1e-4
             )
+            copied += int(draft.copy_gate is not None and proposals[0, pair].item() == candidates[k - 1].item())
+    return copied
 
 
 def test_losses_decrease_and_phases_differ(llama_target):

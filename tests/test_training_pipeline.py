@@ -562,9 +562,32 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     record = json.loads((with_previous / "training_record.json").read_text())
     assert record["heldout_init_draft"]["metrics"] == m2_final
     with pytest.raises(
-        ValueError, match=r"\(previous_token_input: True vs False\); a run may add feature layers or the"
+        ValueError, match=r"\(previous_token_input: True vs False\); a run may add feature layers, the"
     ):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(with_previous), **more_args))
+
+    # --copy-max-ngram from a draft without a copy head and no epochs: only the gate is fitted, on the training
+    # features, every other weight stays m2's and the init score is m2's own; the way back is refused
+    with_copy = tmp_path / "m2-copy"
+    train_draft(
+        DraftTrainingArguments(
+            output_dir=str(with_copy), init_draft=str(m2), copy_max_ngram=3, **(more_args | {"finetune_epochs": 0})
+        ),
+        progress=False,
+    )
+    draft = prism_hf.PrismDraftModel.from_pretrained(with_copy)
+    assert draft.config.copy_max_ngram == 3
+    for name, value in expected.items():
+        assert torch.equal(value, draft.state_dict()[name]), name
+    assert float(draft.copy_gate.bias) != -2.0  # moved from its initial value
+    record = json.loads((with_copy / "training_record.json").read_text())
+    assert record["heldout_init_draft"]["metrics"] == m2_final
+    fit = record["copy_gate_fit"]
+    assert 0 < fit["rows_with_proposal"] <= fit["rows"]
+    assert fit["cross_entropy_after"] < fit["cross_entropy_before"]
+    assert "--copy-max-ngram 3" in record["command"] and set(record["heldout_by_phase"]) == set()
+    with pytest.raises(ValueError, match=r"\(copy_max_ngram: 3 vs 0\); a run may add feature layers"):
+        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(with_copy), **more_args))
 
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))
@@ -578,7 +601,7 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
                 output_dir=str(tmp_path / "y"), init_draft=str(m2 / "warmup"), **(common | {"draft_vocab_size": 20})
             )
         )
-    with pytest.raises(ValueError, match="both 0: there is nothing to train"):
+    with pytest.raises(ValueError, match="both 0: there is nothing to train \\(without epochs, a run can only fit"):
         train_draft(
             DraftTrainingArguments(
                 output_dir=str(tmp_path / "z"), **(common | {"warmup_epochs": 0, "finetune_epochs": 0})

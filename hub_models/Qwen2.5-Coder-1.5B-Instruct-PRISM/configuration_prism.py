@@ -61,6 +61,13 @@ class PrismConfig(PretrainedConfig):
             names the token its pair follows, so that one attention hop can find where the current token occurred
             before and read the token that came after it there: the induction (copy) lookup a single layer cannot
             make from the verifier's last state, which holds the next token more than the current one.
+        copy_max_ngram (`int`, *optional*, defaults to 0):
+            Longest n-gram the copy head matches; 0 drafts without it. With it, each drafting step also looks up the
+            longest suffix (up to `copy_max_ngram` tokens) of the text so far that occurred before and proposes the
+            token that followed its latest occurrence, as prompt lookup does; a small learned gate (`copy_gate`) puts
+            part of the step's probability on that token, from the match length and the draft's own log-probabilities
+            of the proposed and of its best token. A draft layer has to learn copying from data, and barely does
+            (docs/training.md); the lookup copies by construction and the gate learns when to trust it.
         draft_vocab_size (`int`, *optional*):
             Size of a reduced draft vocabulary (the most frequent verifier tokens). `None` drafts over the full
             verifier vocabulary. The chosen ids are stored in the checkpoint as the `draft_to_target` buffer.
@@ -110,6 +117,7 @@ class PrismConfig(PretrainedConfig):
         step_module_map: list[int] | None = None,
         feature_layers: list[int] | None = None,
         previous_token_input: bool = False,
+        copy_max_ngram: int = 0,
         draft_vocab_size: int | None = None,
         num_draft_tokens: int = 6,
         num_draft_tokens_schedule: str = "constant",
@@ -136,6 +144,7 @@ class PrismConfig(PretrainedConfig):
         self.step_module_map = list(step_module_map) if step_module_map is not None else [0, min(1, num_modules - 1)]
         self.feature_layers = list(feature_layers) if feature_layers is not None else [-1]
         self.previous_token_input = previous_token_input
+        self.copy_max_ngram = copy_max_ngram
         self.draft_vocab_size = draft_vocab_size
         self.num_draft_tokens = num_draft_tokens
         self.num_draft_tokens_schedule = num_draft_tokens_schedule
@@ -165,6 +174,9 @@ class PrismConfig(PretrainedConfig):
             raise ValueError(f"`step_module_map` names modules {bad}, but `num_modules` is {self.num_modules}.")
         if not self.feature_layers:
             raise ValueError("`feature_layers` must name at least one verifier layer.")
+        ngram = self.copy_max_ngram
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
+            raise ValueError(f"`copy_max_ngram` must be an integer >= 0 (0: no copy head), got {ngram!r}.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,101 @@ class PrismDecoderLayer(nn.Module):
         return hidden_states, new_key_values
 
 
+class CopyIndex:
+    """
+    The continuation of every n-gram (n = 1..`max_ngram`) at its latest occurrence in a token sequence: what the
+    copy head proposes (see `PrismConfig.copy_max_ngram`). `extend` appends accepted tokens; `extend(...,
+    speculative=True)` appends drafted ones, whose n-grams live in an overlay that `discard_speculative` drops, so a
+    rejected draft costs nothing to forget.
+    """
+
+    def __init__(self, max_ngram: int):
+        if max_ngram < 1:
+            raise ValueError(f"A copy index matches n-grams of at least one token, got max_ngram={max_ngram}.")
+        self.max_ngram = max_ngram
+        self.tokens: list[int] = []
+        self._num_accepted = 0
+        self._continuations: dict[tuple[int, ...], int] = {}
+        self._speculative: dict[tuple[int, ...], int] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, tokens: Iterable[int], speculative: bool = False) -> None:
+        if not speculative and len(self.tokens) > self._num_accepted:
+            raise RuntimeError("Discard the speculative tokens before extending the accepted ones.")
+        table = self._speculative if speculative else self._continuations
+        for token in tokens:
+            end = len(self.tokens)
+            for n in range(1, min(self.max_ngram, end) + 1):
+                table[tuple(self.tokens[end - n : end])] = int(token)
+            self.tokens.append(int(token))
+        if not speculative:
+            self._num_accepted = len(self.tokens)
+
+    def discard_speculative(self) -> None:
+        del self.tokens[self._num_accepted :]
+        self._speculative.clear()
+
+    def lookup(self) -> tuple[int, int]:
+        """`(token, n)`: what followed the longest suffix of `n` tokens seen before, or `(-1, 0)` for no match."""
+        end = len(self.tokens)
+        for n in range(min(self.max_ngram, end - 1), 0, -1):
+            key = tuple(self.tokens[end - n :])
+            token = self._speculative.get(key, self._continuations.get(key))
+            if token is not None:
+                return token, n
+        return -1, 0
+
+
+def copy_candidates(input_ids: torch.Tensor, max_ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The copy head's proposal for every pair of `input_ids` (`[batch, seq]`), as drafting looks it up: pair `p`
+    drafts token `p + 2` after tokens `0..p + 1`. Returns target-vocabulary ids (-1: no match) and match lengths,
+    `[batch, seq - 1]` each.
+    """
+    proposals = torch.full((input_ids.shape[0], input_ids.shape[1] - 1), -1, dtype=torch.long)
+    lengths = torch.zeros_like(proposals)
+    for row, ids in enumerate(input_ids.tolist()):
+        index = CopyIndex(max_ngram)
+        index.extend(ids[:1])
+        for pair, token in enumerate(ids[1:]):
+            index.extend([token])
+            proposals[row, pair], lengths[row, pair] = index.lookup()
+    return proposals.to(input_ids.device), lengths.to(input_ids.device)
+
+
+class PrismCopyGate(nn.Module):
+    """
+    The share `g` of a drafting step's probability that goes to the copy proposal: a logistic function of the match
+    length (one-hot, 1..`copy_max_ngram`), the draft's log-probability of the proposed token and of its own best
+    token. The step drafts from `(1 - g) * p_draft + g * onehot(proposal)`.
+    """
+
+    def __init__(self, config: PrismConfig):
+        super().__init__()
+        self.max_ngram = config.copy_max_ngram
+        self.weight = nn.Parameter(torch.empty(self.max_ngram + 2))
+        self.bias = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A cautious start (`g` = 0.12 everywhere) until the gate is fitted (`prism_hf.training.fit_copy_gate`)."""
+        self.weight.zero_()
+        self.bias.fill_(-2.0)
+
+    def forward(
+        self, lengths: torch.Tensor, proposal_logprob: torch.Tensor, top_logprob: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(log g, log(1 - g))` per position; `lengths` >= 1 where there is a proposal."""
+        dtype = self.weight.dtype
+        length_code = F.one_hot((lengths.clamp(1, self.max_ngram) - 1).long(), self.max_ngram).to(dtype)
+        scores = torch.stack([proposal_logprob, top_logprob], dim=-1).to(dtype).clamp(min=-30.0)
+        logit = torch.cat([length_code, scores], dim=-1) @ self.weight + self.bias
+        return F.logsigmoid(logit), F.logsigmoid(-logit)
+
+
 @dataclass
 class PrismDraftOutput(ModelOutput):
     """
@@ -290,6 +386,8 @@ class PrismPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, PrismRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, PrismCopyGate):
+            module.reset_parameters()
 
 
 class PrismDraftModel(PrismPreTrainedModel):
@@ -297,7 +395,8 @@ class PrismDraftModel(PrismPreTrainedModel):
     PRISM draft: `num_modules` processing modules (`fc[m]` over `[embed(token); feature]`, with
     `config.previous_token_input` `[embed(token); embed(previous token); feature]`, then `layers[m]`), a
     final `norm`, and the verifier's LM head. Drafting step `k` runs module `config.module_for_step(k)`, so a step
-    always costs one layer while total capacity grows with the number of modules.
+    always costs one layer while total capacity grows with the number of modules. With `config.copy_max_ngram`, a
+    `copy_gate` mixes each step's distribution with a prompt-lookup proposal ([`CopyIndex`], `mix_copy`).
 
     Use it as `target.generate(..., assistant_model=draft)`: importing this module routes such calls to
     [`PrismCandidateGenerator`], which binds the draft to the target and checks that they fit.
@@ -330,6 +429,7 @@ class PrismDraftModel(PrismPreTrainedModel):
         )
         self.layers = nn.ModuleList([PrismDecoderLayer(config) for _ in range(config.num_modules)])
         self.norm = PrismRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.copy_gate = PrismCopyGate(config) if config.copy_max_ngram else None
         self.rotary_emb = PrismRotaryEmbedding(config)
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_to_target", torch.arange(config.draft_vocab_size, dtype=torch.long))
@@ -595,6 +695,39 @@ class PrismDraftModel(PrismPreTrainedModel):
         normed = normed.to(device=_execution_device(verifier.lm_head), dtype=verifier.head_dtype)
         return verifier.lm_head(normed).to(self.device)
 
+    def to_draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids of target token ids (-1 stays -1, and so does a token outside the draft vocabulary)."""
+        if self.draft_to_target is None:
+            return target_ids
+        key = (self.draft_to_target.data_ptr(), self.draft_to_target._version)
+        if getattr(self, "_target_to_draft_key", None) != key:
+            inverse = torch.full((self.config.verifier_vocab_size + 1,), -1, dtype=torch.long, device=self.device)
+            inverse[self.draft_to_target] = torch.arange(self.draft_to_target.shape[0], device=self.device)
+            self._target_to_draft, self._target_to_draft_key = inverse, key
+        # -1 reads the extra last entry, which is -1
+        return self._target_to_draft[target_ids.to(self.device)]
+
+    def mix_copy(self, draft_logits: torch.Tensor, proposals: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """
+        What a drafting step draws from: with a copy head, the log-probabilities of
+        `(1 - g) * p + g * onehot(proposal)` over the draft vocabulary (`p` the softmax of `draft_logits`, `g` from
+        `copy_gate`) where a proposal (draft-vocabulary ids from `to_draft_ids`, -1 for none) exists, `log p`
+        elsewhere; without a copy head, `draft_logits` unchanged. Training, evaluation and drafting all pick tokens
+        from this.
+        """
+        if self.copy_gate is None:
+            return draft_logits
+        logp = draft_logits.float().log_softmax(dim=-1)
+        has_proposal = proposals >= 0
+        index = proposals.clamp(min=0).unsqueeze(-1)
+        proposal_logprob = logp.gather(-1, index).squeeze(-1)
+        log_gate, log_keep = self.copy_gate(lengths, proposal_logprob, logp.amax(dim=-1))
+        log_keep = torch.where(has_proposal, log_keep.float(), 0.0)
+        at_proposal = torch.where(
+            has_proposal, torch.logaddexp(proposal_logprob + log_keep, log_gate.float()), proposal_logprob
+        )
+        return (logp + log_keep.unsqueeze(-1)).scatter(-1, index, at_proposal.unsqueeze(-1))
+
     def to_target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Scatters draft-vocabulary logits into the target vocabulary (tokens outside it get `-inf`)."""
         if self.draft_to_target is None:
@@ -663,4 +796,4 @@ class PrismDraftModel(PrismPreTrainedModel):
 
 install_generation_hooks()
 
-__all__ = ["PrismDraftModel", "PrismPreTrainedModel", "PrismDraftOutput"]
+__all__ = ["CopyIndex", "PrismDraftModel", "PrismPreTrainedModel", "PrismDraftOutput", "copy_candidates"]

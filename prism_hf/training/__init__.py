@@ -4,20 +4,24 @@ from .loop import train_phase
 from .recipe import (
     FINETUNE_PHASE,
     WARMUP_PHASE,
+    CopyGateFit,
     PhaseConfig,
     TargetFeatures,
     compute_target_features,
     expand_modules,
+    fit_copy_gate,
     prism_loss,
 )
 
 __all__ = [
     "FINETUNE_PHASE",
     "WARMUP_PHASE",
+    "CopyGateFit",
     "PhaseConfig",
     "TargetFeatures",
     "compute_target_features",
     "expand_modules",
+    "fit_copy_gate",
     "prism_loss",
     "train_phase",
 ]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..modeling_prism import PrismDraftModel
-from .recipe import TargetFeatures
+from .recipe import TargetFeatures, copy_proposals
 
 
 @dataclass
@@ -101,6 +101,26 @@ def _chunked_argmax(head, hidden: torch.Tensor, chunk: int = 256) -> torch.Tenso
     return torch.cat(tops).reshape(hidden.shape[:-1])
 
 
+def drafted_tokens(
+    draft: PrismDraftModel,
+    hidden: torch.Tensor,
+    proposals: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """
+    The draft-vocabulary token a draft step picks from each row of draft features `hidden` (`[rows, hidden]`), with
+    the copy head's `(proposals, lengths)` of those rows mixed in when given; a few rows at a time, since whole-
+    vocabulary logits of a sequence take gigabytes.
+    """
+    tops = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = draft.compute_logits(hidden[start : start + chunk])
+        if proposals is not None:
+            logits = draft.mix_copy(logits, *(column[start : start + chunk] for column in proposals))
+        tops.append(logits.argmax(-1))
+    return torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long, device=hidden.device)
+
+
 def predicted_tau(conditional_accuracy: list[float]) -> list[float]:
     """Tokens per verification for draft lengths 1..K, from the chain's conditional acceptance rates."""
     taus, survive, total = [], 1.0, 1.0
@@ -159,9 +179,10 @@ def evaluate_draft(
         pairs = token_mask.shape[1]
         batch_counts = _ChainCounts.zeros(num_steps)
         match = []
+        proposals = copy_proposals(draft, batch, token_mask)
         for k, hidden in enumerate(output.step_hidden_states, start=1):
             # logits only where a reply token is drafted (the LM head is most of the cost; prompts are often half)
-            drafted = _chunked_argmax(draft.compute_logits, hidden[:, :pairs][token_mask])
+            drafted = drafted_tokens(draft, hidden[:, :pairs][token_mask], proposals)
             if draft.draft_to_target is not None:
                 drafted = draft.draft_to_target[drafted]
             hit = torch.zeros_like(token_mask)

@@ -10,12 +10,14 @@ import re
 import shlex
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
@@ -36,7 +38,7 @@ from .data import TrainingExample, build_examples, select_draft_vocabulary
 from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_top1
 from .features import FeatureStore, collate
 from .loop import train_phase
-from .recipe import PhaseConfig, expand_modules, initialise_from_target_layer
+from .recipe import PhaseConfig, expand_modules, fit_copy_gate, initialise_from_target_layer
 from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples, read_reply_manifest
 
 logger = logging.get_logger(__name__)
@@ -126,6 +128,15 @@ class DraftTrainingArguments:
             "help": "give each draft step the token before its token too, so that one attention hop can copy what "
             "followed an earlier occurrence of the current token (an induction lookup); with --init-draft from a "
             "draft without it, its weights start at zero and the draft starts out predicting as the saved one"
+        },
+    )
+    copy_max_ngram: int = field(
+        default=0,
+        metadata={
+            "help": "give the draft a copy head matching up to this many tokens (0: none): each step also proposes "
+            "what followed the longest earlier match of the text so far, and a learned gate mixes that proposal in; "
+            "the gate is fitted on the training features after the phases (with --init-draft and no epochs, the "
+            "init draft's other weights stay as they were)"
         },
     )
     num_steps: int = field(default=3, metadata={"help": "aligned draft steps unrolled in training"})
@@ -261,16 +272,20 @@ def load_init_draft(
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
     if saved.config.previous_token_input and not draft.config.previous_token_input:
         differing.append("previous_token_input")
+    if saved.config.copy_max_ngram and saved.config.copy_max_ngram != draft.config.copy_max_ngram:
+        differing.append("copy_max_ngram")
     saved_layers, new_layers = list(saved.config.feature_layers), list(draft.config.feature_layers)
     if saved_layers != new_layers and not set(saved_layers) < set(new_layers):
         differing.append("feature_layers")
     if differing:
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
         raise ValueError(
-            f"--init-draft {path} does not fit this run ({details}); a run may add feature layers or the "
-            "previous-token input to the draft's."
+            f"--init-draft {path} does not fit this run ({details}); a run may add feature layers, the "
+            "previous-token input or a copy head to the draft's."
         )
     state = saved.state_dict()
+    if draft.copy_gate is not None and saved.copy_gate is None:  # a new copy head keeps its initial gate
+        state.update({f"copy_gate.{k}": v for k, v in draft.copy_gate.state_dict().items()})
     if draft.config.previous_token_input and not saved.config.previous_token_input:
         state.update(_widened_token_inputs(saved))
     if saved_layers != new_layers:
@@ -284,6 +299,18 @@ def load_init_draft(
         return vocabulary
     draft.load_state_dict(state)
     return saved.draft_to_target
+
+
+@contextmanager
+def _copy_head_as_saved(draft: PrismDraftModel, init_draft: str | Path) -> Iterator[None]:
+    """The init draft as saved: a copy head that this run adds sits out of its held-out score."""
+    gate = draft.copy_gate
+    if gate is not None and not PrismConfig.from_pretrained(init_draft).copy_max_ngram:
+        draft.copy_gate = None
+    try:
+        yield
+    finally:
+        draft.copy_gate = gate
 
 
 def _widened_token_inputs(saved: PrismDraftModel) -> dict[str, torch.Tensor]:
@@ -421,8 +448,11 @@ def train_draft(
         )
     if not 0.0 < args.heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {args.heldout_fraction}.")
-    if args.warmup_epochs <= 0 and args.finetune_epochs <= 0:
-        raise ValueError("warmup_epochs and finetune_epochs are both 0: there is nothing to train.")
+    if args.warmup_epochs <= 0 and args.finetune_epochs <= 0 and not (args.copy_max_ngram and args.init_draft):
+        raise ValueError(
+            "warmup_epochs and finetune_epochs are both 0: there is nothing to train (without epochs, a run can "
+            "only fit the copy head of an --init-draft: --copy-max-ngram)."
+        )
     if args.init_draft is not None and args.init_from_target:
         raise ValueError("init_draft and init_from_target both initialise the draft: choose one.")
     if args.recount_vocabulary and (args.init_draft is None or args.draft_vocab_size is None):
@@ -538,6 +568,8 @@ def train_draft(
         overrides["intermediate_size"] = args.intermediate_size
     if args.previous_token_input:
         overrides["previous_token_input"] = True
+    if args.copy_max_ngram:
+        overrides["copy_max_ngram"] = args.copy_max_ngram
     draft_vocab_size = args.draft_vocab_size
     if draft_vocab_size is not None and draft_vocab_size >= target.config.get_text_config().vocab_size:
         draft_vocab_size = None  # nothing to leave out: the draft head is the target's own
@@ -619,7 +651,8 @@ def train_draft(
         if resume and initial_path.is_file():
             initial_heldout = json.loads(initial_path.read_text())
         else:
-            initial_heldout = {"metrics": evaluate(draft).to_dict(prefix="")}
+            with _copy_head_as_saved(draft, args.init_draft):
+                initial_heldout = {"metrics": evaluate(draft).to_dict(prefix="")}
             if accelerator.is_main_process:
                 checkpoints.mkdir(parents=True, exist_ok=True)
                 initial_path.write_text(json.dumps(initial_heldout) + "\n")
@@ -685,7 +718,20 @@ def train_draft(
             compile_loss=args.compile_loss,
         )
         run_phase("finetune", draft, finetune, epochs_to_updates(args.finetune_epochs), args.seed + 1000 + rank)
-    final_heldout = heldout_results["finetune" if args.finetune_epochs > 0 else "warmup"]
+    last_phase = "finetune" if args.finetune_epochs > 0 else "warmup" if args.warmup_epochs > 0 else None
+    final_heldout = heldout_results[last_phase] if last_phase else {"metrics": initial_heldout["metrics"]}
+    copy_gate_fit = None
+    if draft.copy_gate is not None:
+        # the gate's few parameters, fitted with the trained draft fixed: one pass over the training features
+        fit = fit_copy_gate(
+            draft, store.batches(args.batch_size, seed=args.seed + 2000 + rank), args.num_steps, progress=progress
+        )
+        if world > 1:  # each process fitted on its own batches: all take the main process's gate
+            for param in draft.copy_gate.parameters():
+                param.data.copy_(broadcast(param.data.clone(), from_process=0))
+        copy_gate_fit = {**fit.to_dict(), "gate_weight": draft.copy_gate.weight.tolist()}
+        copy_gate_fit["gate_bias"] = float(draft.copy_gate.bias)
+        final_heldout = {"metrics": evaluate(draft).to_dict(prefix="")}
 
     # every process must hold the same weights; a checksum per process makes that visible in the record
     checksum = torch.stack([p.detach().double().sum() for p in draft.parameters()]).sum().reshape(1)
@@ -705,6 +751,7 @@ def train_draft(
             **{f"heldout_{key}": value for key, value in final_heldout["metrics"].items()},
             "heldout_by_phase": heldout_results,
             **({"heldout_init_draft": initial_heldout} if initial_heldout is not None else {}),
+            **({"copy_gate_fit": copy_gate_fit} if copy_gate_fit is not None else {}),
             "data_kind": "replies dataset" if all(is_replies) else "mixed" if any(is_replies) else "conversations",
             "feature_seconds": round(feature_seconds, 1),
             # features read from --feature-cache-dir cost no target forwards: the speed counts computed tokens only
