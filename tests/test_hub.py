@@ -288,7 +288,8 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
     def metrics(tau: float, step1: float, tokens: int) -> dict:
         return {"predicted_tau": [1.1, tau], "step_accuracy": [step1, 0.1], "num_tokens": tokens}
 
-    args.update(init_draft="chat-draft", warmup_epochs=0.0, recount_vocabulary=True, finetune_learning_rate=2e-4)
+    args.update(init_draft="chat-draft", warmup_epochs=0.0, finetune_epochs=1.0, recount_vocabulary=True)
+    args.update(finetune_learning_rate=2e-4)
     args_path.write_text(json.dumps(args))
     record["heldout_by_source"] = {
         "python-functions": metrics(1.5884, 0.3704, 9268),
