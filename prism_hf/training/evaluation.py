@@ -94,31 +94,32 @@ class _ChainCounts:
         )
 
 
-def _chunked_argmax(head, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """`head(hidden).argmax(-1)`, a few positions at a time: a sequence's whole-vocabulary logits take gigabytes."""
+def _chunked_argmax(head, hidden: torch.Tensor, *columns: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """
+    `head(hidden, *columns).argmax(-1)`, a few positions at a time (each of `columns` holds one value per position):
+    a sequence's whole-vocabulary logits take gigabytes.
+    """
     flat = hidden.reshape(-1, hidden.shape[-1])
-    tops = [head(flat[start : start + chunk]).argmax(-1) for start in range(0, flat.shape[0], chunk)]
+    columns = tuple(column.reshape(-1) for column in columns)
+    tops = [
+        head(flat[start : start + chunk], *(column[start : start + chunk] for column in columns)).argmax(-1)
+        for start in range(0, flat.shape[0], chunk)
+    ]
+    if not tops:
+        return torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
     return torch.cat(tops).reshape(hidden.shape[:-1])
 
 
 def drafted_tokens(
-    draft: PrismDraftModel,
-    hidden: torch.Tensor,
-    proposals: tuple[torch.Tensor, torch.Tensor] | None = None,
-    chunk: int = 256,
+    draft: PrismDraftModel, hidden: torch.Tensor, proposals: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> torch.Tensor:
     """
     The draft-vocabulary token a draft step picks from each row of draft features `hidden` (`[rows, hidden]`), with
-    the copy head's `(proposals, lengths)` of those rows mixed in when given; a few rows at a time, since whole-
-    vocabulary logits of a sequence take gigabytes.
+    the copy head's `(proposals, lengths)` of those rows mixed in when given.
     """
-    tops = []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = draft.compute_logits(hidden[start : start + chunk])
-        if proposals is not None:
-            logits = draft.mix_copy(logits, *(column[start : start + chunk] for column in proposals))
-        tops.append(logits.argmax(-1))
-    return torch.cat(tops) if tops else torch.zeros(0, dtype=torch.long, device=hidden.device)
+    if proposals is None:
+        return _chunked_argmax(draft.compute_logits, hidden)
+    return _chunked_argmax(lambda rows, *copy: draft.mix_copy(draft.compute_logits(rows), *copy), hidden, *proposals)
 
 
 def predicted_tau(conditional_accuracy: list[float]) -> list[float]:
