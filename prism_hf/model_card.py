@@ -84,7 +84,7 @@ Pin a version with `revision=` (a commit id) in `from_pretrained`, or `prism_dra
 {num_modules} modules (step map {step_module_map}), each `fc` ({fc_inputs} -> {hidden}) + one decoder layer
 (hidden {hidden}, MLP {intermediate}, {heads} heads / {kv_heads} KV heads); draft vocabulary
 {draft_vocab}; features from target hidden states {feature_layers}; {params:.1f}M parameters of its own (the
-target's embedding and LM head are shared, not stored); {num_draft_tokens} draft tokens per round by default.
+target's embedding and LM head are shared, not stored). {drafting}
 {copy_head}The draft checks that a target fits before drafting: {verifier_model_type}, hidden size {verifier_hidden},
 vocabulary {verifier_vocab}, {verifier_layers} layers.
 
@@ -221,7 +221,7 @@ def write_model_card(
         draft_vocab=config.get("draft_vocab_size") or "full",
         feature_layers=config["feature_layers"],
         params=params / 1e6,
-        num_draft_tokens=config["num_draft_tokens"],
+        drafting=_drafting_defaults(config),
         verifier_model_type=config.get("verifier_model_type"),
         verifier_hidden=config.get("verifier_hidden_size"),
         verifier_vocab=config.get("verifier_vocab_size"),
@@ -614,6 +614,23 @@ def _row(row: dict[str, Any]) -> str:
             f"{row.get('identical')}/{row.get('prompts')}",
         ]
     )
+
+
+def _drafting_defaults(config: dict) -> str:
+    """The round length and stops the config sets: what `generate(assistant_model=draft)` does unless told."""
+    text = f"By default a round drafts up to {config['num_draft_tokens']} tokens"
+    threshold = config.get("draft_confidence_threshold", 0.5)
+    if threshold:
+        if config.get("draft_confidence_rule", "token") == "path":
+            text += f", ending once the product of its tokens' draft probabilities falls below {threshold}"
+        else:
+            text += f", ending after a token of draft probability below {threshold}"
+    if config.get("copy_streak_tokens"):
+        text += (
+            f"; once the copy lookup matches a full {config['copy_max_ngram']} tokens it copies the continuation"
+            f" without draft steps, up to {max(config['copy_streak_tokens'], config['num_draft_tokens'])} tokens"
+        )
+    return text + "."
 
 
 def _describe_target(name: str | None) -> str:

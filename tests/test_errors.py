@@ -105,6 +105,10 @@ def test_feature_layer_out_of_range(target):
         ({"num_draft_tokens_schedule": "fast"}, "`num_draft_tokens_schedule` must be one of"),
         ({"draft_confidence_threshold": 1.5}, "`draft_confidence_threshold` must be a probability between 0 and 1"),
         ({"draft_confidence_threshold": float("nan")}, "`draft_confidence_threshold` must be a probability"),
+        (
+            {"draft_confidence_rule": "joint"},
+            r"`draft_confidence_rule` must be one of \('token', 'path'\), got 'joint'",
+        ),
     ],
 )
 def test_invalid_config(fields, message):

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 from conftest import VOCAB, draft_config_set, training_prompts
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import prism_hf
+from prism_hf.generation_prism import PrismCandidateGenerator
 from prism_hf.modeling_prism import CopyIndex, copy_candidates
 
 
@@ -114,6 +115,26 @@ def test_confidence_threshold_ends_rounds_early_and_matches(llama_target, traine
     assert full["drafted"] > 4 * full["verifications"]
     assert gated["drafted"] < 0.8 * 6 * gated["verifications"] and gated["stops"] > 0
     assert gated["accepted"] > 0
+
+
+@pytest.mark.parametrize(("rule", "drafted"), [("token", 6), ("path", 4)])
+def test_confidence_rule_picks_the_probability_compared(llama_target, trained_llama_draft, rule, drafted):
+    """Tokens of probability 0.9 each: one never falls below 0.7, their product does at the 4th (0.9**4 < 0.7)."""
+    prompt = training_prompts()[0][None]
+    config = GenerationConfig(num_assistant_tokens=6, assistant_confidence_threshold=0.7, max_length=99)
+    with draft_config_set(trained_llama_draft, draft_confidence_rule=rule, num_draft_tokens_schedule="constant"):
+        generator = PrismCandidateGenerator(trained_llama_draft, llama_target, prompt, config, None, {})
+
+    def next_token(candidate_ids, draft_hidden):
+        logits = torch.full((1, VOCAB), -1e9)
+        logits[0, :2] = torch.tensor([0.9, 0.1]).log()
+        return torch.zeros(1, 1, dtype=torch.long), logits
+
+    generator._next_token = next_token
+    outputs = llama_target(prompt, output_hidden_states=True)
+    candidates, logits = generator.get_candidates(prompt, model_outputs=outputs, is_first_iteration=False)
+    assert candidates.shape[1] - prompt.shape[1] == drafted == logits.shape[1]
+    assert generator.stats.confidence_stops == (rule == "path")
 
 
 def test_eos_stops_generation_like_plain(llama_target, trained_llama_draft):
@@ -349,17 +370,40 @@ def test_mix_copy_moves_the_gate_share_onto_the_proposal(tiny_target):
     assert torch.equal(prism_hf.PrismDraftModel.from_target(tiny_target).mix_copy(logits, proposals, lengths), logits)
 
 
-def test_copy_head_draft_matches_plain_and_saves(tiny_target, tmp_path):
+@pytest.mark.parametrize("copy_streak_tokens", [0, 9])
+def test_copy_head_draft_matches_plain_and_saves(tiny_target, tmp_path, copy_streak_tokens):
     """A gate that trusts the copy proposal (g = 0.998): the drafts are mostly copies, the output stays exact."""
-    draft = prism_hf.PrismDraftModel.from_target(tiny_target, copy_max_ngram=4)
+    draft = prism_hf.PrismDraftModel.from_target(tiny_target, copy_max_ngram=4, copy_streak_tokens=copy_streak_tokens)
     with torch.no_grad():
         draft.copy_gate.bias.fill_(6.0)
     prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
     assisted = assert_same_as_plain(tiny_target, draft, prompt, max_new_tokens=60)
-    assert draft.last_generation_stats.drafted_tokens > 0
+    stats = draft.last_generation_stats
+    assert stats.drafted_tokens > 0
+    # this random target falls into a loop, so full 4-token matches come up and streaks draft them
+    assert (stats.copied_tokens > 0) == bool(copy_streak_tokens)
     draft.save_pretrained(tmp_path)
     reloaded = prism_hf.PrismDraftModel.from_pretrained(tmp_path)
-    assert reloaded.config.copy_max_ngram == 4
+    assert (reloaded.config.copy_max_ngram, reloaded.config.copy_streak_tokens) == (4, copy_streak_tokens)
     for name, value in draft.state_dict().items():
         assert torch.equal(value, reloaded.state_dict()[name]), name
     assert torch.equal(tiny_target.generate(prompt, assistant_model=reloaded, max_new_tokens=60), assisted)
+
+
+def test_copy_streak_drafts_the_copied_continuation_with_probability_one(tiny_target):
+    """A full match at the round's start: the streak copies 6 tokens (past `num_draft_tokens` = 2), no draft step."""
+    draft = prism_hf.PrismDraftModel.from_target(
+        tiny_target, copy_max_ngram=4, copy_streak_tokens=6, num_draft_tokens=2
+    )
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8]])
+    config = GenerationConfig(max_length=99)
+    generator = PrismCandidateGenerator(draft, tiny_target, prompt, config, None, {})
+    assert generator.num_drafting_tokens == 6
+    outputs = tiny_target(prompt, output_hidden_states=True)
+    candidates, logits = generator.get_candidates(prompt, model_outputs=outputs, is_first_iteration=False)
+    assert candidates[0, prompt.shape[1] :].tolist() == [9, 10, 11, 12, 5, 6]
+    assert torch.equal(
+        logits.softmax(-1), torch.nn.functional.one_hot(candidates[:, prompt.shape[1] :], VOCAB).float()
+    )
+    assert generator.stats.copied_tokens == 6
+    assert len(generator.cache) == prompt.shape[1] - 1  # only the extend pass wrote draft keys: no draft step ran

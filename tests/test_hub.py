@@ -256,6 +256,27 @@ def test_card_states_the_time_spent_regenerating_replies(draft_copy):
     assert f"- Time: 3195.1 s on cpu, {machine} (target features: 290.0 s)." in card
 
 
+def test_card_states_the_drafting_defaults_of_the_config(draft_copy):
+    from prism_hf.model_card import write_model_card
+
+    config_path = draft_copy / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(num_draft_tokens=6, draft_confidence_threshold=0.5, draft_confidence_rule="token")
+    config.update(copy_streak_tokens=0)
+    config_path.write_text(json.dumps(config))
+    card = write_model_card(draft_copy).read_text()
+    assert "By default a round drafts up to 6 tokens, ending after a token of draft probability below 0.5." in card
+    config.update(num_draft_tokens=10, draft_confidence_threshold=0.25, draft_confidence_rule="path")
+    config.update(copy_max_ngram=8, copy_streak_tokens=16)
+    config_path.write_text(json.dumps(config))
+    card = write_model_card(draft_copy).read_text()
+    assert (
+        "By default a round drafts up to 10 tokens, ending once the product of its tokens' draft probabilities falls "
+        "below 0.25; once the copy lookup matches a full 8 tokens it copies the continuation without draft steps, up "
+        "to 16 tokens."
+    ) in card.replace("\n", " ")
+
+
 def test_card_names_every_dataset_trained_on(draft_copy):
     from prism_hf.model_card import card_metadata, write_model_card
 

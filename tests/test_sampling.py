@@ -34,15 +34,19 @@ def chi2_quantile_999(df: int) -> float:
 
 
 @pytest.mark.parametrize(
-    ("int8", "confidence_threshold", "copy_max_ngram"),
-    [(False, 0.0, 0), (True, 0.0, 0), (False, 0.3, 0), (False, 0.0, 2)],
-    ids=["float32-draft", "int8-draft", "confidence-stopped-rounds", "copy-head"],
+    ("int8", "confidence_threshold", "copy_max_ngram", "copy_streak_tokens"),
+    [(False, 0.0, 0, 0), (True, 0.0, 0, 0), (False, 0.3, 0, 0), (False, 0.0, 2, 0), (False, 0.0, 1, 3)],
+    ids=["float32-draft", "int8-draft", "confidence-stopped-rounds", "copy-head", "copy-streaks"],
 )
-def test_sampled_tokens_follow_the_target_distribution(int8, confidence_threshold, copy_max_ngram):
+def test_sampled_tokens_follow_the_target_distribution(int8, confidence_threshold, copy_max_ngram, copy_streak_tokens):
     target = make_peaked_llama(VOCAB, seed=0)
     # a random draft proposes from a distribution far from the target's: only exact rejection sampling fixes that
     draft = prism_hf.PrismDraftModel.from_target(
-        target, initializer_range=1.0, draft_vocab_size=VOCAB, copy_max_ngram=copy_max_ngram
+        target,
+        initializer_range=1.0,
+        draft_vocab_size=VOCAB,
+        copy_max_ngram=copy_max_ngram,
+        copy_streak_tokens=copy_streak_tokens,
     )
     if copy_max_ngram:  # a gate that puts most of each step's probability on the copy proposal (g = 0.88)
         with torch.no_grad():
@@ -61,18 +65,21 @@ def test_sampled_tokens_follow_the_target_distribution(int8, confidence_threshol
 
     torch.manual_seed(1)
     plain = target.generate(prompt.repeat(SAMPLES, 1), **kwargs)[:, start : start + 3]
-    assisted_rows, accepted, stops = [], 0, 0
+    assisted_rows, accepted, stops, copied = [], 0, 0, 0
     for _ in range(SAMPLES):
         assisted = target.generate(prompt, assistant_model=draft, num_assistant_tokens=3, **kwargs)
         assisted_rows.append(assisted[0, start : start + 3])
         accepted += draft.last_generation_stats.accepted_tokens
         stops += draft.last_generation_stats.confidence_stops
+        copied += draft.last_generation_stats.copied_tokens
     assisted = torch.stack(assisted_rows)
     # (this target seldom repeats itself, so copy proposals are mostly rejected; a generator that sampled them but
     # reported the draft's own q would still fail the statistic)
     assert accepted > SAMPLES // (20 if copy_max_ngram else 4), "the draft must get tokens accepted to mean anything"
     if confidence_threshold:  # the threshold must have ended rounds early for the test to mean anything
         assert stops > SAMPLES // 10, stops
+    if copy_streak_tokens:  # with 1-token matches and a prompt holding every token, every round is a copy streak
+        assert copied > SAMPLES // 10, copied
 
     for name, key in [
         ("first token", lambda row: row[0]),

@@ -7,6 +7,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 DRAFT_LENGTH_SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+DRAFT_CONFIDENCE_RULES = ("token", "path")
 
 
 def check_confidence_threshold(name: str, value: Any) -> None:
@@ -68,6 +69,12 @@ class PrismConfig(PretrainedConfig):
             part of the step's probability on that token, from the match length and the draft's own log-probabilities
             of the proposed and of its best token. A draft layer has to learn copying from data, and barely does
             (docs/training.md); the lookup copies by construction and the gate learns when to trust it.
+        copy_streak_tokens (`int`, *optional*, defaults to 0):
+            With a copy head, what a round does once the lookup matches a full `copy_max_ngram` tokens: 0 goes on
+            drafting as usual; N > 0 stops calling the draft and drafts the copied continuation itself, each token
+            with probability 1 (no draft step, no confidence stop), until the round holds N tokens (or
+            `num_draft_tokens`, if larger). A full match is rarely wrong (0.92 of step-1 proposals at 8 tokens
+            matched SmolLM2-135M's next token on held-out replies), so such tokens cost only their verification.
         draft_vocab_size (`int`, *optional*):
             Size of a reduced draft vocabulary (the most frequent verifier tokens). `None` drafts over the full
             verifier vocabulary. The chosen ids are stored in the checkpoint as the `draft_to_target` buffer.
@@ -84,6 +91,12 @@ class PrismConfig(PretrainedConfig):
             assistant_confidence_threshold=...)` replaces it for one call (except transformers' default 0.4, which
             `generate()` fills in when the call leaves it unset). 0 drafts every round to its full length. Up to 6
             tokens stopped at 0.5 was the fastest setting measured on a CPU (docs/prism-in-generate.md#draft-length).
+        draft_confidence_rule (`str`, *optional*, defaults to `"token"`):
+            Which probability `draft_confidence_threshold` is compared with. `"token"` (transformers' rule for its
+            assistant models): that of the token just drafted. `"path"`: the product of the probabilities of all the
+            round's tokens so far, the draft's estimate that the whole round is accepted (EAGLE-2's path score), so
+            a run of tokens that are each only fairly likely ends the round too, while a sure run goes on to
+            `num_draft_tokens`.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the SwiGLU MLP.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -118,10 +131,12 @@ class PrismConfig(PretrainedConfig):
         feature_layers: list[int] | None = None,
         previous_token_input: bool = False,
         copy_max_ngram: int = 0,
+        copy_streak_tokens: int = 0,
         draft_vocab_size: int | None = None,
         num_draft_tokens: int = 6,
         num_draft_tokens_schedule: str = "constant",
         draft_confidence_threshold: float = 0.5,
+        draft_confidence_rule: str = "token",
         hidden_act: str = "silu",
         initializer_range: float = 0.02,
         verifier_name_or_path: str | None = None,
@@ -145,10 +160,12 @@ class PrismConfig(PretrainedConfig):
         self.feature_layers = list(feature_layers) if feature_layers is not None else [-1]
         self.previous_token_input = previous_token_input
         self.copy_max_ngram = copy_max_ngram
+        self.copy_streak_tokens = copy_streak_tokens
         self.draft_vocab_size = draft_vocab_size
         self.num_draft_tokens = num_draft_tokens
         self.num_draft_tokens_schedule = num_draft_tokens_schedule
         self.draft_confidence_threshold = draft_confidence_threshold
+        self.draft_confidence_rule = draft_confidence_rule
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.verifier_name_or_path = verifier_name_or_path
@@ -177,6 +194,11 @@ class PrismConfig(PretrainedConfig):
         ngram = self.copy_max_ngram
         if isinstance(ngram, bool) or not isinstance(ngram, int) or ngram < 0:
             raise ValueError(f"`copy_max_ngram` must be an integer >= 0 (0: no copy head), got {ngram!r}.")
+        streak = self.copy_streak_tokens
+        if isinstance(streak, bool) or not isinstance(streak, int) or streak < 0:
+            raise ValueError(f"`copy_streak_tokens` must be an integer >= 0 (0: no copy streaks), got {streak!r}.")
+        if streak and not ngram:
+            raise ValueError("`copy_streak_tokens` drafts what the copy head matches: set `copy_max_ngram` too.")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "
@@ -190,6 +212,10 @@ class PrismConfig(PretrainedConfig):
         if self.num_draft_tokens < 1:
             raise ValueError(f"`num_draft_tokens` must be >= 1, got {self.num_draft_tokens}.")
         check_confidence_threshold("draft_confidence_threshold", self.draft_confidence_threshold)
+        if self.draft_confidence_rule not in DRAFT_CONFIDENCE_RULES:
+            raise ValueError(
+                f"`draft_confidence_rule` must be one of {DRAFT_CONFIDENCE_RULES}, got {self.draft_confidence_rule!r}."
+            )
 
     def is_final_feature_layer(self, layer: int) -> bool:
         """Whether `hidden_states[layer]` is the verifier's last, normalised state (`-1`, or its layer count)."""

@@ -99,6 +99,7 @@ class SpeculationStats:
     accepted_tokens: int = 0
     draft_seconds: float = 0.0
     confidence_stops: int = 0  # rounds that ended before their draft length at a token below the confidence threshold
+    copied_tokens: int = 0  # tokens a copy streak drafted without a draft step (`PrismConfig.copy_streak_tokens`)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -161,11 +162,14 @@ class PrismCandidateGenerator(CandidateGenerator):
     `"constant"`, a confidence threshold of 0.4) cannot be told apart from "unset" and defer to the draft config.
     A round also ends early after a token the draft gave less than `assistant_confidence_threshold` of probability
     (else the config's `draft_confidence_threshold`), so rounds are long where the draft is sure and short where it
-    guesses.
+    guesses; with the config's `draft_confidence_rule="path"` the probability compared is the product over the
+    round's tokens so far.
 
     A draft with a copy head (`PrismConfig.copy_max_ngram`) keeps a [`CopyIndex`] of the accepted text (the drafted
     tokens of a round in its speculative overlay) and draws each token from the draft's distribution mixed with the
-    index's proposal ([`PrismDraftModel.mix_copy`]), exactly as in training.
+    index's proposal ([`PrismDraftModel.mix_copy`]), exactly as in training. With `PrismConfig.copy_streak_tokens`, a
+    round whose lookup matches a full `copy_max_ngram` tokens drafts the copied continuation itself from there (a
+    copy streak: probability 1 per token, which is the candidate distribution sampling checks against).
     """
 
     requires_model_outputs = True
@@ -192,6 +196,7 @@ class PrismCandidateGenerator(CandidateGenerator):
             threshold = draft_model.config.draft_confidence_threshold
         check_confidence_threshold("assistant_confidence_threshold", threshold)
         self.confidence_threshold = float(threshold)
+        self.confidence_rule = draft_model.config.draft_confidence_rule
         draft_model.bind_target(target)
         self.draft = draft_model
         self.do_sample = bool(generation_config.do_sample)
@@ -200,6 +205,8 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.cache = PrismDraftCache()
         self.num_cached_pairs = 0
         self.copy_index = CopyIndex(draft_model.config.copy_max_ngram) if draft_model.config.copy_max_ngram else None
+        self.copy_streak_tokens = draft_model.config.copy_streak_tokens if self.copy_index is not None else 0
+        self.vocab_width = 0  # of the target's logits (a copy streak's one-hot candidate logits take it)
         self.stats = SpeculationStats()
         self._round_is_prefill = True
         draft_model.last_generation_stats = self.stats
@@ -214,9 +221,10 @@ class PrismCandidateGenerator(CandidateGenerator):
     def num_drafting_tokens(self) -> int:
         """
         The most tokens the next round drafts (transformers >= 5.25 reads it to size the target cache's rollback of
-        recurrent states); like transformers' own drafters, the current length, which the heuristic schedules adapt.
+        recurrent states); like transformers' own drafters, the current length, which the heuristic schedules adapt,
+        or a copy streak's length if longer.
         """
-        return self.num_draft_tokens
+        return max(self.num_draft_tokens, self.copy_streak_tokens)
 
     @torch.no_grad()
     def get_candidates(
@@ -235,11 +243,15 @@ class PrismCandidateGenerator(CandidateGenerator):
             raise ValueError("PRISM drafting needs the target's hidden states; the verification pass returned none.")
         began = time.perf_counter()
         draft_hidden = self._extend(input_ids, model_outputs.hidden_states)
-        length = min(self.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        self.vocab_width = model_outputs.logits.shape[-1]
+        budget = self.max_length - input_ids.shape[1] - 1
+        length = min(self.num_draft_tokens, budget)
         if length < 1:
             self.stats.draft_seconds += time.perf_counter() - began
             return input_ids, None
-        candidate_ids, candidate_logits = self._draft(input_ids, draft_hidden, length)
+        candidate_ids, candidate_logits = self._draft(
+            input_ids, draft_hidden, length, min(self.num_drafting_tokens, budget)
+        )
         self.stats.draft_seconds += time.perf_counter() - began
         return candidate_ids, candidate_logits
 
@@ -261,31 +273,54 @@ class PrismCandidateGenerator(CandidateGenerator):
         return hidden[:, -1:]
 
     def _draft(
-        self, input_ids: torch.LongTensor, draft_hidden: torch.Tensor, length: int
+        self, input_ids: torch.LongTensor, draft_hidden: torch.Tensor, length: int, streak_length: int
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """
+        Drafts up to `length` tokens after `input_ids`, or up to `streak_length` once a copy streak starts (the copy
+        lookup matching a full `copy_max_ngram` tokens, with `config.copy_streak_tokens` set).
+        """
         draft = self.draft
         candidate_ids = input_ids
         step_logits = []
-        for step in range(1, length + 1):
-            if step > 1:
-                position = torch.tensor([[self.num_cached_pairs + step - 2]], device=draft.device)
-                module = draft.config.module_for_step(step)
-                token_embeds = draft.embed_pairs(candidate_ids, start=candidate_ids.shape[1] - 2)
-                draft_hidden, new_kv = draft.run_module(module, token_embeds, draft_hidden, position, self.cache.get())
-                self.cache.append(new_kv)
-            token, logits = self._next_token(candidate_ids, draft_hidden)
+        confidence = 1.0
+        streak = False
+        for step in range(1, streak_length + 1):
+            if self.copy_streak_tokens and not streak:
+                proposal, match = self.copy_index.lookup()
+                streak = match >= self.copy_index.max_ngram
+            if streak:
+                token, logits = self._copied_token()
+                self.stats.copied_tokens += 1
+            elif step > length:
+                break
+            else:
+                if step > 1:
+                    position = torch.tensor([[self.num_cached_pairs + step - 2]], device=draft.device)
+                    module = draft.config.module_for_step(step)
+                    token_embeds = draft.embed_pairs(candidate_ids, start=candidate_ids.shape[1] - 2)
+                    draft_hidden, new_kv = draft.run_module(
+                        module, token_embeds, draft_hidden, position, self.cache.get()
+                    )
+                    self.cache.append(new_kv)
+                token, logits = self._next_token(candidate_ids, draft_hidden)
             candidate_ids = torch.cat([candidate_ids, token], dim=-1)
             if self.copy_index is not None:
                 self.copy_index.extend(token[0].tolist(), speculative=True)
             step_logits.append(logits)
-            if (
-                step < length
-                and self.confidence_threshold
-                and float(logits.softmax(-1)[0, token[0, 0]]) < self.confidence_threshold
-            ):
-                self.stats.confidence_stops += 1
-                break
+            if not streak and step < length and self.confidence_threshold:
+                probability = float(logits.softmax(-1)[0, token[0, 0]])
+                confidence = confidence * probability if self.confidence_rule == "path" else probability
+                if confidence < self.confidence_threshold:
+                    self.stats.confidence_stops += 1
+                    break
         return candidate_ids, torch.stack(step_logits, dim=1)
+
+    def _copied_token(self) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """A copy streak's next token, the copy lookup's proposal, and its logits: probability 1 on that token."""
+        proposal, _ = self.copy_index.lookup()
+        logits = torch.full((1, self.vocab_width), float("-inf"), device=self.draft.device)
+        logits[0, proposal] = 0.0
+        return torch.tensor([[proposal]], device=self.draft.device), logits
 
     def _next_token(
         self, candidate_ids: torch.LongTensor, draft_hidden: torch.Tensor
