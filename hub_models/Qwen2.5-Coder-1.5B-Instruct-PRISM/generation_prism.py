@@ -285,11 +285,11 @@ class PrismCandidateGenerator(CandidateGenerator):
         confidence = 1.0
         streak = False
         for step in range(1, streak_length + 1):
-            if self.copy_streak_tokens and not streak:
+            if self.copy_streak_tokens:  # (a streak copies a seen n-gram's continuation, so its match stays full)
                 proposal, match = self.copy_index.lookup()
-                streak = match >= self.copy_index.max_ngram
+                streak = streak or match >= self.copy_index.max_ngram
             if streak:
-                token, logits = self._copied_token()
+                token, logits = self._copied_token(proposal)
                 self.stats.copied_tokens += 1
             elif step > length:
                 break
@@ -315,9 +315,8 @@ class PrismCandidateGenerator(CandidateGenerator):
                     break
         return candidate_ids, torch.stack(step_logits, dim=1)
 
-    def _copied_token(self) -> tuple[torch.LongTensor, torch.FloatTensor]:
-        """A copy streak's next token, the copy lookup's proposal, and its logits: probability 1 on that token."""
-        proposal, _ = self.copy_index.lookup()
+    def _copied_token(self, proposal: int) -> tuple[torch.LongTensor, torch.FloatTensor]:
+        """A copy streak's next token, the copy lookup's `proposal`, and its logits: probability 1 on that token."""
         logits = torch.full((1, self.vocab_width), float("-inf"), device=self.draft.device)
         logits[0, proposal] = 0.0
         return torch.tensor([[proposal]], device=self.draft.device), logits
