@@ -728,6 +728,19 @@ class PrismDraftModel(PrismPreTrainedModel):
         )
         return (logp + log_keep.unsqueeze(-1)).scatter(-1, index, at_proposal.unsqueeze(-1))
 
+    def drafting_logits(
+        self, draft_hidden: torch.Tensor, copy_proposals: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """
+        What a drafting step draws from, over the draft vocabulary: the logits of `draft_hidden` (`compute_logits`),
+        with a copy head's `(proposals, lengths)` of the same rows mixed in (`mix_copy`) when given. Training's loss,
+        held-out evaluation and drafting all score this, so a draft is trained on what it drafts from.
+        """
+        logits = self.compute_logits(draft_hidden)
+        if copy_proposals is None:
+            return logits
+        return self.mix_copy(logits, *copy_proposals)
+
     def to_target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Scatters draft-vocabulary logits into the target vocabulary (tokens outside it get `-inf`)."""
         if self.draft_to_target is None:

@@ -329,11 +329,12 @@ class PrismCandidateGenerator(CandidateGenerator):
         target-vocabulary logits (`[1, vocab]`) it was drawn from.
         """
         draft = self.draft
-        logits = draft.compute_logits(draft_hidden)[:, -1].float()
+        copy_proposals = None
         if self.copy_index is not None:
             proposal, length = self.copy_index.lookup()
             proposal = draft.to_draft_ids(torch.tensor([proposal], device=draft.device))
-            logits = draft.mix_copy(logits, proposal, torch.tensor([length], device=draft.device))
+            copy_proposals = (proposal, torch.tensor([length], device=draft.device))
+        logits = draft.drafting_logits(draft_hidden[:, -1], copy_proposals).float()
         logits = draft.to_target_logits(logits)
         logits = self.logits_processor(candidate_ids, logits.to(candidate_ids.device))
         if self.do_sample:

@@ -118,8 +118,8 @@ def drafted_tokens(
     the copy head's `(proposals, lengths)` of those rows mixed in when given.
     """
     if proposals is None:
-        return _chunked_argmax(draft.compute_logits, hidden)
-    return _chunked_argmax(lambda rows, *copy: draft.mix_copy(draft.compute_logits(rows), *copy), hidden, *proposals)
+        return _chunked_argmax(draft.drafting_logits, hidden)
+    return _chunked_argmax(lambda rows, *copy: draft.drafting_logits(rows, copy), hidden, *proposals)
 
 
 def predicted_tau(conditional_accuracy: list[float]) -> list[float]:

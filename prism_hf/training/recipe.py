@@ -180,9 +180,7 @@ def prism_loss(
         keep = (pair_index >= k - 1).to(torch.float32)
         count = keep.sum().clamp(min=1)
         step_hidden = hidden[:, : token_mask.shape[1]][token_mask]
-        logits = draft.compute_logits(step_hidden)
-        if proposals is not None:
-            logits = draft.mix_copy(logits, *proposals)
+        logits = draft.drafting_logits(step_hidden, proposals)
         per_position, predicted = soft_cross_entropy(logits, target_probs, compile=phase.compile_loss)
         hits = (predicted == target_top1).to(torch.float32)
         ce = (per_position * keep).sum() / count
