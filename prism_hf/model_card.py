@@ -496,6 +496,7 @@ def write_dataset_card(
 # the `prism-hf data` options a dataset's manifest records, in the order its reproducing command names them
 _DATASET_OPTIONS = (
     "source",
+    "skip_prompts",
     "max_prompt_length",
     "max_new_tokens",
     "sampled_fraction",

@@ -216,6 +216,27 @@ def test_too_few_prompts_is_an_error_before_any_reply(tiny_chat_target, chat_dat
     assert sum(len(read_reply_shard(path)) for path in paths) == 10
 
 
+def test_skip_prompts_continues_a_source_in_another_folder(tiny_chat_target, chat_data, tmp_path, one_thread):
+    """A second folder with skip_prompts answers the source's next prompts: no prompt twice, none left out."""
+    first = write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "a", num_prompts=4), progress=False)
+    second = write_reply_dataset(
+        _args(tiny_chat_target, chat_data, tmp_path / "b", num_prompts=4, skip_prompts=4), progress=False
+    )
+    whole = write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "all", num_prompts=8), progress=False)
+    ids = [[row["id"] for path in paths for row in read_reply_shard(path)] for paths in (first, second, whole)]
+    assert ids[0] + ids[1] == ids[2] and len(set(ids[2])) == 8
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["skip_prompts"] == 4
+    assert "skip_prompts" not in json.loads((tmp_path / "a" / "manifest.json").read_text())
+    card = write_dataset_card(tmp_path / "b", base_model="org/tiny").read_text()
+    assert "--num-prompts 4 --source " in card and "--skip-prompts 4 --max-prompt-length" in card
+    with pytest.raises(ValueError, match=r"has only 2 usable prompts after the 8 skipped, fewer than num_prompts=4"):
+        write_reply_dataset(
+            _args(tiny_chat_target, chat_data, tmp_path / "c", num_prompts=4, skip_prompts=8), progress=False
+        )
+    with pytest.raises(ValueError, match="skip_prompts must be 0 or more, got -1"):
+        write_reply_dataset(_args(tiny_chat_target, chat_data, tmp_path / "d", skip_prompts=-1), progress=False)
+
+
 def test_benchmark_prompts_never_become_training_prompts(tiny_chat_target, tmp_path, one_thread):
     question = load_spec_bench(limit_per_category=1)[0].text
     benchmark = BenchmarkFilter.default()

@@ -80,6 +80,14 @@ class ReplyDatasetArguments:
         },
     )
     num_prompts: int = field(default=1024, metadata={"help": "prompts to answer, held-out ones included"})
+    skip_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "prompts of the source to pass over before the first one answered: a new folder continues where "
+            "another dataset of the same source ends (e.g. written with another dtype) instead of answering its "
+            "prompts again"
+        },
+    )
     max_prompt_length: int = field(default=1024, metadata={"help": "longest rendered prompt in tokens"})
     max_new_tokens: int = field(default=512, metadata={"help": "longest reply"})
     sampled_fraction: float = field(
@@ -108,6 +116,8 @@ class ReplyDatasetArguments:
         for volatile in ("output_dir", "num_prompts", "batch_size", "max_batch_tokens", "num_workers"):
             # batch sizes change speed, not the prompts or the sampling seeds of a shard
             fields.pop(volatile)
+        if not self.skip_prompts:
+            fields.pop("skip_prompts")  # absent from manifests written before the option existed
         fields.update(
             format_version=FORMAT_VERSION,
             target_fingerprint=target_fingerprint,
@@ -159,6 +169,7 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
         records = iter_written_prompts(args.source, tokenizer)
     else:
         records = iter_conversation_records(args.source)
+    to_skip = args.skip_prompts
     for conversation_id, row_id, messages in records:
         if benchmark.overlaps_chat(messages):
             continue
@@ -170,6 +181,9 @@ def iter_prompts(args: ReplyDatasetArguments, tokenizer: PreTrainedTokenizerBase
                 break  # later turns only get longer
             candidates.append(ids)
         if not candidates:
+            continue
+        if to_skip:
+            to_skip -= 1
             continue
         choice = int(_unit(f"{args.seed}/turn/{conversation_id}") * len(candidates))
         # ShareGPT conversations the benchmark holds out (`--prompt-sets sharegpt-heldout sharegpt-copy`) stay out of
@@ -561,6 +575,8 @@ def write_reply_dataset(
 
     if args.num_prompts < 1 or args.shard_size < 1 or args.batch_size < 1 or args.num_workers < 1:
         raise ValueError("num_prompts, shard_size, batch_size and num_workers must be positive.")
+    if args.skip_prompts < 0:
+        raise ValueError(f"skip_prompts must be 0 or more, got {args.skip_prompts}.")
     if not 0.0 <= args.sampled_fraction <= 1.0 or not 0.0 <= args.heldout_fraction < 1.0:
         raise ValueError("sampled_fraction must be in [0, 1] and heldout_fraction in [0, 1).")
     if args.sampled_fraction > 0 and args.temperature <= 0:
@@ -599,8 +615,9 @@ def write_reply_dataset(
         available = sum(1 for _ in islice(iter_prompts(args, tokenizer), args.num_prompts))
         if available < args.num_prompts:
             raise ValueError(
-                f"{args.source!r} has only {available} usable prompts, fewer than num_prompts={args.num_prompts}: "
-                f"ask for at most {available}."
+                f"{args.source!r} has only {available} usable prompts"
+                + (f" after the {args.skip_prompts} skipped" if args.skip_prompts else "")
+                + f", fewer than num_prompts={args.num_prompts}: ask for at most {available}."
             )
     if model is not None or args.num_workers == 1:
         _write_shards(args, model, tokenizer, worker=0, num_workers=1, progress=progress)
