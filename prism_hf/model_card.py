@@ -297,11 +297,17 @@ def _heldout_text(record: dict) -> str:
             f"{source} {_short_metrics(metrics)}" for source, metrics in record["heldout_by_source"].items()
         )
         text += "."
+    if record.get("heldout_by_mode"):
+        text += " By how the target wrote the reply: " + "; ".join(
+            f"{mode} {_short_metrics(metrics)}" for mode, metrics in record["heldout_by_mode"].items()
+        )
+        text += " (greedy `generate` meets the greedy kind)."
     started = (record.get("heldout_init_draft") or {}).get("metrics")
     if started:
         text += f" The draft this run started from, on the same conversations: {_short_metrics(started)}"
-        if started.get("by_source"):
-            text += " (" + "; ".join(f"{s} {_short_metrics(m)}" for s, m in started["by_source"].items()) + ")"
+        groups = {**started.get("by_source", {}), **started.get("by_mode", {})}
+        if groups:
+            text += " (" + "; ".join(f"{s} {_short_metrics(m)}" for s, m in groups.items()) + ")"
         text += "."
     return text
 

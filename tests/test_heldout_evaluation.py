@@ -119,6 +119,39 @@ def test_numbers_by_source_are_each_source_scored_alone(llama_target, trained_ll
         evaluate_draft(trained_llama_draft, batches, num_steps=3, sources=sources[:3])
 
 
+def test_numbers_by_mode_split_greedy_from_sampled_replies(llama_target, trained_llama_draft):
+    """`modes` adds each reply mode's own numbers; a sequence of unknown mode (None) counts in the pooled ones only."""
+    prompts = training_prompts(num=4)
+    greedy = llama_target.generate(prompts, do_sample=False, max_new_tokens=16, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    sampled = llama_target.generate(
+        prompts, do_sample=True, top_k=0, max_new_tokens=16, pad_token_id=0, eos_token_id=None
+    )
+    trained_llama_draft.bind_target(llama_target)
+
+    def features(sequences: torch.Tensor, row: int):
+        loss_mask = torch.zeros_like(sequences[row : row + 1])
+        loss_mask[:, prompts.shape[1] :] = 1
+        return compute_target_features(llama_target, sequences[row : row + 1], [-1], loss_mask=loss_mask)
+
+    batches = [features(greedy, 0), features(sampled, 1), features(greedy, 2), features(sampled, 3)]
+    modes = ["greedy", "sampled", "greedy", None]
+    metrics = evaluate_draft(trained_llama_draft, batches, num_steps=3, modes=modes)
+    assert metrics.by_source is None and list(metrics.by_mode) == ["greedy", "sampled"]
+    assert metrics.by_mode["greedy"] == evaluate_draft(trained_llama_draft, batches[0:3:2], num_steps=3)
+    assert metrics.by_mode["sampled"] == evaluate_draft(trained_llama_draft, batches[1:2], num_steps=3)
+    assert metrics.to_dict(prefix="")["by_mode"]["greedy"] == metrics.by_mode["greedy"].to_dict(prefix="")
+    # the fourth sequence is in the pooled numbers, not in a mode's
+    pooled = evaluate_draft(trained_llama_draft, batches, num_steps=3)
+    assert metrics.num_tokens == pooled.num_tokens > sum(m.num_tokens for m in metrics.by_mode.values())
+    # the target's own greedy continuation is drafted better than its samples (the draft learnt greedy replies)
+    assert metrics.by_mode["greedy"].step_accuracy[0] > metrics.by_mode["sampled"].step_accuracy[0]
+    # no mode known: no split
+    assert evaluate_draft(trained_llama_draft, batches, num_steps=3, modes=[None] * 4).by_mode is None
+    with pytest.raises(ValueError, match="2 modes for 4 held-out batches: give one mode per batch."):
+        evaluate_draft(trained_llama_draft, batches, num_steps=3, modes=modes[:2])
+
+
 def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_prompts(
     tiny_chat_target, tiny_draft, tmp_path, one_thread
 ):

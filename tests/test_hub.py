@@ -316,6 +316,7 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
         "python-functions": metrics(1.5884, 0.3704, 9268),
         "sharegpt": metrics(1.28, 0.23, 10),
     }
+    record["heldout_by_mode"] = {"greedy": metrics(1.7, 0.45, 6000), "sampled": metrics(1.3, 0.25, 3278)}
     record["heldout_init_draft"] = {
         "metrics": {**metrics(1.2562, 0.21, 9278), "by_source": {"sharegpt": metrics(1.3, 0.2, 10)}}
     }
@@ -327,7 +328,9 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
     ) in card
     assert (
         "By source: python-functions tau 1.588 (step 1 0.370, 9268 tokens); sharegpt tau 1.280 (step 1 0.230, "
-        "10 tokens). The draft this run started from, on the same conversations: tau 1.256 (step 1 0.210, 9278 "
+        "10 tokens). By how the target wrote the reply: greedy tau 1.700 (step 1 0.450, 6000 tokens); sampled tau "
+        "1.300 (step 1 0.250, 3278 tokens) (greedy `generate` meets the greedy kind). The draft this run started "
+        "from, on the same conversations: tau 1.256 (step 1 0.210, 9278 "
         "tokens) (sharegpt tau 1.300 (step 1 0.200, 10 tokens))."
     ) in " ".join(card.split())
 

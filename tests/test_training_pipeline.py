@@ -342,7 +342,7 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     `accelerate launch` with 2 CPU processes on a replies dataset: features split between them, gradients averaged,
     one saved draft.
     """
-    from prism_hf.training.replies import ReplyDatasetArguments, write_reply_dataset
+    from prism_hf.training.replies import ReplyDatasetArguments, read_reply_shard, reply_shards, write_reply_dataset
 
     target_dir, data, _ = tiny_chat_model
     replies = tmp_path / "replies"
@@ -369,6 +369,11 @@ def test_cli_train_runs_on_two_processes_with_accelerate_launch(tiny_chat_model,
     record = json.loads((out / "training_record.json").read_text())
     assert record["num_processes"] == 2 and record["data_kind"] == "replies dataset"
     assert record["num_examples"] + record["heldout_examples"] == 6 and record["heldout_examples"] >= 1
+    # the held-out numbers also come per reply mode, over exactly the modes of the dataset's held-out rows
+    rows = [row for path in reply_shards(replies) for row in read_reply_shard(path)]
+    heldout_rows = [row for row in rows if row["split"] == "heldout"]
+    assert list(record["heldout_by_mode"]) == sorted({row["mode"] for row in heldout_rows})
+    assert sum(m["num_tokens"] for m in record["heldout_by_mode"].values()) == record["heldout_num_tokens"]
     first, second = record["parameter_checksums"]
     assert first == second  # gradients were synchronised: both processes hold the same weights
     # each process computed the features of its own share of each training shard (and all held-out ones)

@@ -12,10 +12,15 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass
 class TrainingExample:
-    """One rendered conversation: token ids and a mask marking assistant tokens (the ones the draft learns)."""
+    """
+    One rendered conversation: token ids and a mask marking assistant tokens (the ones the draft learns). `mode` is
+    how the target wrote the replies of a replies-dataset row ("greedy" or "sampled"), None for conversations
+    trained on as written: held-out numbers are also reported per mode, since sampled replies are far harder to draft.
+    """
 
     input_ids: torch.LongTensor
     loss_mask: torch.LongTensor
+    mode: str | None = None
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool):

@@ -37,6 +37,9 @@ class HeldOutMetrics:
         vocab_coverage (`float`): share of held-out reply tokens inside the draft vocabulary.
         by_source (`dict[str, HeldOutMetrics]`, *optional*): the same numbers for each source of the held-out
             sequences, when [`evaluate_draft`] was told their sources (a code and a chat source score differently).
+        by_mode (`dict[str, HeldOutMetrics]`, *optional*): the same numbers for the target's greedy and its sampled
+            replies, when [`evaluate_draft`] was told them: greedy `generate` meets the greedy kind, and a reply
+            sampled at temperature 1 is far harder to draft, so the pooled figure depends on the mix.
     """
 
     num_tokens: int
@@ -45,13 +48,15 @@ class HeldOutMetrics:
     predicted_tau: list[float]
     vocab_coverage: float
     by_source: dict[str, HeldOutMetrics] | None = None
+    by_mode: dict[str, HeldOutMetrics] | None = None
 
     def to_dict(self, prefix: str = "heldout_") -> dict:
-        """The fields under `prefix`-ed names (`by_source` only when set, its entries without a prefix)."""
+        """The fields under `prefix`-ed names (`by_source` and `by_mode` only when set, their entries unprefixed)."""
         fields = asdict(self)
-        del fields["by_source"]
-        if self.by_source is not None:
-            fields["by_source"] = {source: metrics.to_dict(prefix="") for source, metrics in self.by_source.items()}
+        for group in ("by_source", "by_mode"):
+            del fields[group]
+            if getattr(self, group) is not None:
+                fields[group] = {key: metrics.to_dict(prefix="") for key, metrics in getattr(self, group).items()}
         return {prefix + key: value for key, value in fields.items()}
 
     def summary(self) -> dict[str, float]:
@@ -146,6 +151,7 @@ def evaluate_draft(
     num_steps: int = 5,
     targets: Iterable[torch.Tensor] | None = None,
     sources: Sequence[str] | None = None,
+    modes: Sequence[str | None] | None = None,
     progress: bool = False,
 ) -> HeldOutMetrics:
     """
@@ -157,14 +163,19 @@ def evaluate_draft(
     loss mask; its chain ends at the first miss or at a token outside the mask (the end of the reply).
 
     `sources` names the source of each batch (a batch holds sequences of one source): the result then also holds each
-    source's numbers in `by_source`, counted in the same pass as the pooled ones.
+    source's numbers in `by_source`, counted in the same pass as the pooled ones. `modes` likewise names how the
+    target wrote each batch's replies ("greedy", "sampled", or None where unknown: counted in the pooled numbers only),
+    for `by_mode`.
     """
     batches = list(batches)
-    if sources is not None and len(sources) != len(batches):
-        raise ValueError(f"{len(sources)} sources for {len(batches)} held-out batches: give one source per batch.")
+    for name, labels in (("sources", sources), ("modes", modes)):
+        if labels is not None and len(labels) != len(batches):
+            raise ValueError(
+                f"{len(labels)} {name} for {len(batches)} held-out batches: give one {name[:-1]} per batch."
+            )
     was_training = draft.training
     draft.eval()
-    counts: dict[str, _ChainCounts] = {}
+    counts: dict[tuple[str, str | None], _ChainCounts] = {}  # by (source, mode): disjoint sets that add up
     in_vocab = None
     if draft.draft_to_target is not None:
         in_vocab = torch.zeros(draft.config.verifier_vocab_size, dtype=torch.bool, device=draft.device)
@@ -207,15 +218,25 @@ def evaluate_draft(
         batch_counts.reply_tokens = int(reply.sum())
         covered = reply if in_vocab is None else in_vocab[batch.input_ids[:, 1:]] & reply
         batch_counts.covered = int(covered.sum())
-        source = sources[index] if sources is not None else ""
-        counts.setdefault(source, _ChainCounts.zeros(num_steps)).add(batch_counts)
+        key = (sources[index] if sources is not None else "", modes[index] if modes is not None else None)
+        counts.setdefault(key, _ChainCounts.zeros(num_steps)).add(batch_counts)
     draft.train(was_training)
+
+    def grouped(position: int) -> dict[str, _ChainCounts]:
+        groups: dict[str, _ChainCounts] = {}
+        for key, group_counts in counts.items():
+            if key[position] is not None:
+                groups.setdefault(key[position], _ChainCounts.zeros(num_steps)).add(group_counts)
+        return groups
+
     pooled = _ChainCounts.zeros(num_steps)
-    for source_counts in counts.values():
-        pooled.add(source_counts)
+    for group_counts in counts.values():
+        pooled.add(group_counts)
     metrics = pooled.metrics()
     if sources is not None:
-        metrics.by_source = {source: source_counts.metrics() for source, source_counts in counts.items()}
+        metrics.by_source = {source: group.metrics() for source, group in grouped(0).items()}
+    if modes is not None and any(mode is not None for mode in modes):
+        metrics.by_mode = {mode: group.metrics() for mode, group in sorted(grouped(1).items())}
     return metrics
 
 

@@ -632,6 +632,8 @@ def train_draft(
     # which --data / --more-data source each held-out example comes from (shards of source i > 0 are "data<i>-..."):
     # with several sources, every evaluation also scores each on its own, in the same pass (chat and code differ)
     heldout_sources = [sources[_source_index(name)] for name, shard in heldout_shards for _ in shard]
+    # and how the target wrote each one's replies (greedy or sampled: replies datasets only), scored apart too
+    heldout_modes = [example.mode for _, shard in heldout_shards for example in shard]
 
     def evaluate(model: PrismDraftModel) -> HeldOutMetrics:
         return evaluate_draft(
@@ -640,6 +642,7 @@ def train_draft(
             num_steps=args.eval_steps,
             targets=heldout_targets,
             sources=heldout_sources if len(sources) > 1 else None,
+            modes=heldout_modes,
             progress=progress,
         )
 

@@ -781,7 +781,7 @@ def load_reply_examples(
             read += 1
             ids, mask = row["input_ids"][:max_length], row["loss_mask"][:max_length]
             if any(mask):
-                parts[row["split"]].append(TrainingExample(torch.tensor(ids), torch.tensor(mask)))
+                parts[row["split"]].append(TrainingExample(torch.tensor(ids), torch.tensor(mask), row["mode"]))
         for split, target in (("train", train), ("heldout", heldout)):
             if parts[split]:
                 target.append((f"{split}-{index}", parts[split]))
