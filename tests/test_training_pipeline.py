@@ -591,8 +591,39 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     assert 0 < fit["rows_with_proposal"] <= fit["rows"]
     assert fit["cross_entropy_after"] < fit["cross_entropy_before"]
     assert "--copy-max-ngram 3" in record["command"] and set(record["heldout_by_phase"]) == set()
-    with pytest.raises(ValueError, match=r"\(copy_max_ngram: 3 vs 0\); a run may add feature layers"):
-        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(with_copy), **more_args))
+    # a run from a draft continues its copy head and its drafting settings (tuned for it: training must not reset
+    # them to the defaults), unless given; another copy head size is refused before any target forward
+    tuned = prism_hf.PrismDraftModel.from_pretrained(with_copy)
+    tuned.config.update(
+        dict(
+            num_draft_tokens=9,
+            draft_confidence_rule="path",
+            draft_confidence_threshold=0.3,
+            copy_streak_tokens=5,
+            num_draft_tokens_schedule="heuristic",
+        )
+    )
+    tuned.save_pretrained(with_copy)
+    drafting = ("num_draft_tokens", "draft_confidence_rule", "draft_confidence_threshold", "copy_streak_tokens")
+    drafting += ("num_draft_tokens_schedule", "copy_max_ngram")
+    for given, expected_length in ({}, 9), ({"num_draft_tokens": 4}, 4):
+        continued = tmp_path / f"m2-copy-continued-{expected_length}"
+        train_draft(
+            DraftTrainingArguments(output_dir=str(continued), init_draft=str(with_copy), **more_args, **given),
+            progress=False,
+        )
+        config = prism_hf.PrismDraftModel.from_pretrained(continued).config
+        assert [getattr(config, name) for name in drafting] == [expected_length, "path", 0.3, 5, "heuristic", 3]
+        command = json.loads((continued / "training_record.json").read_text())["command"]
+        assert "--copy-max-ngram 3 " in command and f"--num-draft-tokens {expected_length} " in command  # as used
+    with pytest.raises(ValueError, match="has a copy head matching up to 3 tokens, not --copy-max-ngram 2: a run"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "x"), init_draft=str(with_copy), copy_max_ngram=2, **more_args
+            ),
+            target=object(),  # refused before the target is used
+            tokenizer=object(),
+        )
 
     with pytest.raises(ValueError, match="has 2 modules and phase 1 trains one: go on with phase 2 only"):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(m2), **common))

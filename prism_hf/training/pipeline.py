@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -136,7 +136,7 @@ class DraftTrainingArguments:
             "help": "give the draft a copy head matching up to this many tokens (0: none): each step also proposes "
             "what followed the longest earlier match of the text so far, and a learned gate mixes that proposal in; "
             "the gate is fitted on the training features after the phases (with --init-draft and no epochs, the "
-            "init draft's other weights stay as they were)"
+            "init draft's other weights stay as they were; default: the --init-draft's copy head, if it has one)"
         },
     )
     num_steps: int = field(default=3, metadata={"help": "aligned draft steps unrolled in training"})
@@ -153,9 +153,12 @@ class DraftTrainingArguments:
     )
     warmup_learning_rate: float = field(default=1e-3, metadata={"help": "phase 1 peak learning rate"})
     finetune_learning_rate: float = field(default=3e-4, metadata={"help": "phase 2 peak learning rate"})
-    num_draft_tokens: int = field(
-        default=6,
-        metadata={"help": "the saved draft's longest draft per round (a round stops earlier below confidence 0.5)"},
+    num_draft_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "the saved draft's longest draft per round (default: the --init-draft's, with its other drafting "
+            "settings; else 6, a round stopping earlier below confidence 0.5)"
+        },
     )
     target_dtype: str = field(
         default="auto",
@@ -354,6 +357,38 @@ def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> dict[str, torc
     return state
 
 
+# how a draft drafts in `generate` (not what it learns): a run from --init-draft keeps the init draft's
+INHERITED_DRAFTING_SETTINGS = (
+    "num_draft_tokens_schedule",
+    "draft_confidence_rule",
+    "draft_confidence_threshold",
+    "copy_streak_tokens",
+)
+DEFAULT_NUM_DRAFT_TOKENS = 6
+
+
+def _with_init_draft_defaults(args: DraftTrainingArguments) -> DraftTrainingArguments:
+    """
+    `args` with what a run from `--init-draft` continues by default: the init draft's copy head (`copy_max_ngram`)
+    and longest draft (`num_draft_tokens`), unless given; without an init draft, 6 draft tokens. A different copy head
+    size is refused here, before any target forward (the draft's gate and lookup are built for its own).
+    """
+    if args.init_draft is None:
+        num_draft_tokens = args.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
+        return replace(args, num_draft_tokens=num_draft_tokens)
+    config = PrismConfig.from_pretrained(args.init_draft)
+    if config.copy_max_ngram and args.copy_max_ngram and args.copy_max_ngram != config.copy_max_ngram:
+        raise ValueError(
+            f"--init-draft {args.init_draft} has a copy head matching up to {config.copy_max_ngram} tokens, not "
+            f"--copy-max-ngram {args.copy_max_ngram}: a run keeps the draft's copy head (leave the option out)."
+        )
+    return replace(
+        args,
+        copy_max_ngram=args.copy_max_ngram or config.copy_max_ngram,
+        num_draft_tokens=args.num_draft_tokens or config.num_draft_tokens,
+    )
+
+
 def _init_draft_modules(args: DraftTrainingArguments) -> tuple[int, list[int] | None]:
     """
     The module count and step map of `--init-draft` (1 and `None` without one), checked against the run: a trained
@@ -434,6 +469,7 @@ def train_draft(
     `output_dir/checkpoints` every `args.checkpoint_every` updates; `resume=True` continues an interrupted run from
     them (same arguments and number of processes). They are removed once the draft is saved.
     """
+    args = _with_init_draft_defaults(args)  # the record's command and training_args.json state the resolved values
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     # the process-wide accelerate state takes its mixed precision from the first Accelerator: the phases' must agree
@@ -590,6 +626,9 @@ def train_draft(
         if init_modules > 1:
             draft = expand_modules(draft, init_modules, init_step_map)
         kept_vocabulary = load_init_draft(draft, args.init_draft, extend_vocabulary=args.extend_vocabulary)
+        init_config = PrismConfig.from_pretrained(args.init_draft)
+        for name in INHERITED_DRAFTING_SETTINGS:  # tuned for that draft on some CPU: training does not reset them
+            setattr(draft.config, name, getattr(init_config, name))
     if draft_vocab_size is not None and (args.init_draft is None or args.recount_vocabulary or args.extend_vocabulary):
         eos = tokenizer.eos_token_id
         always = eos if isinstance(eos, list) else [eos] if eos is not None else []
@@ -732,8 +771,8 @@ def train_draft(
         if world > 1:  # each process fitted on its own batches: all take the main process's gate
             for param in draft.copy_gate.parameters():
                 param.data.copy_(broadcast(param.data.clone(), from_process=0))
-        copy_gate_fit = {**fit.to_dict(), "gate_weight": draft.copy_gate.weight.tolist()}
-        copy_gate_fit["gate_bias"] = float(draft.copy_gate.bias)
+        copy_gate_fit = {**fit.to_dict(), "gate_weight": draft.copy_gate.weight.detach().tolist()}
+        copy_gate_fit["gate_bias"] = float(draft.copy_gate.bias.detach())
         final_heldout = {"metrics": evaluate(draft).to_dict(prefix="")}
 
     # every process must hold the same weights; a checksum per process makes that visible in the record
