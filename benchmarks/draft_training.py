@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prism_hf.benchmarking.report import machine_metadata
-from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+from prism_hf.training.pipeline import DraftTrainingArguments, resolve_init_draft_defaults, train_draft
 from prism_hf.training.replies import load_reply_examples
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -275,9 +275,13 @@ def _trained_with(draft_dir: Path, training: DraftTrainingArguments) -> dict | N
     args_path, record_path = draft_dir / "training_args.json", draft_dir / "training_record.json"
     if not (args_path.is_file() and record_path.is_file()):
         return None
-    wanted = json.loads(json.dumps(asdict(training)))
+    try:  # the arguments as a run saves them: defaults taken from an --init-draft resolved
+        wanted = json.loads(json.dumps(asdict(resolve_init_draft_defaults(training))))
+    except OSError:  # its --init-draft is not there (yet): this draft cannot have been trained from it
+        return None
     # a field added to the arguments since the draft was trained counts as its default
-    defaults = json.loads(json.dumps(asdict(DraftTrainingArguments(target=training.target, output_dir=""))))
+    default_args = resolve_init_draft_defaults(DraftTrainingArguments(target=training.target, output_dir=""))
+    defaults = json.loads(json.dumps(asdict(default_args)))
     saved = {k: defaults[k] for k in wanted if k in defaults} | json.loads(args_path.read_text())
     if {k: v for k, v in saved.items() if k != "output_dir"} != {k: v for k, v in wanted.items() if k != "output_dir"}:
         return None

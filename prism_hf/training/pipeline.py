@@ -367,11 +367,12 @@ INHERITED_DRAFTING_SETTINGS = (
 DEFAULT_NUM_DRAFT_TOKENS = 6
 
 
-def _with_init_draft_defaults(args: DraftTrainingArguments) -> DraftTrainingArguments:
+def resolve_init_draft_defaults(args: DraftTrainingArguments) -> DraftTrainingArguments:
     """
     `args` with what a run from `--init-draft` continues by default: the init draft's copy head (`copy_max_ngram`)
     and longest draft (`num_draft_tokens`), unless given; without an init draft, 6 draft tokens. A different copy head
-    size is refused here, before any target forward (the draft's gate and lookup are built for its own).
+    size is refused here, before any target forward (the draft's gate and lookup are built for its own). Raises
+    `OSError` when the init draft's config cannot be read.
     """
     if args.init_draft is None:
         num_draft_tokens = args.num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS
@@ -469,7 +470,7 @@ def train_draft(
     `output_dir/checkpoints` every `args.checkpoint_every` updates; `resume=True` continues an interrupted run from
     them (same arguments and number of processes). They are removed once the draft is saved.
     """
-    args = _with_init_draft_defaults(args)  # the record's command and training_args.json state the resolved values
+    args = resolve_init_draft_defaults(args)  # the record's command and training_args.json state the resolved values
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     # the process-wide accelerate state takes its mixed precision from the first Accelerator: the phases' must agree
