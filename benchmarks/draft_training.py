@@ -28,7 +28,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from prism_hf.benchmarking.report import machine_metadata
@@ -283,6 +283,12 @@ def _trained_with(draft_dir: Path, training: DraftTrainingArguments) -> dict | N
     default_args = resolve_init_draft_defaults(DraftTrainingArguments(target=training.target, output_dir=""))
     defaults = json.loads(json.dumps(asdict(default_args)))
     saved = {k: defaults[k] for k in wanted if k in defaults} | json.loads(args_path.read_text())
+    known = {f.name for f in fields(DraftTrainingArguments)}
+    if set(saved) <= known:  # resolved as the run is now: a default an --init-draft sets since then counts as taken
+        try:
+            saved = json.loads(json.dumps(asdict(resolve_init_draft_defaults(DraftTrainingArguments(**saved)))))
+        except OSError:  # its own --init-draft is gone: compared as saved
+            pass
     if {k: v for k, v in saved.items() if k != "output_dir"} != {k: v for k, v in wanted.items() if k != "output_dir"}:
         return None
     return json.loads(record_path.read_text())

@@ -5,10 +5,13 @@ its benchmark tau comes from.
 For each prompt of a `prism-hf bench` selection (same options: Spec-Bench tasks per category, HumanEval limit, new
 tokens), the target writes its greedy reply, as plain `generate` does, and each draft is scored teacher-forced on it
 exactly as on the held-out conversations during training (`prism_hf.training.evaluation.evaluate_draft`: predicted
-tau at constant draft lengths 1..`--num-steps`, bonus token included), overall and per task. This is evaluation only:
-nothing is trained on these prompts. Against the tau `prism-hf bench` measures on the same prompts, the difference is
-what generation loses (rounds cut by the confidence threshold, int8 heads, where rounds start); against the held-out
-tau of the training datasets, it is the distance between the training prompts and the benchmark's.
+tau at constant draft lengths 1..`--num-steps`, bonus token included), overall and per task, and over the rounds
+greedy generation itself takes at `--num-steps` tokens (`rounds_tau`). This is evaluation only: nothing is trained on
+these prompts. The predicted tau averages rounds from every position, so it stands above what generation gets;
+`rounds_tau` is generation's own tau at a constant draft length without confidence stops, so against the tau
+`prism-hf bench` measures, the difference is what the draft config's confidence stops and copy streaks change.
+Against the held-out tau of the training datasets, the difference is the distance between the training prompts and
+the benchmark's.
 
 `python benchmarks/prompt_acceptance.py --target smollm2-135m-instruct --draft published=hub_models/...` writes
 `benchmarks/results/prompt-acceptance-<target>.json` (or `--output`).
@@ -158,8 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = evaluate_draft(draft, own, num_steps=args.num_steps, sources=categories)
         by_copy = step1_accuracy_by_copyability(draft, own)
         results["drafts"][name] = {"path": str(path), **metrics.to_dict(prefix=""), "step1_by_copyability": by_copy}
-        by_task = ", ".join(f"{c} {m.predicted_tau[-1]:.2f}" for c, m in (metrics.by_source or {}).items())
-        print(f"{name}: predicted tau {metrics.predicted_tau} ({metrics.num_tokens} tokens); {by_task}", flush=True)
+        by_task = ", ".join(
+            f"{c} {m.predicted_tau[-1]:.2f} / {m.rounds_tau:.2f}" for c, m in (metrics.by_source or {}).items()
+        )
+        print(
+            f"{name}: predicted tau {metrics.predicted_tau}, over generation's rounds {metrics.rounds_tau} "
+            f"({metrics.num_tokens} tokens); by task (predicted / rounds): {by_task}",
+            flush=True,
+        )
         print(f"{name}: step-1 acceptance by copyability {by_copy}", flush=True)
     output = args.output or RESULTS / f"prompt-acceptance-{Path(args.target).name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -289,9 +289,15 @@ def _heldout_text(record: dict) -> str:
         f"on {record['heldout_examples']} held-out conversations ({record['heldout_tokens']} reply tokens), "
         f"teacher-forced, the draft's top-1 equals the target's at steps 1-{len(record['heldout_step_accuracy'])} "
         f"with rates {steps}; predicted tau (tokens per verification) at draft lengths 1-"
-        f"{len(record['heldout_predicted_tau'])}: {taus}; the draft vocabulary covers "
-        f"{100 * record['heldout_vocab_coverage']:.1f}% of the held-out reply tokens."
+        f"{len(record['heldout_predicted_tau'])}: {taus}"
     )
+    if record.get("heldout_rounds_tau") is not None:
+        text += (
+            f" (an average over rounds from every position; over the rounds greedy generation itself takes, each "
+            f"after the last one's bonus token: {record['heldout_rounds_tau']:.2f})"
+        )
+    coverage = 100 * record["heldout_vocab_coverage"]
+    text += f"; the draft vocabulary covers {coverage:.1f}% of the held-out reply tokens."
     if record.get("heldout_by_source"):
         text += " By source: " + "; ".join(
             f"{source} {_short_metrics(metrics)}" for source, metrics in record["heldout_by_source"].items()
@@ -313,9 +319,10 @@ def _heldout_text(record: dict) -> str:
 
 
 def _short_metrics(metrics: dict) -> str:
-    """Predicted tau at the longest draft length and step-1 acceptance, as one phrase."""
+    """Predicted tau at the longest draft length (and over generation's own rounds) and step-1 acceptance."""
+    rounds = f", generation's rounds {metrics['rounds_tau']:.3f}" if metrics.get("rounds_tau") is not None else ""
     return (
-        f"tau {metrics['predicted_tau'][-1]:.3f} (step 1 {metrics['step_accuracy'][0]:.3f}, "
+        f"tau {metrics['predicted_tau'][-1]:.3f} (step 1 {metrics['step_accuracy'][0]:.3f}{rounds}, "
         f"{metrics['num_tokens']} tokens)"
     )
 

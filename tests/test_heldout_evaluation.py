@@ -13,11 +13,24 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
 from prism_hf.training import compute_target_features
-from prism_hf.training.evaluation import evaluate_draft, predicted_tau
+from prism_hf.training.evaluation import _greedy_rounds, evaluate_draft, predicted_tau
 
-# Teacher-forced rounds start at every reply position, `generate`'s rounds only after each rejection, and the last
-# rounds of a reply are cut by max_new_tokens: the two agree closely, not exactly.
+# Predicted tau averages rounds from every reply position, `generate`'s rounds start only after each rejection, and
+# the last rounds of a reply are cut by max_new_tokens: the two agree closely, not exactly (`rounds_tau` exactly).
 TAU_TOLERANCE = 0.08  # relative; measured here: 1.6%, 1.0% and 4.3% at draft lengths 1, 3 and 5
+
+
+def test_greedy_rounds_walk_each_reply_as_generate_does():
+    # prompt tokens 0-1, reply tokens 2-9; chain_lengths[c - 1]: accepted run of the round after token c
+    reply = [False, False] + [True] * 8
+    lengths = [0, 3, 9, 9, 0, 9, 2, 9]
+    # after token 2: 3 accepted + bonus (tokens 3-6); after 6: 2 + bonus (7-9, its draft capped one before the end)
+    assert _greedy_rounds(lengths, reply, num_steps=5) == (2, 7)
+    assert _greedy_rounds(lengths, reply, num_steps=1) == (4, 7)  # 2, 2 and 2 tokens, then 1: no room to draft
+    # two replies in one conversation: each starts from its own prompt's forward pass
+    two = [False, True, True, True, False, False, True, True, True]
+    assert _greedy_rounds([5] * 7, two, num_steps=5) == (2, 4)
+    assert _greedy_rounds([0] * 7, two, num_steps=5) == (4, 4)
 
 
 def test_predicted_tau_is_the_chain_of_conditional_rates():
@@ -62,6 +75,7 @@ def test_predicted_tau_agrees_with_generate(llama_target, trained_llama_draft, d
     assert measured > 1.3  # a draft that is accepted often enough for the comparison to mean something
     print(f"draft length {draft_tokens}: predicted tau {metrics.predicted_tau[-1]:.3f}, measured {measured:.3f}")
     assert abs(metrics.predicted_tau[-1] - measured) <= TAU_TOLERANCE * measured, (metrics, measured)
+    assert metrics.rounds_tau == round(measured, 4)  # the rounds generation takes, walked exactly
     assert metrics.num_tokens == prompts.shape[0] * new_tokens  # a round starts before every reply token
     assert len(metrics.step_accuracy) == len(metrics.conditional_accuracy) == draft_tokens
     assert metrics.vocab_coverage == 1.0  # the full vocabulary
@@ -180,6 +194,7 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
     assert {task: scores["num_tokens"] for task, scores in first["by_source"].items()} == reply_tokens
     assert first["num_tokens"] == sum(reply_tokens.values())
     assert len(first["predicted_tau"]) == 3 and all(1.0 <= tau <= 4.0 for tau in first["predicted_tau"])
+    assert all(1.0 <= scores["rounds_tau"] <= 4.0 for scores in (first, *first["by_source"].values()))
     # the first step's acceptance split by whether a copy of the context would draft the token adds up to it
     split = first["step1_by_copyability"]
     assert split["copyable"]["tokens"] + split["other"]["tokens"] == first["num_tokens"]

@@ -333,6 +333,18 @@ def test_card_of_a_continued_run_names_its_start_and_each_sources_numbers(draft_
         "from, on the same conversations: tau 1.256 (step 1 0.210, 9278 "
         "tokens) (sharegpt tau 1.300 (step 1 0.200, 10 tokens))."
     ) in " ".join(card.split())
+    # a record that walked greedy generation's own rounds (`rounds_tau`) says so beside the predicted tau
+    record["heldout_rounds_tau"] = 1.234
+    record["heldout_by_mode"]["greedy"]["rounds_tau"] = 1.5
+    record_path.write_text(json.dumps(record))
+    card = " ".join(write_model_card(draft_copy).read_text().split())
+    assert (
+        "(an average over rounds from every position; over the rounds greedy generation itself takes, each after the "
+        "last one's bonus token: 1.23); the draft vocabulary covers"
+    ) in card
+    assert "greedy tau 1.700 (step 1 0.450, generation's rounds 1.500, 6000 tokens); sampled tau 1.300 (step" in card
+    del record["heldout_rounds_tau"], record["heldout_by_mode"]["greedy"]["rounds_tau"]
+    record_path.write_text(json.dumps(record))
 
     # a copy head added to the draft and its gate fitted, no epochs: the card says the rest is the init draft's
     args.update(finetune_epochs=0.0, copy_max_ngram=8, recount_vocabulary=False)

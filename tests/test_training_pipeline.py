@@ -571,6 +571,39 @@ def test_m1_baseline_from_a_shared_warmup_equals_training_it_whole(tiny_chat_mod
     ):
         train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "x"), init_draft=str(with_previous), **more_args))
 
+    # --intermediate-size wider than m2's: m2's units kept, the new units' output columns zero, so the widened draft
+    # scores exactly as m2 and keeps its weights at learning rate 0; a narrower MLP is refused, and a run from the
+    # widened draft keeps its width by default
+    width = draft.config.intermediate_size
+    wider = tmp_path / "m2-wider-mlp"
+    train_draft(
+        DraftTrainingArguments(output_dir=str(wider), init_draft=str(m2), intermediate_size=2 * width, **more_args),
+        progress=False,
+    )
+    draft = prism_hf.PrismDraftModel.from_pretrained(wider)
+    assert draft.config.intermediate_size == 2 * width
+    for name, value in expected.items():
+        actual = draft.state_dict()[name]
+        if name.endswith("mlp.down_proj.weight"):
+            assert torch.equal(actual, torch.cat([value, torch.zeros(hidden, width)], dim=1)), name
+        elif ".mlp." in name:
+            assert torch.equal(actual[:width], value) and actual[width:].abs().min() > 0, name
+        else:
+            assert torch.equal(value, actual), name
+    record = json.loads((wider / "training_record.json").read_text())
+    assert record["heldout_init_draft"]["metrics"] == m2_final
+    assert record["heldout_by_phase"]["finetune"]["metrics"] == m2_final
+    with pytest.raises(ValueError, match=rf"\(intermediate_size: {2 * width} vs {width}\); a run may add feature"):
+        train_draft(
+            DraftTrainingArguments(
+                output_dir=str(tmp_path / "x"), init_draft=str(wider), intermediate_size=width, **more_args
+            )
+        )
+    again = tmp_path / "m2-wider-mlp-again"
+    train_draft(DraftTrainingArguments(output_dir=str(again), init_draft=str(wider), **more_args), progress=False)
+    assert prism_hf.PrismConfig.from_pretrained(again).intermediate_size == 2 * width
+    assert json.loads((again / "training_args.json").read_text())["intermediate_size"] == 2 * width
+
     # --copy-max-ngram from a draft without a copy head and no epochs: only the gate is fitted, on the training
     # features, every other weight stays m2's and the init score is m2's own; the way back is refused
     with_copy = tmp_path / "m2-copy"

@@ -6,6 +6,11 @@ position, feeding back its own features exactly as in generation. A drafted toke
 target's top-1 token over the target's whole vocabulary (greedy verification), so a position whose target top-1 lies
 outside a reduced draft vocabulary is a miss. On the target's own greedy replies the accepted tokens are the reply's
 tokens, so the chain statistics below are what greedy `generate` would see from each position.
+
+Averaged over every position, they overstate what generation gets: a long easy stretch (a copied phrase, a formula)
+counts once per position in it, while generation crosses it in one or two rounds, and generation starts its rounds
+only where the last one stopped, often at a hard token. `rounds_tau` walks each reply as greedy generation does (a
+round from the end of the prompt, each next round after the last one's bonus token) and averages over those rounds.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class HeldOutMetrics:
         predicted_tau (`list[float]`): entry `K - 1`: expected tokens per verification with a constant draft length
             `K`, bonus token included: `1 + sum_k prod_{j<=k} conditional_accuracy[j]`.
         vocab_coverage (`float`): share of held-out reply tokens inside the draft vocabulary.
+        rounds_tau (`float`, *optional*): tokens per verification of greedy `generate` itself at the longest scored
+            draft length: rounds taken as generation takes them over each reply (see the module docstring), without
+            confidence stops. Lower than `predicted_tau[-1]`, which averages over rounds from every position.
         by_source (`dict[str, HeldOutMetrics]`, *optional*): the same numbers for each source of the held-out
             sequences, when [`evaluate_draft`] was told their sources (a code and a chat source score differently).
         by_mode (`dict[str, HeldOutMetrics]`, *optional*): the same numbers for the target's greedy and its sampled
@@ -47,6 +55,7 @@ class HeldOutMetrics:
     conditional_accuracy: list[float]
     predicted_tau: list[float]
     vocab_coverage: float
+    rounds_tau: float | None = None
     by_source: dict[str, HeldOutMetrics] | None = None
     by_mode: dict[str, HeldOutMetrics] | None = None
 
@@ -73,6 +82,8 @@ class _ChainCounts:
     chain_reached: torch.Tensor  # [K + 1] rounds whose steps 1..k all matched (k = 0..K)
     covered: int = 0
     reply_tokens: int = 0
+    rounds: int = 0  # greedy generation's rounds over the replies (`_greedy_rounds`)
+    round_tokens: int = 0  # the tokens those rounds produce
 
     @classmethod
     def zeros(cls, num_steps: int) -> _ChainCounts:
@@ -84,6 +95,8 @@ class _ChainCounts:
         self.chain_reached += other.chain_reached
         self.covered += other.covered
         self.reply_tokens += other.reply_tokens
+        self.rounds += other.rounds
+        self.round_tokens += other.round_tokens
 
     def metrics(self) -> HeldOutMetrics:
         if self.chain_reached[0] == 0:
@@ -96,7 +109,35 @@ class _ChainCounts:
             conditional_accuracy=[round(a, 4) for a in conditional],
             predicted_tau=[round(t, 4) for t in predicted_tau(conditional)],
             vocab_coverage=round(self.covered / max(self.reply_tokens, 1), 4),
+            rounds_tau=round(self.round_tokens / self.rounds, 4) if self.rounds else None,
         )
+
+
+def _greedy_rounds(chain_lengths: list[int], reply: list[bool], num_steps: int) -> tuple[int, int]:
+    """
+    `(rounds, tokens)` of greedy generation over one sequence's replies. `chain_lengths[c - 1]` is how many tokens the
+    round after token `c` gets accepted in a row (at most `num_steps`), `reply[t]` whether token `t` is a reply token.
+    Each reply's first token comes from the prompt's forward pass; each round after token `c` then drafts at most
+    `num_steps` tokens and no further than one before the reply's end (as `generate` drafts within `max_new_tokens`),
+    produces its accepted tokens and a bonus token, and the next round starts after that one.
+    """
+    rounds = tokens = 0
+    start = 1  # token 0 has no feature to draft from
+    while start < len(reply):
+        if not reply[start]:
+            start += 1
+            continue
+        end = start
+        while end < len(reply) and reply[end]:
+            end += 1
+        last = start  # the last token produced so far
+        while last < end - 1:
+            accepted = min(chain_lengths[last - 1], num_steps, end - last - 2)
+            rounds += 1
+            tokens += accepted + 1
+            last += accepted + 1
+        start = end
+    return rounds, tokens
 
 
 def _chunked_argmax(head, hidden: torch.Tensor, *columns: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -208,12 +249,18 @@ def evaluate_draft(
         # is pair i + k - 1. Token 0 has no feature to draft from.
         alive = token_mask.clone()
         batch_counts.chain_reached[0] = float(alive.sum())
+        chain_lengths = torch.zeros(alive.shape, dtype=torch.long, device=alive.device)
         for k in range(1, num_steps + 1):
             shifted = torch.zeros_like(alive)
             width = max(0, pairs - (k - 1))
             shifted[:, :width] = match[k - 1][:, k - 1 : k - 1 + width]
             alive &= shifted
             batch_counts.chain_reached[k] = float(alive.sum())
+            chain_lengths += alive
+        for lengths, row_mask in zip(chain_lengths.tolist(), batch.loss_mask.bool().tolist(), strict=True):
+            rounds, round_tokens = _greedy_rounds(lengths, row_mask, num_steps)
+            batch_counts.rounds += rounds
+            batch_counts.round_tokens += round_tokens
         reply = batch.loss_mask[:, 1:].bool()
         batch_counts.reply_tokens = int(reply.sum())
         covered = reply if in_vocab is None else in_vocab[batch.input_ids[:, 1:]] & reply

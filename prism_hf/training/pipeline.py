@@ -120,7 +120,11 @@ class DraftTrainingArguments:
         },
     )
     intermediate_size: int | None = field(
-        default=None, metadata={"help": "the draft layer's MLP width (default: the target's)"}
+        default=None,
+        metadata={
+            "help": "the draft layer's MLP width (default: the --init-draft's, else the target's); wider than the "
+            "--init-draft's, its units are kept and new ones added with zero output weights"
+        },
     )
     previous_token_input: bool = field(
         default=False,
@@ -266,11 +270,14 @@ def load_init_draft(
     The new draft may read more target layers than the saved one (e.g. a low layer beside the last, as EAGLE-3 fuses
     low, middle and high ones): the fusion then starts as the saved draft's (the identity on its single layer), with
     zero weight on the added layers, so the draft starts out predicting exactly as the saved one and learns to use
-    them.
+    them. Likewise its MLPs may be wider (`--intermediate-size`, more capacity per draft step): the added units start
+    with zero output weights, so the widened draft also starts out predicting exactly as the saved one.
     """
     saved = PrismDraftModel.from_pretrained(path, dtype=draft.dtype)
-    keys = ("num_modules", "step_module_map", "hidden_size", "intermediate_size", "num_attention_heads")
+    keys = ("num_modules", "step_module_map", "hidden_size", "num_attention_heads")
     keys += ("num_key_value_heads", "head_dim", "verifier_vocab_size")
+    if saved.config.intermediate_size > draft.config.intermediate_size:
+        keys += ("intermediate_size",)
     keys += () if extend_vocabulary else ("draft_vocab_size",)
     differing = [k for k in keys if getattr(saved.config, k) != getattr(draft.config, k)]
     if saved.config.previous_token_input and not draft.config.previous_token_input:
@@ -284,13 +291,15 @@ def load_init_draft(
         details = ", ".join(f"{k}: {getattr(saved.config, k)} vs {getattr(draft.config, k)}" for k in differing)
         raise ValueError(
             f"--init-draft {path} does not fit this run ({details}); a run may add feature layers, the "
-            "previous-token input or a copy head to the draft's."
+            "previous-token input, MLP units or a copy head to the draft's."
         )
     state = saved.state_dict()
     if draft.copy_gate is not None and saved.copy_gate is None:  # a new copy head keeps its initial gate
         state.update({f"copy_gate.{k}": v for k, v in draft.copy_gate.state_dict().items()})
     if draft.config.previous_token_input and not saved.config.previous_token_input:
         state.update(_widened_token_inputs(saved))
+    if saved.config.intermediate_size < draft.config.intermediate_size:
+        state.update(_widened_mlps(saved, draft))
     if saved_layers != new_layers:
         state = {k: v for k, v in state.items() if not k.startswith("feature_norms.")}
         state.update(_widened_fusion(saved, new_layers))
@@ -332,6 +341,25 @@ def _widened_token_inputs(saved: PrismDraftModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def _widened_mlps(saved: PrismDraftModel, draft: PrismDraftModel) -> dict[str, torch.Tensor]:
+    """
+    Each module's MLP weights, widened from `saved`'s intermediate size to `draft`'s: the saved units as they were,
+    the new units' input rows as `draft` initialised them and their output columns zero, so the widened draft computes
+    exactly the saved draft's hidden states until training moves them (the zero columns get gradients at once, the
+    new input rows as soon as those columns move).
+    """
+    state = {}
+    for m, (old, new) in enumerate(zip(saved.layers, draft.layers, strict=True)):
+        width = old.mlp.down_proj.weight.shape[1]
+        for name in ("gate_proj", "up_proj"):
+            rows = getattr(new.mlp, name).weight.detach()[width:]
+            state[f"layers.{m}.mlp.{name}.weight"] = torch.cat([getattr(old.mlp, name).weight.detach(), rows])
+        down = old.mlp.down_proj.weight.detach()
+        zeros = down.new_zeros(down.shape[0], new.mlp.down_proj.weight.shape[1] - width)
+        state[f"layers.{m}.mlp.down_proj.weight"] = torch.cat([down, zeros], dim=1)
+    return state
+
+
 def _widened_fusion(saved: PrismDraftModel, layers: list[int]) -> dict[str, torch.Tensor]:
     """
     The feature-fusion weights over `layers` (a superset of `saved`'s feature layers) that compute the saved draft's
@@ -369,8 +397,9 @@ DEFAULT_NUM_DRAFT_TOKENS = 6
 
 def resolve_init_draft_defaults(args: DraftTrainingArguments) -> DraftTrainingArguments:
     """
-    `args` with what a run from `--init-draft` continues by default: the init draft's copy head (`copy_max_ngram`)
-    and longest draft (`num_draft_tokens`), unless given; without an init draft, 6 draft tokens. A different copy head
+    `args` with what a run from `--init-draft` continues by default: the init draft's copy head (`copy_max_ngram`),
+    longest draft (`num_draft_tokens`) and MLP width (`intermediate_size`; a wider one is grown, see
+    `load_init_draft`), unless given; without an init draft, 6 draft tokens. A different copy head
     size is refused here, before any target forward (the draft's gate and lookup are built for its own). Raises
     `OSError` when the init draft's config cannot be read.
     """
@@ -387,6 +416,7 @@ def resolve_init_draft_defaults(args: DraftTrainingArguments) -> DraftTrainingAr
         args,
         copy_max_ngram=args.copy_max_ngram or config.copy_max_ngram,
         num_draft_tokens=args.num_draft_tokens or config.num_draft_tokens,
+        intermediate_size=args.intermediate_size or config.intermediate_size,
     )
 
 
