@@ -13,6 +13,10 @@ these prompts. The predicted tau averages rounds from every position, so it stan
 Against the held-out tau of the training datasets, the difference is the distance between the training prompts and
 the benchmark's.
 
+Every scored set is also split by where in its reply each token stands (`step1_by_reply_position`): the first tokens
+of a reply are the hardest to draft, so a benchmark of 96 new tokens sees only those. `--replies DIR ...` scores the
+greedy held-out rows of replies datasets the same way, beside the benchmark's prompts.
+
 `python benchmarks/prompt_acceptance.py --target smollm2-135m-instruct --draft published=hub_models/...` writes
 `benchmarks/results/prompt-acceptance-<target>.json` (or `--output`).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,8 +36,12 @@ from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.benchmarking.strategies import parse_draft_spec
 from prism_hf.modeling_prism import copy_candidates
 from prism_hf.reference_models import load_reference_model
-from prism_hf.training.evaluation import drafted_tokens, evaluate_draft, target_top1
+from prism_hf.training.evaluation import HeldOutMetrics, drafted_tokens, evaluate_draft, target_top1
 from prism_hf.training.recipe import TargetFeatures, compute_target_features
+from prism_hf.training.replies import check_reply_tokenizer, load_reply_examples
+
+# reply token positions (1-based, first and last included) the first-step acceptance is split by
+REPLY_POSITIONS = ((1, 32), (33, 96), (97, 256), (257, None))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,13 +74,57 @@ def copyable_positions(input_ids: list[int], next_tokens: list[int]) -> list[boo
     return copyable
 
 
+def reply_positions(loss_mask: list[bool]) -> list[int]:
+    """For each pair position `p` (drafting token `p + 2`), that token's 1-based place in its reply (0: no reply)."""
+    places, run = [], 0
+    for in_reply in loss_mask:
+        run = run + 1 if in_reply else 0
+        places.append(run)
+    return places[2:]
+
+
+def position_bucket(place: int) -> str:
+    """The `REPLY_POSITIONS` range a 1-based reply position falls in, e.g. "tokens 33-96"."""
+    for first, last in REPLY_POSITIONS:
+        if place >= first and (last is None or place <= last):
+            return f"tokens {first}-{last}" if last is not None else f"tokens {first}+"
+    raise ValueError(f"reply position {place} is not a reply token's")
+
+
 @torch.no_grad()
 def step1_accuracy_by_copyability(draft: PrismDraftModel, features: list[TargetFeatures]) -> dict[str, dict]:
     """
     The draft's first-step acceptance on reply tokens a copy would draft (`copyable_positions`) and on the others:
     whether the draft copies from its context the way the phrase pool does.
     """
-    counts = {"copyable": [0, 0], "other": [0, 0]}
+    return _step1_accuracy_by(
+        draft,
+        features,
+        lambda ids, top1, mask: ["copyable" if c else "other" for c in copyable_positions(ids, top1)],
+        ("copyable", "other"),
+    )
+
+
+@torch.no_grad()
+def step1_accuracy_by_reply_position(draft: PrismDraftModel, features: list[TargetFeatures]) -> dict[str, dict]:
+    """The draft's first-step acceptance by where in its reply the drafted token stands (`REPLY_POSITIONS`)."""
+    buckets = [position_bucket(first) for first, _ in REPLY_POSITIONS]
+    return _step1_accuracy_by(
+        draft,
+        features,
+        lambda ids, top1, mask: [position_bucket(p) if p else "" for p in reply_positions(mask)],
+        buckets,
+    )
+
+
+def _step1_accuracy_by(
+    draft: PrismDraftModel, features: list[TargetFeatures], labels: Callable, groups: Sequence[str]
+) -> dict[str, dict]:
+    """
+    First-step acceptance over the scored reply tokens of `features` in each of `groups`, a token's group given by
+    `labels(input_ids, target top-1, loss mask)` (one label per pair position).
+    """
+    counts = {group: [0, 0] for group in groups}
     for batch in features:
         output = draft(
             batch.input_ids, draft.fuse_selected_features(batch.hidden_states), num_steps=1, output_logits=False
@@ -85,16 +138,59 @@ def step1_accuracy_by_copyability(draft: PrismDraftModel, features: list[TargetF
             drafted = draft.draft_to_target[drafted]
         top1 = target_top1(draft, batch)[0]
         ids = batch.input_ids[0].tolist()
-        scored = batch.loss_mask[0, 2:].bool().tolist()  # pair p drafts token p + 2
-        for p, copyable in enumerate(copyable_positions(ids, top1.tolist())):
-            if scored[p]:
-                kind = counts["copyable" if copyable else "other"]
+        mask = batch.loss_mask[0].bool().tolist()
+        for p, label in enumerate(labels(ids, top1.tolist(), mask)):
+            if mask[p + 2]:  # pair p drafts token p + 2
+                kind = counts[label]
                 kind[0] += 1
                 kind[1] += int(drafted[p] == top1[p])
     return {
         kind: {"tokens": total, "step1_accuracy": round(hits / total, 4) if total else None}
         for kind, (total, hits) in counts.items()
     }
+
+
+def heldout_greedy_reply_features(
+    target, tokenizer, dataset_dir: str, rows: int, feature_layers: list[int]
+) -> list[TargetFeatures]:
+    """The target's features over the first `rows` greedy held-out rows of a replies dataset (up to 2048 tokens)."""
+    check_reply_tokenizer(dataset_dir, tokenizer)
+    _, heldout = load_reply_examples(dataset_dir, max_length=2048)
+    examples = [example for _, shard in heldout for example in shard if example.mode == "greedy"][:rows]
+    if not examples:
+        raise ValueError(f"{dataset_dir} holds no greedy held-out rows to score.")
+    return [
+        compute_target_features(
+            target, example.input_ids[None].to(target.device), feature_layers, loss_mask=example.loss_mask[None]
+        )
+        for example in examples
+    ]
+
+
+def score_draft(
+    draft: PrismDraftModel,
+    features: list[TargetFeatures],
+    layers: list[int],
+    num_steps: int,
+    sources: list[str] | None = None,
+) -> tuple[HeldOutMetrics, dict]:
+    """One draft's numbers over `features` (computed for the union `layers`; the draft reads its own)."""
+    own = [
+        TargetFeatures(
+            f.input_ids,
+            tuple(f.hidden_states[layers.index(layer)] for layer in draft.config.feature_layers),
+            f.last_hidden_state,
+            f.loss_mask,
+        )
+        for f in features
+    ]
+    metrics = evaluate_draft(draft, own, num_steps=num_steps, sources=sources)
+    scores = {
+        **metrics.to_dict(prefix=""),
+        "step1_by_copyability": step1_accuracy_by_copyability(draft, own),
+        "step1_by_reply_position": step1_accuracy_by_reply_position(draft, own),
+    }
+    return metrics, scores
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -114,6 +210,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=3, help="HumanEval prompts")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--num-steps", type=int, default=6, help="longest constant draft length scored")
+    parser.add_argument(
+        "--replies", nargs="*", default=[], metavar="DIR", help="replies datasets whose greedy held-out rows to score"
+    )
+    parser.add_argument("--replies-rows", type=int, default=24, help="held-out rows scored per replies dataset")
     parser.add_argument("--output", type=Path, help="results file (default: under benchmarks/results)")
     args = parser.parse_args(argv)
     drafts = [parse_draft_spec(spec) for spec in args.draft]
@@ -143,24 +243,16 @@ def main(argv: list[str] | None = None) -> dict:
             "limit": args.limit,
             "prompt_sets": args.prompt_sets,
             "prompts": [prompt.id for prompt in prompts],
+            "replies": args.replies,
+            "replies_rows": args.replies_rows,
             "machine": machine_metadata(target.device),
         },
         "drafts": {},
+        "replies": {},
     }
     for name, path, draft in loaded:
-        # each draft reads its own feature layers out of the union computed once
-        own = [
-            TargetFeatures(
-                f.input_ids,
-                tuple(f.hidden_states[layers.index(layer)] for layer in draft.config.feature_layers),
-                f.last_hidden_state,
-                f.loss_mask,
-            )
-            for f in features
-        ]
-        metrics = evaluate_draft(draft, own, num_steps=args.num_steps, sources=categories)
-        by_copy = step1_accuracy_by_copyability(draft, own)
-        results["drafts"][name] = {"path": str(path), **metrics.to_dict(prefix=""), "step1_by_copyability": by_copy}
+        metrics, scores = score_draft(draft, features, layers, args.num_steps, sources=categories)
+        results["drafts"][name] = {"path": str(path), **scores}
         by_task = ", ".join(
             f"{c} {m.predicted_tau[-1]:.2f} / {m.rounds_tau:.2f}" for c, m in (metrics.by_source or {}).items()
         )
@@ -169,7 +261,19 @@ def main(argv: list[str] | None = None) -> dict:
             f"({metrics.num_tokens} tokens); by task (predicted / rounds): {by_task}",
             flush=True,
         )
-        print(f"{name}: step-1 acceptance by copyability {by_copy}", flush=True)
+        print(f"{name}: step-1 acceptance by copyability {scores['step1_by_copyability']}", flush=True)
+        print(f"{name}: step-1 acceptance by reply position {scores['step1_by_reply_position']}", flush=True)
+    for dataset in args.replies:
+        dataset_features = heldout_greedy_reply_features(target, tokenizer, dataset, args.replies_rows, layers)
+        results["replies"][dataset] = {}
+        for name, _, draft in loaded:
+            metrics, scores = score_draft(draft, dataset_features, layers, args.num_steps)
+            results["replies"][dataset][name] = scores
+            print(
+                f"{dataset}, {name}: predicted tau {metrics.predicted_tau[-1]}, rounds {metrics.rounds_tau}; "
+                f"step-1 by reply position {scores['step1_by_reply_position']}",
+                flush=True,
+            )
     output = args.output or RESULTS / f"prompt-acceptance-{Path(args.target).name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
 from prism_hf.training import compute_target_features
 from prism_hf.training.evaluation import _greedy_rounds, evaluate_draft, predicted_tau
+from prism_hf.training.replies import ReplyDatasetArguments, read_reply_shard, reply_shards, write_reply_dataset
 
 # Predicted tau averages rounds from every reply position, `generate`'s rounds start only after each rejection, and
 # the last rounds of a reply are cut by max_new_tokens: the two agree closely, not exactly (`rounds_tau` exactly).
@@ -167,9 +168,12 @@ def test_numbers_by_mode_split_greedy_from_sampled_replies(llama_target, trained
 
 
 def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_prompts(
-    tiny_chat_target, tiny_draft, tmp_path, one_thread
+    tiny_chat_target, tiny_draft, chat_data, tmp_path, one_thread
 ):
-    """benchmarks/prompt_acceptance.py: each draft scored on the replies plain greedy `generate` writes, per task."""
+    """
+    benchmarks/prompt_acceptance.py: each draft scored on the replies plain greedy `generate` writes, per task, and on
+    a replies dataset's greedy held-out rows; each split by copyability and by place in the reply.
+    """
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "prompt_acceptance.py"
     spec = importlib.util.spec_from_file_location("prompt_acceptance", script)
     module = importlib.util.module_from_spec(spec)
@@ -177,7 +181,22 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
     output = tmp_path / "acceptance.json"
     options = ["--target", str(tiny_chat_target), "--per-category", "1", "--limit", "1", "--max-new-tokens", "6"]
     drafts = ["--draft", f"a={tiny_draft}", "--draft", f"b={tiny_draft}"]
-    results = module.main([*options, *drafts, "--num-steps", "3", "--output", str(output)])
+    replies = tmp_path / "replies"
+    write_reply_dataset(
+        ReplyDatasetArguments(
+            target=str(tiny_chat_target),
+            output_dir=str(replies),
+            source=str(chat_data),
+            num_prompts=8,
+            max_new_tokens=12,
+            sampled_fraction=0.0,
+            heldout_fraction=0.5,
+            dtype="float32",
+        ),
+        progress=False,
+    )
+    scored = ["--replies", str(replies), "--replies-rows", "2"]
+    results = module.main([*options, *drafts, *scored, "--num-steps", "3", "--output", str(output)])
     assert json.loads(output.read_text()) == results
 
     target = LlamaForCausalLM.from_pretrained(tiny_chat_target)
@@ -212,5 +231,33 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
         False,
         False,
     ]
+    # the same split by place in the reply, which counts every reply token once (pair p drafts token p + 2)
+    by_place = first["step1_by_reply_position"]
+    assert list(by_place) == ["tokens 1-32", "tokens 33-96", "tokens 97-256", "tokens 257+"]
+    assert by_place["tokens 1-32"]["tokens"] == first["num_tokens"]  # replies of 6 tokens
+    assert by_place["tokens 1-32"]["step1_accuracy"] == pytest.approx(hits / first["num_tokens"], abs=1e-3)
+    assert module.reply_positions([False, False, True, True, True, False, True]) == [1, 2, 3, 0, 1]
+    assert [module.position_bucket(place) for place in (1, 32, 33, 96, 97, 257, 900)] == [
+        "tokens 1-32",
+        "tokens 1-32",
+        "tokens 33-96",
+        "tokens 33-96",
+        "tokens 97-256",
+        "tokens 257+",
+        "tokens 257+",
+    ]
+    with pytest.raises(ValueError, match="reply position 0 is not a reply token's"):
+        module.position_bucket(0)
+
+    # --replies: the dataset's first two greedy held-out rows, every reply token scored once
+    rows = [row for path in reply_shards(replies) for row in read_reply_shard(path)]
+    heldout = [row for row in rows if row["split"] == "heldout" and row["mode"] == "greedy"][:2]
+    assert len(heldout) == 2
+    dataset_scores = results["replies"][str(replies)]
+    assert dataset_scores["a"] == dataset_scores["b"]
+    assert dataset_scores["a"]["num_tokens"] == sum(sum(row["loss_mask"][2:]) for row in heldout)
+    assert sum(part["tokens"] for part in dataset_scores["a"]["step1_by_reply_position"].values()) == sum(
+        sum(row["loss_mask"][2:]) for row in heldout
+    )
     with pytest.raises(SystemExit):
         module.main([*options, "--draft", f"a={tiny_draft}", "--draft", f"a={tiny_draft}", "--output", str(output)])
