@@ -92,39 +92,15 @@ def position_bucket(place: int) -> str:
 
 
 @torch.no_grad()
-def step1_accuracy_by_copyability(draft: PrismDraftModel, features: list[TargetFeatures]) -> dict[str, dict]:
+def step1_hits(
+    draft: PrismDraftModel, features: list[TargetFeatures]
+) -> list[tuple[list[int], list[int], list[bool], list[bool]]]:
     """
-    The draft's first-step acceptance on reply tokens a copy would draft (`copyable_positions`) and on the others:
-    whether the draft copies from its context the way the phrase pool does.
+    For each sequence of `features`: its token ids, the target's top-1 after each pair position, its loss mask, and
+    whether the draft's first step drafts that top-1 at each pair position (pair p drafts token p + 2). Computed once,
+    then grouped by `step1_accuracy_by_copyability` and `step1_accuracy_by_reply_position`.
     """
-    return _step1_accuracy_by(
-        draft,
-        features,
-        lambda ids, top1, mask: ["copyable" if c else "other" for c in copyable_positions(ids, top1)],
-        ("copyable", "other"),
-    )
-
-
-@torch.no_grad()
-def step1_accuracy_by_reply_position(draft: PrismDraftModel, features: list[TargetFeatures]) -> dict[str, dict]:
-    """The draft's first-step acceptance by where in its reply the drafted token stands (`REPLY_POSITIONS`)."""
-    buckets = [position_bucket(first) for first, _ in REPLY_POSITIONS]
-    return _step1_accuracy_by(
-        draft,
-        features,
-        lambda ids, top1, mask: [position_bucket(p) if p else "" for p in reply_positions(mask)],
-        buckets,
-    )
-
-
-def _step1_accuracy_by(
-    draft: PrismDraftModel, features: list[TargetFeatures], labels: Callable, groups: Sequence[str]
-) -> dict[str, dict]:
-    """
-    First-step acceptance over the scored reply tokens of `features` in each of `groups`, a token's group given by
-    `labels(input_ids, target top-1, loss mask)` (one label per pair position).
-    """
-    counts = {group: [0, 0] for group in groups}
+    sequences = []
     for batch in features:
         output = draft(
             batch.input_ids, draft.fuse_selected_features(batch.hidden_states), num_steps=1, output_logits=False
@@ -137,13 +113,45 @@ def _step1_accuracy_by(
         if draft.draft_to_target is not None:
             drafted = draft.draft_to_target[drafted]
         top1 = target_top1(draft, batch)[0]
-        ids = batch.input_ids[0].tolist()
-        mask = batch.loss_mask[0].bool().tolist()
-        for p, label in enumerate(labels(ids, top1.tolist(), mask)):
+        hits = (drafted[: top1.shape[0]] == top1).tolist()
+        sequences.append((batch.input_ids[0].tolist(), top1.tolist(), batch.loss_mask[0].bool().tolist(), hits))
+    return sequences
+
+
+def step1_accuracy_by_copyability(sequences: list) -> dict[str, dict]:
+    """
+    The draft's first-step acceptance (`step1_hits`) on reply tokens a copy would draft (`copyable_positions`) and on
+    the others: whether the draft copies from its context the way the phrase pool does.
+    """
+    return _step1_accuracy_by(
+        sequences,
+        lambda ids, top1, mask: ["copyable" if c else "other" for c in copyable_positions(ids, top1)],
+        ("copyable", "other"),
+    )
+
+
+def step1_accuracy_by_reply_position(sequences: list) -> dict[str, dict]:
+    """The draft's first-step acceptance (`step1_hits`) by where in its reply the token stands (`REPLY_POSITIONS`)."""
+    buckets = [position_bucket(first) for first, _ in REPLY_POSITIONS]
+    return _step1_accuracy_by(
+        sequences,
+        lambda ids, top1, mask: [position_bucket(p) if p else "" for p in reply_positions(mask)],
+        buckets,
+    )
+
+
+def _step1_accuracy_by(sequences: list, labels: Callable, groups: Sequence[str]) -> dict[str, dict]:
+    """
+    First-step acceptance over the scored reply tokens of `sequences` (`step1_hits`) in each of `groups`, a token's
+    group given by `labels(input_ids, target top-1, loss mask)` (one label per pair position).
+    """
+    counts = {group: [0, 0] for group in groups}
+    for ids, top1, mask, hits in sequences:
+        for p, label in enumerate(labels(ids, top1, mask)):
             if mask[p + 2]:  # pair p drafts token p + 2
                 kind = counts[label]
                 kind[0] += 1
-                kind[1] += int(drafted[p] == top1[p])
+                kind[1] += int(hits[p])
     return {
         kind: {"tokens": total, "step1_accuracy": round(hits / total, 4) if total else None}
         for kind, (total, hits) in counts.items()
@@ -185,10 +193,11 @@ def score_draft(
         for f in features
     ]
     metrics = evaluate_draft(draft, own, num_steps=num_steps, sources=sources)
+    sequences = step1_hits(draft, own)
     scores = {
         **metrics.to_dict(prefix=""),
-        "step1_by_copyability": step1_accuracy_by_copyability(draft, own),
-        "step1_by_reply_position": step1_accuracy_by_reply_position(draft, own),
+        "step1_by_copyability": step1_accuracy_by_copyability(sequences),
+        "step1_by_reply_position": step1_accuracy_by_reply_position(sequences),
     }
     return metrics, scores
 
