@@ -22,6 +22,7 @@ from prism_hf.training import WARMUP_PHASE, compute_target_features, prism_loss
 from prism_hf.training import features as features_module
 from prism_hf.training.data import (
     build_examples,
+    cap_reply_loss_mask,
     render_conversation,
     select_draft_vocabulary,
 )
@@ -416,6 +417,47 @@ def test_compiled_loss_matches_eager_loss_and_gradients(llama_target):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_reply_loss_tokens_score_each_replys_opening_with_the_same_loss(llama_target):
+    """
+    `--reply-loss-tokens N` keeps each reply's first N tokens in the loss (every assistant turn its own), and the
+    training batch is cut after its last scored token: the loss is the one the whole sequences give with that mask.
+    """
+    from conftest import training_prompts
+
+    from prism_hf.training import PhaseConfig
+    from prism_hf.training.pipeline import _reply_openings
+
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1]])
+    assert cap_reply_loss_mask(mask, 2).tolist() == [
+        [0, 1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+    ]
+    assert torch.equal(cap_reply_loss_mask(mask, 5), mask)
+    with pytest.raises(ValueError, match="max_tokens must be at least 1, got 0"):
+        cap_reply_loss_mask(mask, 0)
+
+    sequences = llama_target.generate(
+        training_prompts(), do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=None
+    )
+    batch = compute_target_features(llama_target, sequences, [-1])
+    # two replies per row: tokens 5-12 and 16-24 (the rest is prompt and the user's turn)
+    batch.loss_mask = torch.zeros_like(sequences)
+    batch.loss_mask[:, 5:13] = 1
+    batch.loss_mask[:, 16:25] = 1
+    openings = _reply_openings(batch, 4)
+    assert openings.input_ids.shape[1] == 20  # the second reply's fourth token is token 19
+    assert openings.loss_mask.sum(1).tolist() == [8] * len(sequences)
+    assert torch.equal(openings.input_ids, sequences[:, :20])
+    whole = compute_target_features(llama_target, sequences, [-1])
+    whole.loss_mask = torch.cat([openings.loss_mask, torch.zeros_like(sequences[:, 20:])], dim=1)
+    torch.manual_seed(0)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target, num_modules=1, step_module_map=[0])
+    cut_loss, cut_metrics = prism_loss(draft, openings, PhaseConfig())
+    whole_loss, whole_metrics = prism_loss(draft, whole, PhaseConfig())
+    torch.testing.assert_close(cut_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    assert cut_metrics == pytest.approx(whole_metrics, rel=1e-5, abs=1e-6)
+
+
 def _tiny_training(tiny_chat_model, **settings) -> dict:
     """`DraftTrainingArguments` fields for a few-second run on the tiny chat model, with `settings` on top."""
     target_dir, data, _ = tiny_chat_model
@@ -721,6 +763,26 @@ def test_resumed_run_reads_the_init_drafts_score_instead_of_scoring_it_again(tin
     assert len(evaluations) == 1  # the end of phase 2 only
     assert json.loads((more / "training_record.json").read_text())["heldout_init_draft"] == saved
     assert not (more / "checkpoints").exists()
+
+
+def test_train_with_reply_loss_tokens(tiny_chat_model, tmp_path):
+    """
+    A cap longer than every reply trains exactly the draft the run without one trains; a short cap trains another,
+    and the run's recorded command carries it.
+    """
+    from prism_hf.training.pipeline import DraftTrainingArguments, train_draft
+
+    common = _tiny_training(tiny_chat_model, warmup_epochs=2, finetune_epochs=1)
+    weights = {}
+    for name, cap in (("whole", None), ("long-cap", 128), ("short-cap", 3)):
+        args = DraftTrainingArguments(output_dir=str(tmp_path / name), reply_loss_tokens=cap, **common)
+        train_draft(args, progress=False)
+        weights[name] = prism_hf.PrismDraftModel.from_pretrained(tmp_path / name).state_dict()
+    for key, value in weights["whole"].items():
+        assert torch.equal(value, weights["long-cap"][key]), key
+    assert not all(torch.equal(value, weights["short-cap"][key]) for key, value in weights["whole"].items())
+    record = json.loads((tmp_path / "short-cap" / "training_record.json").read_text())
+    assert "--reply-loss-tokens 3" in record["command"]
 
 
 def test_default_draft_vocabulary_is_clipped_to_the_targets(tiny_chat_model, tmp_path):

@@ -81,6 +81,27 @@ def build_examples(
     return examples
 
 
+def cap_reply_loss_mask(loss_mask: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """
+    `loss_mask` (`[batch, seq]`, 1 on reply tokens) with only the first `max_tokens` tokens of each reply left in: a
+    run of ones is one reply, so every assistant turn of a conversation keeps its own opening. The tokens cut from the
+    loss stay in the sequence as context.
+
+    Why: a long greedy reply of a small target drifts into repetition that a draft copies at almost every position,
+    so most of a reply's training tokens are easy late ones, while generation of a short reply lives in its opening,
+    where the draft is weakest. Scoring openings only also makes an update cheaper (the vocabulary-wide loss is taken
+    at fewer positions).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}.")
+    mask = loss_mask.to(torch.long)
+    counts = mask.cumsum(-1)
+    # the running count at the last position outside a reply: subtracting it numbers each reply's tokens from 1
+    outside = torch.where(mask == 0, counts, torch.zeros_like(counts))
+    position_in_reply = counts - outside.cummax(-1).values
+    return (mask.bool() & (position_in_reply <= max_tokens)).to(loss_mask.dtype)
+
+
 def select_draft_vocabulary(
     examples: Iterable[TrainingExample], size: int, vocab_size: int, always_include: Iterable[int] = ()
 ) -> torch.LongTensor:

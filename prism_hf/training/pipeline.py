@@ -34,11 +34,11 @@ from ..prompt_data import (
     iter_conversation_records,
 )
 from ..reference_models import load_reference_model, resolve_dtype
-from .data import TrainingExample, build_examples, select_draft_vocabulary
+from .data import TrainingExample, build_examples, cap_reply_loss_mask, select_draft_vocabulary
 from .evaluation import HeldOutMetrics, HeldOutTracker, evaluate_draft, target_top1
 from .features import FeatureStore, collate
 from .loop import train_phase
-from .recipe import PhaseConfig, expand_modules, fit_copy_gate, initialise_from_target_layer
+from .recipe import PhaseConfig, TargetFeatures, expand_modules, fit_copy_gate, initialise_from_target_layer
 from .replies import check_reply_tokenizer, is_reply_dataset, load_reply_examples, read_reply_manifest
 
 logger = logging.get_logger(__name__)
@@ -98,6 +98,15 @@ class DraftTrainingArguments:
         },
     )
     max_length: int = field(default=2048, metadata={"help": "tokens per rendered conversation (longer ones are cut)"})
+    reply_loss_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on the first this many tokens of each reply only (the rest stays as context; a copy "
+            "head's gate is still fitted on whole replies, held-out numbers score them): a reply's opening is where "
+            "a draft is weakest, and a short generation is all opening, while long greedy replies are mostly easy "
+            "repetition"
+        },
+    )
     heldout_fraction: float = field(
         default=0.05,
         metadata={"help": "share of conversations held out for evaluation (a replies dataset carries its own split)"},
@@ -678,7 +687,8 @@ def train_draft(
     def batches(seed: int):
         epoch = 0
         while True:
-            yield from store.batches(args.batch_size, seed=seed + epoch)
+            for batch in store.batches(args.batch_size, seed=seed + epoch):
+                yield batch if args.reply_loss_tokens is None else _reply_openings(batch, args.reply_loss_tokens)
             epoch += 1
 
     out = Path(args.output_dir)
@@ -846,6 +856,22 @@ def train_draft(
         shutil.rmtree(checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return draft
+
+
+def _reply_openings(batch: TargetFeatures, max_tokens: int) -> TargetFeatures:
+    """
+    `batch` scored on each reply's first `max_tokens` tokens (`cap_reply_loss_mask`), its sequences cut after the
+    last scored token: the positions after it change no loss (the draft is causal), so they are not computed.
+    """
+    mask = cap_reply_loss_mask(batch.loss_mask, max_tokens)
+    scored = mask.any(0).nonzero()
+    length = int(scored[-1]) + 1 if len(scored) else 2
+    return TargetFeatures(
+        batch.input_ids[:, :length],
+        tuple(state[:, :length] for state in batch.hidden_states),
+        batch.last_hidden_state[:, :length],
+        mask[:, :length],
+    )
 
 
 def split_heldout(
