@@ -783,6 +783,10 @@ def test_train_with_reply_loss_tokens(tiny_chat_model, tmp_path):
     assert not all(torch.equal(value, weights["short-cap"][key]) for key, value in weights["whole"].items())
     record = json.loads((tmp_path / "short-cap" / "training_record.json").read_text())
     assert "--reply-loss-tokens 3" in record["command"]
+    # refused before any target forward, not after hours of features
+    with pytest.raises(ValueError, match="reply_loss_tokens must be at least 1, got 0"):
+        train_draft(DraftTrainingArguments(output_dir=str(tmp_path / "zero"), reply_loss_tokens=0, **common))
+    assert not (tmp_path / "zero").exists()
 
 
 def test_default_draft_vocabulary_is_clipped_to_the_targets(tiny_chat_model, tmp_path):

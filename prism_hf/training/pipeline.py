@@ -551,7 +551,7 @@ def train_draft(
         raise ValueError("save_warmup needs a phase 1 (warmup_epochs > 0).")
     if args.more_data_examples is not None and not args.more_data:
         raise ValueError("more_data_examples caps each --more-data source: it needs more_data.")
-    for name in ("num_examples", "more_data_examples"):
+    for name in ("num_examples", "more_data_examples", "reply_loss_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}.")
     init_modules, init_step_map = _init_draft_modules(args)
