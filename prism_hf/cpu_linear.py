@@ -407,10 +407,10 @@ def quantize_cpu_linears_int8(model: nn.Module) -> int:
 
     A PRISM draft (any model with a `quantize_lm_head_int8` method) with a reduced draft vocabulary gets only an int8
     copy of its slice of the target's LM head, which is most of what a draft step reads, and 1 is returned; its own
-    layers stay float32 (they are small, and with int8 inputs, one scale over the concatenated token embedding and
-    target feature, the committed SmolLM2 draft's step-1 agreement with the target fell from 0.21 to 0.12 on
-    Spec-Bench prompts, against 0.21 with the int8 head alone). A draft with the target's whole LM head returns 0:
-    that head is the target's.
+    layers stay float32 (they are small: int8 attention and MLP projections save a tenth of a SmolLM2 draft step, and
+    an int8 input projection, one scale over the concatenated token embedding and target feature, halves the published
+    SmolLM2 draft's step-1 agreement with the target, docs/cpu-inference.md). A draft with the target's whole LM head
+    returns 0: that head is the target's.
     """
     if not any(engine in torch.backends.quantized.supported_engines for engine in ("x86", "fbgemm")):
         raise RuntimeError(

@@ -644,6 +644,11 @@ def _drafting_defaults(config: dict) -> str:
             f"; once the copy lookup matches a full {config['copy_max_ngram']} tokens it copies the continuation"
             f" without draft steps, up to {max(config['copy_streak_tokens'], config['num_draft_tokens'])} tokens"
         )
+        if config.get("copy_streak_max_tokens", 0) > config["copy_streak_tokens"]:
+            text += (
+                f", a length that doubles after a streak accepted whole (up to {config['copy_streak_max_tokens']})"
+                " and halves after one cut short"
+            )
     return text + "."
 
 

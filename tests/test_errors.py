@@ -109,6 +109,18 @@ def test_feature_layer_out_of_range(target):
             {"draft_confidence_rule": "joint"},
             r"`draft_confidence_rule` must be one of \('token', 'path'\), got 'joint'",
         ),
+        (
+            {"copy_max_ngram": 8, "copy_streak_tokens": 16, "copy_streak_max_tokens": -1},
+            r"`copy_streak_max_tokens` must be an integer >= 0 \(0: streaks keep their length\), got -1",
+        ),
+        (
+            {"copy_max_ngram": 8, "copy_streak_max_tokens": 32},
+            "`copy_streak_max_tokens` bounds how far copy streaks grow: set `copy_streak_tokens` too",
+        ),
+        (
+            {"copy_max_ngram": 8, "copy_streak_tokens": 16, "copy_streak_max_tokens": 8},
+            r"`copy_streak_max_tokens` \(8\) bounds how far copy streaks grow from `copy_streak_tokens` \(16\)",
+        ),
     ],
 )
 def test_invalid_config(fields, message):

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB, draft_config_set, training_prompts
+from conftest import TARGET_FACTORIES, VOCAB, draft_config_set, training_prompts
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 import prism_hf
-from prism_hf.generation_prism import PrismCandidateGenerator
-from prism_hf.modeling_prism import CopyIndex, copy_candidates
+from prism_hf.generation_prism import PrismCandidateGenerator, PrismDraftCache
+from prism_hf.modeling_prism import CopyIndex, PrismKeyValues, copy_candidates
 
 
 def assert_same_as_plain(target, draft, input_ids, **kwargs):
@@ -407,3 +407,57 @@ def test_copy_streak_drafts_the_copied_continuation_with_probability_one(tiny_ta
     )
     assert generator.stats.copied_tokens == 6
     assert len(generator.cache) == prompt.shape[1] - 1  # only the extend pass wrote draft keys: no draft step ran
+
+
+def test_copy_streaks_grow_after_whole_ones_and_shrink_after_cut_ones(tiny_target):
+    """`copy_streak_max_tokens`: 2 -> 4 -> 8 (bounded) after whole streaks, back down after cut ones, not below 2."""
+    draft = prism_hf.PrismDraftModel.from_target(
+        tiny_target, copy_max_ngram=4, copy_streak_tokens=2, copy_streak_max_tokens=8, num_draft_tokens=1
+    )
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 8]])
+    generator = PrismCandidateGenerator(draft, tiny_target, prompt, GenerationConfig(max_length=99), None, {})
+    outputs = tiny_target(prompt, output_hidden_states=True)
+    candidates, logits = generator.get_candidates(prompt, model_outputs=outputs, is_first_iteration=False)
+    assert candidates[0, prompt.shape[1] :].tolist() == [9, 10]  # a streak of copy_streak_tokens
+    lengths = []
+    for drafted, accepted in [(2, 2), (4, 4), (8, 8), (8, 3), (4, 0), (2, 1)]:
+        generator._round_streak = True  # as `_draft` records it for a round that ended in a streak
+        generator.update_candidate_strategy(candidates, torch.zeros(1, drafted + 1, VOCAB), accepted)
+        lengths.append(generator.num_drafting_tokens)
+    assert lengths == [4, 8, 8, 4, 2, 2]
+    generator._round_streak = False  # a round the draft's own steps drafted leaves the streak length alone
+    generator.update_candidate_strategy(candidates, torch.zeros(1, 2, VOCAB), 1)
+    assert generator.num_drafting_tokens == 2
+
+
+def test_growing_copy_streaks_match_plain_in_fewer_verifications():
+    """The tiny random Gemma 3 repeats one token: streaks that grow verify the same output in fewer rounds."""
+    target = TARGET_FACTORIES["gemma3"]()
+    prompt = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    stats = {}
+    for longest in (0, 32):
+        draft = prism_hf.PrismDraftModel.from_target(
+            target, copy_max_ngram=4, copy_streak_tokens=4, copy_streak_max_tokens=longest
+        )
+        assert_same_as_plain(target, draft, prompt, max_new_tokens=120)
+        stats[longest] = draft.last_generation_stats
+    assert stats[0].copied_tokens > 0
+    assert stats[32].verifications < stats[0].verifications / 2
+
+
+def test_draft_cache_appends_crops_and_grows_like_concatenation():
+    """Appends past the buffer's room, crops and overwrites give what concatenating and slicing would."""
+    cache = PrismDraftCache()
+    assert cache.get() is None and len(cache) == 0
+    chunks = [torch.randn(1, 2, n, 4) for n in (5, 1, 1, 7, 1)]
+    expected = torch.empty(1, 2, 0, 4)
+    for i, chunk in enumerate(chunks):
+        cache.append(PrismKeyValues(chunk, -chunk))
+        expected = torch.cat([expected, chunk], dim=-2)
+        if i == 2:  # a rejected draft token: drop it, as `_extend` does before the next round
+            cache.crop(len(cache) - 1)
+            expected = expected[..., :-1, :]
+        assert len(cache) == expected.shape[-2]
+        assert torch.equal(cache.get().keys, expected) and torch.equal(cache.get().values, -expected)
+    cache.crop(100)  # cropping to more than it holds keeps everything
+    assert len(cache) == expected.shape[-2]

@@ -11,6 +11,7 @@ import torch
 from conftest import draft_config_set, training_prompts
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import prism_hf
 from prism_hf.benchmarking.prompts import encode_prompt, load_prompts
 from prism_hf.training import compute_target_features
 from prism_hf.training.evaluation import _greedy_rounds, evaluate_draft, predicted_tau
@@ -261,3 +262,48 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
     )
     with pytest.raises(SystemExit):
         module.main([*options, "--draft", f"a={tiny_draft}", "--draft", f"a={tiny_draft}", "--output", str(output)])
+
+
+def test_copy_streak_rounds_records_every_verification_round(tiny_chat_target, tiny_draft, tmp_path, one_thread):
+    """
+    benchmarks/copy_streak_rounds.py: the recorded rounds add up to each greedy reply, and the summary counts whole
+    and cut streaks, and what follows each, as hand-counted here.
+    """
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "copy_streak_rounds.py"
+    spec = importlib.util.spec_from_file_location("copy_streak_rounds", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rounds = [
+        {"drafted": 16, "copied": 14, "accepted": 16},  # whole streak
+        {"drafted": 2, "copied": 0, "accepted": 1},  # the draft's own steps: not a streak
+        {"drafted": 32, "copied": 32, "accepted": 32},  # whole after whole
+        {"drafted": 64, "copied": 60, "accepted": 10},  # cut after whole
+        {"drafted": 32, "copied": 32, "accepted": 32},  # whole after cut
+    ]
+    summary = module.summarize([rounds, [{"drafted": 16, "copied": 16, "accepted": 3}]])  # a new prompt: no "after"
+    assert summary["rounds"] == 6 and summary["streak_rounds"] == 5
+    assert summary["tau"] == round((17 + 2 + 33 + 11 + 33 + 4) / 6, 4)
+    assert summary["streak_whole"] == 0.6
+    assert (summary["streak_whole_after_whole"], summary["streaks_after_whole"]) == (0.5, 2)
+    assert (summary["streak_whole_after_cut"], summary["streaks_after_cut"]) == (1.0, 1)
+    assert summary["streak_round_tokens_share"] == round((17 + 33 + 11 + 33 + 4) / 100, 4)
+
+    output = tmp_path / "rounds.json"
+    options = ["--target", str(tiny_chat_target), "--per-category", "1", "--limit", "1", "--max-new-tokens", "8"]
+    results = module.main([*options, "--draft", f"a={tiny_draft}", "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+    target = LlamaForCausalLM.from_pretrained(tiny_chat_target)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_target)
+    draft = prism_hf.PrismDraftModel.from_pretrained(tiny_draft)
+    new_tokens, verifications = 0, 0
+    prompts = load_prompts(("spec_bench", "humaneval"), per_category=1, limit=1)
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt).input_ids[None]
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), assistant_model=draft, max_new_tokens=8)
+        new_tokens += out.shape[1] - ids.shape[1]
+        verifications += draft.last_generation_stats.verifications
+    recorded = results["drafts"]["a"]
+    assert recorded["rounds"] == verifications
+    # each prompt's first token comes from the prefill, no verification round
+    assert recorded["tau"] == round((new_tokens - len(prompts)) / verifications, 4)
+    assert recorded["streak_rounds"] == 0  # this draft has no copy head

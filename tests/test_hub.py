@@ -267,13 +267,20 @@ def test_card_states_the_drafting_defaults_of_the_config(draft_copy):
     card = write_model_card(draft_copy).read_text()
     assert "By default a round drafts up to 6 tokens, ending after a token of draft probability below 0.5." in card
     config.update(num_draft_tokens=10, draft_confidence_threshold=0.25, draft_confidence_rule="path")
-    config.update(copy_max_ngram=8, copy_streak_tokens=16)
+    config.update(copy_max_ngram=8, copy_streak_tokens=16, copy_streak_max_tokens=0)
     config_path.write_text(json.dumps(config))
     card = write_model_card(draft_copy).read_text()
     assert (
         "By default a round drafts up to 10 tokens, ending once the product of its tokens' draft probabilities falls "
         "below 0.25; once the copy lookup matches a full 8 tokens it copies the continuation without draft steps, up "
         "to 16 tokens."
+    ) in card.replace("\n", " ")
+    config.update(copy_streak_max_tokens=64)
+    config_path.write_text(json.dumps(config))
+    card = write_model_card(draft_copy).read_text()
+    assert (
+        "without draft steps, up to 16 tokens, a length that doubles after a streak accepted whole (up to 64) and "
+        "halves after one cut short."
     ) in card.replace("\n", " ")
 
 

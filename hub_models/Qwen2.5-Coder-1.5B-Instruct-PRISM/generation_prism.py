@@ -116,32 +116,42 @@ class PrismDraftCache:
     """
     The single draft KV cache shared by all modules: later steps attend to the keys and values that module 0 wrote
     for the accepted context. Entries past `num_accepted` are speculative and are dropped before the next round.
+
+    Keys and values live in buffers with room to spare (doubled when full), so a drafting step's `append` copies its
+    own new position rather than the whole cache, and `crop` only moves the end; `get` returns views of the filled
+    part, valid until the next `append`.
     """
 
     def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._length = 0
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return self._length
 
     def get(self) -> PrismKeyValues | None:
-        if self.keys is None or self.values is None:
+        if self._keys is None or self._values is None:
             return None
-        return PrismKeyValues(self.keys, self.values)
+        return PrismKeyValues(self._keys[..., : self._length, :], self._values[..., : self._length, :])
 
     def append(self, new: PrismKeyValues) -> None:
-        if self.keys is None or self.values is None:
-            self.keys, self.values = new.keys, new.values
-        else:
-            self.keys = torch.cat([self.keys, new.keys], dim=-2)
-            self.values = torch.cat([self.values, new.values], dim=-2)
+        end = self._length + new.keys.shape[-2]
+        if self._keys is None or self._values is None or end > self._keys.shape[-2]:
+            capacity = max(end, 2 * (0 if self._keys is None else self._keys.shape[-2]))
+            keys = new.keys.new_empty((*new.keys.shape[:-2], capacity, new.keys.shape[-1]))
+            values = new.values.new_empty((*new.values.shape[:-2], capacity, new.values.shape[-1]))
+            if self._keys is not None and self._values is not None:
+                keys[..., : self._length, :] = self._keys[..., : self._length, :]
+                values[..., : self._length, :] = self._values[..., : self._length, :]
+            self._keys, self._values = keys, values
+        self._keys[..., self._length : end, :] = new.keys
+        self._values[..., self._length : end, :] = new.values
+        self._length = end
 
     def crop(self, length: int) -> None:
         """Keeps the first `length` positions."""
-        if self.keys is not None and self.values is not None and length < len(self):
-            self.keys = self.keys[..., :length, :]
-            self.values = self.values[..., :length, :]
+        self._length = max(0, min(self._length, length))
 
 
 class PrismCandidateGenerator(CandidateGenerator):
@@ -169,7 +179,9 @@ class PrismCandidateGenerator(CandidateGenerator):
     tokens of a round in its speculative overlay) and draws each token from the draft's distribution mixed with the
     index's proposal ([`PrismDraftModel.mix_copy`]), exactly as in training. With `PrismConfig.copy_streak_tokens`, a
     round whose lookup matches a full `copy_max_ngram` tokens drafts the copied continuation itself from there (a
-    copy streak: probability 1 per token, which is the candidate distribution sampling checks against).
+    copy streak: probability 1 per token, which is the candidate distribution sampling checks against). With
+    `PrismConfig.copy_streak_max_tokens` the streak length doubles after a round whose streak was accepted whole and
+    halves after one cut short, between `copy_streak_tokens` and that bound, within the call.
     """
 
     requires_model_outputs = True
@@ -206,6 +218,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.num_cached_pairs = 0
         self.copy_index = CopyIndex(draft_model.config.copy_max_ngram) if draft_model.config.copy_max_ngram else None
         self.copy_streak_tokens = draft_model.config.copy_streak_tokens if self.copy_index is not None else 0
+        self.copy_streak_max_tokens = max(self.copy_streak_tokens, draft_model.config.copy_streak_max_tokens)
+        self.streak_length = self.copy_streak_tokens  # the next streak's length (adapted with copy_streak_max_tokens)
+        self._round_streak = False  # whether the last drafted round ended in a copy streak
         self.vocab_width = 0  # of the target's logits (a copy streak's one-hot candidate logits take it)
         self.stats = SpeculationStats()
         self._round_is_prefill = True
@@ -222,9 +237,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         """
         The most tokens the next round drafts (transformers >= 5.25 reads it to size the target cache's rollback of
         recurrent states); like transformers' own drafters, the current length, which the heuristic schedules adapt,
-        or a copy streak's length if longer.
+        or the next copy streak's length if longer.
         """
-        return max(self.num_draft_tokens, self.copy_streak_tokens)
+        return max(self.num_draft_tokens, self.streak_length)
 
     @torch.no_grad()
     def get_candidates(
@@ -237,6 +252,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         **kwargs: Any,
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         self._round_is_prefill = is_first_iteration
+        self._round_streak = False
         if is_first_iteration:
             return input_ids, None
         if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
@@ -313,6 +329,7 @@ class PrismCandidateGenerator(CandidateGenerator):
                 if confidence < self.confidence_threshold:
                     self.stats.confidence_stops += 1
                     break
+        self._round_streak = streak
         return candidate_ids, torch.stack(step_logits, dim=1)
 
     def _copied_token(self, proposal: int) -> tuple[torch.LongTensor, torch.FloatTensor]:
@@ -350,6 +367,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.stats.drafted_tokens += drafted
         self.stats.accepted_tokens += num_matches
         self._adapt_draft_length(drafted, num_matches)
+        self._adapt_streak_length(drafted, num_matches)
 
     def _adapt_draft_length(self, drafted: int, num_matches: int) -> None:
         """The `"heuristic"` schedules: +2 after a round whose `drafted` tokens were all accepted, -1 otherwise."""
@@ -360,3 +378,15 @@ class PrismCandidateGenerator(CandidateGenerator):
                 self.num_draft_tokens = max(1, self.num_draft_tokens - 1)
             if self.schedule == "heuristic":
                 self.draft._heuristic_num_draft_tokens = self.num_draft_tokens
+
+    def _adapt_streak_length(self, drafted: int, num_matches: int) -> None:
+        """
+        With `copy_streak_max_tokens`: after a round that ended in a copy streak, the next streak's length doubles if
+        all `drafted` tokens were accepted and halves otherwise, within `[copy_streak_tokens, copy_streak_max_tokens]`.
+        """
+        if not self._round_streak or self.copy_streak_max_tokens <= self.copy_streak_tokens:
+            return
+        if num_matches >= drafted:
+            self.streak_length = min(2 * self.streak_length, self.copy_streak_max_tokens)
+        else:
+            self.streak_length = max(self.streak_length // 2, self.copy_streak_tokens)

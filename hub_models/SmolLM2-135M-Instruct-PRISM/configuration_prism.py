@@ -75,6 +75,14 @@ class PrismConfig(PretrainedConfig):
             with probability 1 (no draft step, no confidence stop), until the round holds N tokens (or
             `num_draft_tokens`, if larger). A full match is rarely wrong (0.92 of step-1 proposals at 8 tokens
             matched SmolLM2-135M's next token on held-out replies), so such tokens cost only their verification.
+        copy_streak_max_tokens (`int`, *optional*, defaults to 0):
+            With copy streaks, how long a streak may grow within one `generate()` call: 0 keeps every streak at
+            `copy_streak_tokens`; N > `copy_streak_tokens` doubles the streak length (up to N) after a round whose
+            streak was accepted whole and halves it (not below `copy_streak_tokens`) after one cut short. A streak
+            that holds usually goes on (a passage or code being repeated: in SmolLM2-135M's greedy replies of up to
+            512 tokens to 14 benchmark prompts, 0.69 of the streaks of 16 after a whole one were whole again, 0.24
+            after a cut one), so the streak grows where copying runs long and stays short where it breaks, whose
+            rejected tokens cost verification.
         draft_vocab_size (`int`, *optional*):
             Size of a reduced draft vocabulary (the most frequent verifier tokens). `None` drafts over the full
             verifier vocabulary. The chosen ids are stored in the checkpoint as the `draft_to_target` buffer.
@@ -132,6 +140,7 @@ class PrismConfig(PretrainedConfig):
         previous_token_input: bool = False,
         copy_max_ngram: int = 0,
         copy_streak_tokens: int = 0,
+        copy_streak_max_tokens: int = 0,
         draft_vocab_size: int | None = None,
         num_draft_tokens: int = 6,
         num_draft_tokens_schedule: str = "constant",
@@ -161,6 +170,7 @@ class PrismConfig(PretrainedConfig):
         self.previous_token_input = previous_token_input
         self.copy_max_ngram = copy_max_ngram
         self.copy_streak_tokens = copy_streak_tokens
+        self.copy_streak_max_tokens = copy_streak_max_tokens
         self.draft_vocab_size = draft_vocab_size
         self.num_draft_tokens = num_draft_tokens
         self.num_draft_tokens_schedule = num_draft_tokens_schedule
@@ -199,6 +209,20 @@ class PrismConfig(PretrainedConfig):
             raise ValueError(f"`copy_streak_tokens` must be an integer >= 0 (0: no copy streaks), got {streak!r}.")
         if streak and not ngram:
             raise ValueError("`copy_streak_tokens` drafts what the copy head matches: set `copy_max_ngram` too.")
+        longest = self.copy_streak_max_tokens
+        if isinstance(longest, bool) or not isinstance(longest, int) or longest < 0:
+            raise ValueError(
+                f"`copy_streak_max_tokens` must be an integer >= 0 (0: streaks keep their length), got {longest!r}."
+            )
+        if longest and not streak:
+            raise ValueError(
+                "`copy_streak_max_tokens` bounds how far copy streaks grow: set `copy_streak_tokens` too."
+            )
+        if longest and longest < streak:
+            raise ValueError(
+                f"`copy_streak_max_tokens` ({longest}) bounds how far copy streaks grow from `copy_streak_tokens` "
+                f"({streak}): set it to at least that, or to 0."
+            )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of `num_key_value_heads` "

@@ -108,9 +108,11 @@ class PrismAttention(nn.Module):
         if attention_mask is None and seq > 1:
             past = key.shape[-2] - seq
             attention_mask = torch.ones(seq, key.shape[-2], dtype=torch.bool, device=key.device).tril(past)
-        key = key.repeat_interleave(self.num_key_value_groups, dim=1)
-        value = value.repeat_interleave(self.num_key_value_groups, dim=1)
-        attn = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        # grouped key/value heads go to torch as they are: repeating them per query head would copy the whole cache
+        # at every drafting step, and torch's attention gives the same result either way
+        attn = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, enable_gqa=self.num_key_value_groups > 1
+        )
         attn = attn.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.o_proj(attn), new_key_values
 

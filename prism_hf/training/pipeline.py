@@ -400,6 +400,7 @@ INHERITED_DRAFTING_SETTINGS = (
     "draft_confidence_rule",
     "draft_confidence_threshold",
     "copy_streak_tokens",
+    "copy_streak_max_tokens",
 )
 DEFAULT_NUM_DRAFT_TOKENS = 6
 
