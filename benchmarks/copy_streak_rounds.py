@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         drafting = {key: getattr(draft.config, key) for key in ("copy_streak_tokens", "copy_streak_max_tokens")}
         results["drafts"][name] = {"path": str(path), **drafting, **summarize(per_prompt)}
         print(name, json.dumps(results["drafts"][name]))
-    name = args.target.replace("/", "--") if not Path(args.target).exists() else Path(args.target).name
-    output = args.output or RESULTS / f"copy-streak-rounds-{name}.json"
+    output = args.output or RESULTS / f"copy-streak-rounds-{Path(args.target).name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"saved {output}")
