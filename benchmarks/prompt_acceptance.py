@@ -14,8 +14,10 @@ Against the held-out tau of the training datasets, the difference is the distanc
 the benchmark's.
 
 Every scored set is also split by where in its reply each token stands (`step1_by_reply_position`): the first tokens
-of a reply are the hardest to draft, so a benchmark of 96 new tokens sees only those. `--replies DIR ...` scores the
-greedy held-out rows of replies datasets the same way, beside the benchmark's prompts.
+of a reply are the hardest to draft, so a benchmark of 96 new tokens sees only those. `step1_top_k` counts a
+first step as accepted when the target's token is among the draft's k most likely: what drafting k branches at
+the first step, verified together as a tree, would accept. `--replies DIR ...` scores the greedy held-out rows of
+replies datasets the same way, beside the benchmark's prompts.
 
 `python benchmarks/prompt_acceptance.py --target smollm2-135m-instruct --draft published=hub_models/...` writes
 `benchmarks/results/prompt-acceptance-<target>.json` (or `--output`).
@@ -36,12 +38,14 @@ from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.benchmarking.strategies import parse_draft_spec
 from prism_hf.modeling_prism import copy_candidates
 from prism_hf.reference_models import load_reference_model
-from prism_hf.training.evaluation import HeldOutMetrics, drafted_tokens, evaluate_draft, target_top1
+from prism_hf.training.evaluation import HeldOutMetrics, evaluate_draft, target_top1
 from prism_hf.training.recipe import TargetFeatures, compute_target_features
 from prism_hf.training.replies import check_reply_tokenizer, load_reply_examples
 
 # reply token positions (1-based, first and last included) the first-step acceptance is split by
 REPLY_POSITIONS = ((1, 32), (33, 96), (97, 256), (257, None))
+# how many of the draft's most likely first-step tokens `step1_top_k` counts a hit among
+TOP_K = (1, 2, 4, 8)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,35 +96,56 @@ def position_bucket(place: int) -> str:
 
 
 @torch.no_grad()
-def step1_hits(
+def step1_ranks(
     draft: PrismDraftModel, features: list[TargetFeatures]
-) -> list[tuple[list[int], list[int], list[bool], list[bool]]]:
+) -> list[tuple[list[int], list[int], list[bool], list[int]]]:
     """
     For each sequence of `features`: its token ids, the target's top-1 after each pair position, its loss mask, and
-    whether the draft's first step drafts that top-1 at each pair position (pair p drafts token p + 2). Computed once,
-    then grouped by `step1_accuracy_by_copyability` and `step1_accuracy_by_reply_position`.
+    the rank of that top-1 among the tokens the draft's first step drafts from at each pair position (pair p drafts
+    token p + 2; `draft_rank`): rank 0 is the token greedy drafting picks. Computed once, then grouped by
+    `step1_accuracy_by_copyability`, `step1_accuracy_by_reply_position` and `step1_top_k`.
     """
     sequences = []
     for batch in features:
         output = draft(
             batch.input_ids, draft.fuse_selected_features(batch.hidden_states), num_steps=1, output_logits=False
         )
+        top1 = target_top1(draft, batch)[0]
+        hidden = output.step_hidden_states[0][0][: top1.shape[0]]
         proposals = None
         if draft.copy_gate is not None:
             ids, lengths = copy_candidates(batch.input_ids, draft.config.copy_max_ngram)
-            proposals = (draft.to_draft_ids(ids)[0], lengths[0])
-        drafted = drafted_tokens(draft, output.step_hidden_states[0][0], proposals)
-        if draft.draft_to_target is not None:
-            drafted = draft.draft_to_target[drafted]
-        top1 = target_top1(draft, batch)[0]
-        hits = (drafted[: top1.shape[0]] == top1).tolist()
-        sequences.append((batch.input_ids[0].tolist(), top1.tolist(), batch.loss_mask[0].bool().tolist(), hits))
+            proposals = (draft.to_draft_ids(ids)[0][: top1.shape[0]], lengths[0][: top1.shape[0]])
+        wanted = draft.to_draft_ids(top1)
+        ranks = []
+        for start in range(0, hidden.shape[0], 256):  # a sequence's whole-vocabulary logits at once take gigabytes
+            rows = slice(start, start + 256)
+            copy = None if proposals is None else (proposals[0][rows], proposals[1][rows])
+            ranks.append(draft_rank(draft.drafting_logits(hidden[rows], copy), wanted[rows]))
+        ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        sequences.append(
+            (batch.input_ids[0].tolist(), top1.tolist(), batch.loss_mask[0].bool().tolist(), ranks.tolist())
+        )
     return sequences
+
+
+def draft_rank(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """
+    Rank of each row's `wanted` column among its `logits` (`[rows, vocab]`): how many columns greedy drafting would
+    put before it (a larger logit, or an equal one at a lower index, as `argmax` breaks ties), so rank 0 is exactly the
+    argmax. A wanted id of -1 (outside the draft vocabulary) gets the vocabulary size: no draft of k tokens holds it.
+    """
+    inside = wanted >= 0
+    index = wanted.clamp(min=0)
+    value = logits.gather(-1, index[:, None])
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    before = (logits > value) | ((logits == value) & (columns[None] < index[:, None]))
+    return torch.where(inside, before.sum(-1), logits.shape[-1])
 
 
 def step1_accuracy_by_copyability(sequences: list) -> dict[str, dict]:
     """
-    The draft's first-step acceptance (`step1_hits`) on reply tokens a copy would draft (`copyable_positions`) and on
+    The draft's first-step acceptance (`step1_ranks`) on reply tokens a copy would draft (`copyable_positions`) and on
     the others: whether the draft copies from its context the way the phrase pool does.
     """
     return _step1_accuracy_by(
@@ -131,7 +156,7 @@ def step1_accuracy_by_copyability(sequences: list) -> dict[str, dict]:
 
 
 def step1_accuracy_by_reply_position(sequences: list) -> dict[str, dict]:
-    """The draft's first-step acceptance (`step1_hits`) by where in its reply the token stands (`REPLY_POSITIONS`)."""
+    """The draft's first-step acceptance (`step1_ranks`) by where in its reply the token stands (`REPLY_POSITIONS`)."""
     buckets = [position_bucket(first) for first, _ in REPLY_POSITIONS]
     return _step1_accuracy_by(
         sequences,
@@ -142,19 +167,33 @@ def step1_accuracy_by_reply_position(sequences: list) -> dict[str, dict]:
 
 def _step1_accuracy_by(sequences: list, labels: Callable, groups: Sequence[str]) -> dict[str, dict]:
     """
-    First-step acceptance over the scored reply tokens of `sequences` (`step1_hits`) in each of `groups`, a token's
+    First-step acceptance over the scored reply tokens of `sequences` (`step1_ranks`) in each of `groups`, a token's
     group given by `labels(input_ids, target top-1, loss mask)` (one label per pair position).
     """
     counts = {group: [0, 0] for group in groups}
-    for ids, top1, mask, hits in sequences:
+    for ids, top1, mask, ranks in sequences:
         for p, label in enumerate(labels(ids, top1, mask)):
             if mask[p + 2]:  # pair p drafts token p + 2
                 kind = counts[label]
                 kind[0] += 1
-                kind[1] += int(hits[p])
+                kind[1] += int(ranks[p] == 0)
     return {
         kind: {"tokens": total, "step1_accuracy": round(hits / total, 4) if total else None}
         for kind, (total, hits) in counts.items()
+    }
+
+
+def step1_top_k(sequences: list) -> dict:
+    """
+    Share of the scored reply tokens whose target top-1 is among the `TOP_K` most likely tokens of the draft's first
+    step (`step1_ranks`): what a first step that drafted k branches, verified together as a tree, would accept.
+    """
+    ranks = [ranks[p] for _, _, mask, ranks in sequences for p in range(len(ranks)) if mask[p + 2]]
+    return {
+        "tokens": len(ranks),
+        "step1_accuracy": {
+            f"top {k}": round(sum(rank < k for rank in ranks) / len(ranks), 4) if ranks else None for k in TOP_K
+        },
     }
 
 
@@ -193,11 +232,12 @@ def score_draft(
         for f in features
     ]
     metrics = evaluate_draft(draft, own, num_steps=num_steps, sources=sources)
-    sequences = step1_hits(draft, own)
+    sequences = step1_ranks(draft, own)
     scores = {
         **metrics.to_dict(prefix=""),
         "step1_by_copyability": step1_accuracy_by_copyability(sequences),
         "step1_by_reply_position": step1_accuracy_by_reply_position(sequences),
+        "step1_top_k": step1_top_k(sequences),
     }
     return metrics, scores
 

@@ -247,6 +247,18 @@ def test_prompt_acceptance_scores_the_targets_greedy_replies_to_the_benchmark_pr
         "tokens 257+",
         "tokens 257+",
     ]
+    # the draft's k most likely first-step tokens: top 1 is the greedy step, and a larger k never holds fewer
+    top_k = first["step1_top_k"]
+    assert top_k["tokens"] == first["num_tokens"]
+    assert list(top_k["step1_accuracy"]) == ["top 1", "top 2", "top 4", "top 8"]
+    assert top_k["step1_accuracy"]["top 1"] == pytest.approx(hits / first["num_tokens"], abs=1e-4)
+    rates = list(top_k["step1_accuracy"].values())
+    assert rates == sorted(rates)
+    # rank 0 is argmax's pick, ties going to the lower index; a token outside the draft vocabulary ranks last
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert module.draft_rank(logits, torch.tensor([1, 2, -1])).tolist() == [0, 2, 4]
+    assert module.draft_rank(logits, torch.tensor([2, 0, 3])).tolist() == [1, 0, 3]
+    assert (module.draft_rank(logits, logits.argmax(-1)) == 0).all()
     with pytest.raises(ValueError, match="reply position 0 is not a reply token's"):
         module.position_bucket(0)
 
