@@ -38,7 +38,7 @@ from prism_hf.benchmarking.report import describe_machine, machine_metadata
 from prism_hf.benchmarking.strategies import parse_draft_spec
 from prism_hf.modeling_prism import copy_candidates
 from prism_hf.reference_models import load_reference_model
-from prism_hf.training.evaluation import HeldOutMetrics, evaluate_draft, target_top1
+from prism_hf.training.evaluation import HeldOutMetrics, chunked_rows, evaluate_draft, target_top1
 from prism_hf.training.recipe import TargetFeatures, compute_target_features
 from prism_hf.training.replies import check_reply_tokenizer, load_reply_examples
 
@@ -116,13 +116,12 @@ def step1_ranks(
         if draft.copy_gate is not None:
             ids, lengths = copy_candidates(batch.input_ids, draft.config.copy_max_ngram)
             proposals = (draft.to_draft_ids(ids)[0][: top1.shape[0]], lengths[0][: top1.shape[0]])
-        wanted = draft.to_draft_ids(top1)
-        ranks = []
-        for start in range(0, hidden.shape[0], 256):  # a sequence's whole-vocabulary logits at once take gigabytes
-            rows = slice(start, start + 256)
-            copy = None if proposals is None else (proposals[0][rows], proposals[1][rows])
-            ranks.append(draft_rank(draft.drafting_logits(hidden[rows], copy), wanted[rows]))
-        ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        ranks = chunked_rows(
+            lambda rows, wanted, *copy: draft_rank(draft.drafting_logits(rows, copy or None), wanted),
+            hidden,
+            draft.to_draft_ids(top1),
+            *(proposals or ()),
+        )
         sequences.append(
             (batch.input_ids[0].tolist(), top1.tolist(), batch.loss_mask[0].bool().tolist(), ranks.tolist())
         )
@@ -188,11 +187,11 @@ def step1_top_k(sequences: list) -> dict:
     Share of the scored reply tokens whose target top-1 is among the `TOP_K` most likely tokens of the draft's first
     step (`step1_ranks`): what a first step that drafted k branches, verified together as a tree, would accept.
     """
-    ranks = [ranks[p] for _, _, mask, ranks in sequences for p in range(len(ranks)) if mask[p + 2]]
+    scored = [row[p] for _, _, mask, row in sequences for p in range(len(row)) if mask[p + 2]]
     return {
-        "tokens": len(ranks),
+        "tokens": len(scored),
         "step1_accuracy": {
-            f"top {k}": round(sum(rank < k for rank in ranks) / len(ranks), 4) if ranks else None for k in TOP_K
+            f"top {k}": round(sum(rank < k for rank in scored) / len(scored), 4) if scored else None for k in TOP_K
         },
     }
 

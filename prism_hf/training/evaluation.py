@@ -140,20 +140,26 @@ def _greedy_rounds(chain_lengths: list[int], reply: list[bool], num_steps: int) 
     return rounds, tokens
 
 
-def _chunked_argmax(head, hidden: torch.Tensor, *columns: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def chunked_rows(function, hidden: torch.Tensor, *columns: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """
-    `head(hidden, *columns).argmax(-1)`, a few positions at a time (each of `columns` holds one value per position):
-    a sequence's whole-vocabulary logits take gigabytes.
+    `function(rows, *column_rows)`, one value per row, over the rows of `hidden` (`[..., hidden]`) a few at a time
+    (each of `columns` holds one value per row), back in `hidden`'s leading shape: a sequence's whole-vocabulary
+    logits take gigabytes.
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
     columns = tuple(column.reshape(-1) for column in columns)
-    tops = [
-        head(flat[start : start + chunk], *(column[start : start + chunk] for column in columns)).argmax(-1)
+    parts = [
+        function(flat[start : start + chunk], *(column[start : start + chunk] for column in columns))
         for start in range(0, flat.shape[0], chunk)
     ]
-    if not tops:
+    if not parts:
         return torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-    return torch.cat(tops).reshape(hidden.shape[:-1])
+    return torch.cat(parts).reshape(hidden.shape[:-1])
+
+
+def _chunked_argmax(head, hidden: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
+    """`head(hidden, *columns).argmax(-1)`, a few rows at a time (`chunked_rows`)."""
+    return chunked_rows(lambda rows, *values: head(rows, *values).argmax(-1), hidden, *columns)
 
 
 def drafted_tokens(
