@@ -36,6 +36,8 @@ _Int8Linear = torch.ao.nn.quantized.dynamic.Linear  # what `quantize_cpu_linears
 
 # `Ouroboros` options that shape a small causal LM's drafting; a PRISM draft drafts by its own config instead
 SMALL_LM_OPTIONS = frozenset({"confidence_threshold", "pool_suffix", "small_model_context", "small_model_vocab"})
+# `Ouroboros` options for a PRISM draft only
+PRISM_DRAFT_OPTIONS = frozenset({"pool_rounds"})
 
 
 @dataclass
@@ -276,6 +278,14 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
     previous step's feature, so here the pool leads and PRISM fills the gaps. The pool learns from every
     verification as in `OuroborosCandidateGenerator`; the draft-length schedule adapts the budgeted part. Pool tokens
     get one-hot candidate logits, which keeps sampling exact.
+
+    With `Ouroboros.pool_rounds` set, the pool and the draft take turns by rounds instead: a round where the pool
+    drafts at least `pool_rounds` tokens (keys of `unchecked_min_key_length` or more) and the draft's copy index has no
+    match long enough for a copy streak goes to the target as the pool's phrase alone; every other round is the
+    PRISM draft's own, as without a pool. A pool round costs no draft step: the draft runs module 0 over the text
+    verified meanwhile at the start of its next round, in one call. A pool round drafts up to
+    `Ouroboros.num_draft_tokens` tokens at first; the length doubles after a pool round accepted whole, up to the
+    draft's `copy_streak_max_tokens` (when larger), and halves after one cut short.
     """
 
     def __init__(
@@ -306,16 +316,27 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self._from_pool: list[bool] = []
         self._num_budgeted = 0
         self._vocab_size = target.config.get_text_config().vocab_size  # the width of the target's logits
+        self._pool_round = False  # whether the last round was the pool's alone (`Ouroboros.pool_rounds`)
+        self.pool_round_tokens = assistant.num_draft_tokens  # the next pool round's length (`pool_rounds`)
+        self.max_pool_round_tokens = max(assistant.num_draft_tokens, self.copy_streak_max_tokens)
 
     @property
     def num_drafting_tokens(self) -> int:
-        """The draft's budget, then the pool's phrase of up to `Ouroboros.num_draft_tokens` after it."""
+        """
+        The draft's budget, then the pool's phrase of up to `Ouroboros.num_draft_tokens` after it; with `pool_rounds`,
+        the longer of the draft's round and the next pool round.
+        """
+        if self.assistant.pool_rounds is not None:
+            return max(super().num_drafting_tokens, self.pool_round_tokens)
         return self.num_draft_tokens + self.assistant.num_draft_tokens
 
     def _next_token(
         self, candidate_ids: torch.LongTensor, draft_hidden: torch.Tensor
     ) -> tuple[torch.LongTensor, torch.FloatTensor]:
         """The pool's next token when it has one (the draft's head is then skipped), else the draft's own."""
+        if self.assistant.pool_rounds is not None:  # the draft's rounds are its own
+            self._from_pool.append(False)
+            return super()._next_token(candidate_ids, draft_hidden)
         context = self.tokens + candidate_ids[0, len(self.tokens) :].tolist()
         proposal = self.pool.draft(context, 1, self.assistant.unchecked_min_key_length)
         self._from_pool.append(bool(proposal))
@@ -329,15 +350,20 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self, input_ids: torch.LongTensor, **kwargs: Any
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         self.tokens = _sync_tokens(self.tokens, input_ids, self.pool)
-        self._from_pool = []
+        self._from_pool, self._pool_round = [], False
+        copied = self.stats.copied_tokens
         candidate_ids, candidate_logits = super().get_candidates(input_ids, **kwargs)
         began = time.perf_counter()
         self._draft_tokens = candidate_ids[0, input_ids.shape[1] :].tolist()
-        self._num_budgeted = len(self._draft_tokens)
-        self.stats.small_model_forwards += self._num_budgeted - sum(self._from_pool)
+        self._num_budgeted = 0 if self._pool_round else len(self._draft_tokens)
+        # a copy streak ends the draft's part of a round: its tokens are the draft's, with no draft step
+        self._from_pool += [False] * (len(self._draft_tokens) - len(self._from_pool))
+        if not self._pool_round:
+            copied = self.stats.copied_tokens - copied
+            self.stats.small_model_forwards += self._num_budgeted - sum(self._from_pool) - copied
         room = min(self.assistant.num_draft_tokens, self.max_length - candidate_ids.shape[1] - 1)
         suffix = []
-        if not self._round_is_prefill and room > 0:
+        if not self._round_is_prefill and room > 0 and self.assistant.pool_rounds is None:
             suffix = self.pool.draft(self.tokens + self._draft_tokens, room, self.assistant.unchecked_min_key_length)
         if suffix:
             self._draft_tokens += suffix
@@ -362,7 +388,38 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
             )
             budgeted = min(self._num_budgeted, scores.shape[1] - 1)
             self._adapt_draft_length(budgeted, min(num_matches, budgeted))
+            if self.assistant.pool_rounds is not None:
+                self._adapt_round_lengths(scores.shape[1] - 1, num_matches)
         self.stats.draft_seconds += time.perf_counter() - began
+
+    def _draft_round(
+        self, input_ids: torch.LongTensor, budget: int
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """With `pool_rounds`: the pool's phrase alone when it takes the round (see the class docstring)."""
+        self._pool_round = False
+        if self.assistant.pool_rounds is not None and not self._copy_streak_ahead():
+            room = min(self.pool_round_tokens, budget)
+            phrase = self.pool.draft(self.tokens, room, self.assistant.unchecked_min_key_length) if room > 0 else []
+            if len(phrase) >= self.assistant.pool_rounds:
+                self._pool_round = True
+                self._from_pool = [True] * len(phrase)
+                ids = torch.tensor([phrase], dtype=input_ids.dtype, device=input_ids.device)
+                logits = _one_hot_logits(phrase, self.vocab_width, input_ids.device) if self.do_sample else None
+                return torch.cat([input_ids, ids], dim=-1), logits
+        return super()._draft_round(input_ids, budget)
+
+    def _copy_streak_ahead(self) -> bool:
+        """Whether the draft's copy index matches enough of the text's end to start its round with a copy streak."""
+        return bool(self.copy_streak_tokens) and self.copy_index.lookup()[1] >= self.copy_index.max_ngram
+
+    def _adapt_round_lengths(self, drafted: int, num_matches: int) -> None:
+        """After a pool round, its length schedule; after a draft round, the draft's copy streak schedule."""
+        if not self._pool_round:
+            self._adapt_streak_length(drafted, num_matches)
+        elif num_matches >= drafted >= self.pool_round_tokens:
+            self.pool_round_tokens = min(2 * self.pool_round_tokens, self.max_pool_round_tokens)
+        elif num_matches < drafted:
+            self.pool_round_tokens = max(self.pool_round_tokens // 2, self.assistant.num_draft_tokens)
 
 
 class ReducedVocabularyHead:
@@ -587,6 +644,11 @@ class Ouroboros:
             With a small LM: it reads only the last `small_model_context` tokens of a longer prompt (and all the
             text generated after them), so a long prompt costs it a short prefill; the pool still holds the whole
             prompt, so phrases copied from its start are still drafted. Default: the whole prompt.
+        pool_rounds (`int`, *optional*):
+            With a PRISM draft: the pool and the draft take turns by rounds (see [`PooledPrismCandidateGenerator`]).
+            A round where the pool drafts at least this many tokens is the pool's alone (unless the draft's copy
+            index starts a copy streak), any other round the draft's own, so a pool round costs no draft step.
+            Default (`None`): the pool leads token by token and PRISM fills the gaps.
         small_model_vocab (`int` or `Sequence[int]`, *optional*):
             With a small LM: it scores only these token ids (an int N: the ids below N, where BPE and SentencePiece
             vocabularies keep their frequent tokens), plus the prompt's tokens and the end-of-sequence ids, so its
@@ -605,6 +667,7 @@ class Ouroboros:
         unchecked_min_key_length: int = 2,
         small_model_context: int | None = None,
         small_model_vocab: int | Sequence[int] | None = None,
+        pool_rounds: int | None = None,
     ):
         if small_model is not None and not isinstance(small_model, PreTrainedModel):
             raise TypeError(
@@ -624,6 +687,11 @@ class Ouroboros:
                     "no small model" if small_model is None else "a PRISM draft (it has its own draft vocabulary)"
                 )
                 raise ValueError(f"{name} concerns a small causal LM; this Ouroboros has {drafter}.")
+        if pool_rounds is not None and not _is_prism_draft(small_model):
+            drafter = "no small model" if small_model is None else "a small causal LM"
+            raise ValueError(f"pool_rounds concerns a PRISM draft; this Ouroboros has {drafter}.")
+        if pool_rounds is not None and (type(pool_rounds) is not int or pool_rounds < 1):
+            raise ValueError(f"pool_rounds must be a positive integer or None, got {pool_rounds!r}.")
         if small_model_context is not None and (not isinstance(small_model_context, int) or small_model_context < 1):
             raise ValueError(f"small_model_context must be a positive integer or None, got {small_model_context!r}.")
         if draft_length_schedule is None and not _is_prism_draft(small_model):
@@ -650,6 +718,7 @@ class Ouroboros:
         self.unchecked_min_key_length = unchecked_min_key_length
         self.small_model_context = small_model_context
         self.small_model_vocab = small_model_vocab
+        self.pool_rounds = pool_rounds
         self._small_head_cache: tuple[tuple, ReducedVocabularyHead] | None = None
         self.last_generation_stats: OuroborosStats | None = None
         self._heuristic_num_draft_tokens: int | None = None

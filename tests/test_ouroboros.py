@@ -430,13 +430,57 @@ def test_pool_extends_prism_drafts_greedy_identical(llama_target, trained_llama_
         assert runs[1].verifications < prism_alone.verifications
 
 
-def test_pool_extended_prism_sampling_follows_the_target_distribution():
+class _KeepsGenerator(Ouroboros):
+    """Ouroboros that keeps its last candidate generator, to look at the draft's state after a call."""
+
+    def build_candidate_generator(self, *args, **kwargs):
+        self.generator = super().build_candidate_generator(*args, **kwargs)
+        return self.generator
+
+
+def test_pool_rounds_with_prism_greedy_identical_and_draft_catches_up(llama_target, trained_llama_draft):
+    """
+    `Ouroboros(prism_draft, pool_rounds=n)`: a round is the pool's phrase alone or the draft's own. The output stays
+    plain greedy output, pool rounds run no draft step, and the draft's cache after the call holds module 0 over
+    every verified pair, as one pass over the whole text computes it (pool rounds' pairs included).
+    """
+    assistant = _KeepsGenerator(trained_llama_draft, pool=PhrasePool(), pool_rounds=3)
+    for prompt in training_prompts()[:2]:
+        prompt = prompt[None]
+        plain = llama_target.generate(prompt, **GREEDY)
+        runs = []
+        for _ in range(2):  # the second pass finds this text in the pool
+            assert torch.equal(llama_target.generate(prompt, assistant_model=assistant, **GREEDY), plain)
+            stats = assistant.last_generation_stats
+            assert stats.verifications + stats.accepted_tokens + 1 == plain.shape[1] - prompt.shape[1]
+            runs.append(dataclasses.replace(stats))
+        assert runs[1].pool_accepted_tokens > runs[0].pool_accepted_tokens
+        assert runs[1].small_model_forwards < runs[0].small_model_forwards  # pool rounds take no draft step
+        assert runs[1].verifications < runs[0].verifications
+
+        # the second pass: pool rounds from the start, then the draft's round near the end caught up on all of them
+        generator = assistant.generator
+        assert runs[1].small_model_forwards > 0 and generator.num_cached_pairs > prompt.shape[1]
+        with torch.no_grad():
+            hidden_states = llama_target(plain, output_hidden_states=True).hidden_states
+            features = trained_llama_draft.fuse_features(hidden_states, length=generator.num_cached_pairs)
+            embeds = trained_llama_draft.embed_pairs(plain[:, : generator.num_cached_pairs + 1])
+            positions = torch.arange(generator.num_cached_pairs)[None]
+            _, expected = trained_llama_draft.run_module(0, embeds, features, positions)
+        cached = generator.cache.get()
+        torch.testing.assert_close(cached.keys[..., : generator.num_cached_pairs, :], expected.keys)
+        torch.testing.assert_close(cached.values[..., : generator.num_cached_pairs, :], expected.values)
+
+
+@pytest.mark.parametrize("pool_rounds", [None, 1])
+def test_pool_extended_prism_sampling_follows_the_target_distribution(pool_rounds):
     """PRISM tokens carry the draft's q, pool tokens a one-hot q: sampled continuations keep the target's law."""
     samples = 1000
     target = make_peaked_llama(12, seed=0)
     torch.manual_seed(5)
     draft = prism_hf.PrismDraftModel.from_target(target, num_draft_tokens=1)
-    assistant = Ouroboros(draft, pool=PhrasePool(ngram_sizes=(1,)), num_draft_tokens=3, unchecked_min_key_length=1)
+    pool = PhrasePool(ngram_sizes=(1,))
+    assistant = Ouroboros(draft, pool=pool, num_draft_tokens=3, unchecked_min_key_length=1, pool_rounds=pool_rounds)
     prompt = torch.tensor([[3, 7, 1, 3, 7]])
     kwargs = dict(do_sample=True, temperature=0.9, top_k=10, max_new_tokens=5, pad_token_id=0)
     torch.manual_seed(1)
@@ -557,6 +601,14 @@ def test_clear_errors(llama_target):
         Ouroboros(llama_target, confidence_threshold=float("nan"))
     with pytest.raises(ValueError, match="draft_length_schedule must be one of"):
         Ouroboros(draft_length_schedule="sometimes")
+    with pytest.raises(ValueError, match="pool_rounds concerns a PRISM draft; this Ouroboros has no small model"):
+        Ouroboros(pool_rounds=2)
+    with pytest.raises(ValueError, match="pool_rounds concerns a PRISM draft; this Ouroboros has a small causal LM"):
+        Ouroboros(llama_target, pool_rounds=2)
+    draft = prism_hf.PrismDraftModel.from_target(llama_target)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"pool_rounds must be a positive integer or None, got {bad!r}"):
+            Ouroboros(draft, pool_rounds=bad)
 
 
 @pytest.mark.parametrize(
@@ -719,7 +771,13 @@ def test_benchmark_ouroboros_variants_with_prism_drafts(llama_target, trained_ll
     trained_llama_draft.save_pretrained(tmp_path / "draft")
     args = ["bench", "--target", "t", "--draft", f"m2={tmp_path / 'draft'}", "--ouroboros-prism"]
     namespace = build_parser().parse_args(
-        [*args, "--ouroboros-variant", "unchecked_min_key_length=3,num_draft_tokens=4"]
+        [
+            *args,
+            "--ouroboros-variant",
+            "unchecked_min_key_length=3,num_draft_tokens=4",
+            "--ouroboros-variant",
+            "pool_rounds=2",
+        ]
     )
     config = BenchmarkConfig(
         target="llama",
@@ -735,17 +793,21 @@ def test_benchmark_ouroboros_variants_with_prism_drafts(llama_target, trained_ll
         "m2",
         "ouroboros-m2",
         "ouroboros-m2-unchecked_min_key_length3-num_draft_tokens4",
+        "ouroboros-m2-pool_rounds2",
     ]
-    base, variant = (s.generate_kwargs["assistant_model"] for s in strategies[2:])
+    base, variant, rounds = (s.generate_kwargs["assistant_model"] for s in strategies[2:])
     assert base.small_model is not variant.small_model  # a draft keeps state across calls: one copy each
     assert (base.num_draft_tokens, variant.num_draft_tokens) == (6, 4)
     assert (base.unchecked_min_key_length, variant.unchecked_min_key_length) == (2, 3)
+    assert (base.pool_rounds, variant.pool_rounds, rounds.pool_rounds) == (None, None, 2)
     prompts = [BenchPrompt(f"p{i}", "trained", p) for i, p in enumerate(training_prompts()[:2])]
     records = run_benchmark(llama_target, prompts, strategies[1:], max_new_tokens=16, progress=False)
     assert all(r.identical for r in records)
 
     with pytest.raises(ValueError, match=r"sets pool_suffix, which concern a small causal LM, not a PRISM draft"):
         dataclasses.replace(config, ouroboros_variants=[{"pool_suffix": True}]).resolved()
+    with pytest.raises(ValueError, match=r"sets pool_rounds, which concern a PRISM draft, not a small causal LM"):
+        BenchmarkConfig(target="t", ouroboros_assistant="s", ouroboros_variants=[{"pool_rounds": 3}]).resolved()
     with pytest.raises(ValueError, match="ouroboros_variants are more runs of Ouroboros with a drafter: also set"):
         BenchmarkConfig(target="t", ouroboros=True, ouroboros_variants=[{"num_draft_tokens": 4}]).resolved()
 

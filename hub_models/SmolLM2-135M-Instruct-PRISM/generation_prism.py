@@ -216,6 +216,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.max_length = generation_config.max_length
         self.cache = PrismDraftCache()
         self.num_cached_pairs = 0
+        # fused target features of verified pairs that module 0 has not run over yet (see `_collect_features`)
+        self._pending_features: list[torch.Tensor] = []
+        self._pending_pairs = 0
         self.copy_index = CopyIndex(draft_model.config.copy_max_ngram) if draft_model.config.copy_max_ngram else None
         self.copy_streak_tokens = draft_model.config.copy_streak_tokens if self.copy_index is not None else 0
         self.copy_streak_max_tokens = max(self.copy_streak_tokens, draft_model.config.copy_streak_max_tokens)
@@ -258,34 +261,52 @@ class PrismCandidateGenerator(CandidateGenerator):
         if model_outputs is None or getattr(model_outputs, "hidden_states", None) is None:
             raise ValueError("PRISM drafting needs the target's hidden states; the verification pass returned none.")
         began = time.perf_counter()
-        draft_hidden = self._extend(input_ids, model_outputs.hidden_states)
+        self._collect_features(input_ids, model_outputs.hidden_states)
+        self._sync_copy_index(input_ids)
         self.vocab_width = model_outputs.logits.shape[-1]
-        budget = self.max_length - input_ids.shape[1] - 1
+        candidates = self._draft_round(input_ids, self.max_length - input_ids.shape[1] - 1)
+        self.stats.draft_seconds += time.perf_counter() - began
+        return candidates
+
+    def _draft_round(
+        self, input_ids: torch.LongTensor, budget: int
+    ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
+        """This round's candidates after `input_ids`, at most `budget` tokens: the draft catches up, then drafts."""
+        draft_hidden = self._extend(input_ids)
         length = min(self.num_draft_tokens, budget)
         if length < 1:
-            self.stats.draft_seconds += time.perf_counter() - began
             return input_ids, None
-        candidate_ids, candidate_logits = self._draft(
-            input_ids, draft_hidden, length, min(self.num_drafting_tokens, budget)
-        )
-        self.stats.draft_seconds += time.perf_counter() - began
-        return candidate_ids, candidate_logits
+        return self._draft(input_ids, draft_hidden, length, min(self.num_drafting_tokens, budget))
 
-    def _extend(self, input_ids: torch.LongTensor, hidden_states: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        """Runs module 0 over the newly verified positions; returns the draft feature of the last one."""
+    def _collect_features(self, input_ids: torch.LongTensor, hidden_states: tuple[torch.Tensor | None, ...]) -> None:
+        """
+        Keeps the fused target features of the pairs the last verification added (its first positions are the
+        accepted ones), for `_extend`. A round drafted by other means (a pool's phrase) leaves them pending: the
+        draft's next round runs module 0 over all pending pairs in one call.
+        """
+        total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
+        new_pairs = total_pairs - self.num_cached_pairs - self._pending_pairs
+        self._pending_features.append(self.draft.fuse_features(hidden_states, length=new_pairs))
+        self._pending_pairs += new_pairs
+
+    def _sync_copy_index(self, input_ids: torch.LongTensor) -> None:
+        """Drops the copy index's speculative tokens and adds the accepted ones."""
+        if self.copy_index is not None:
+            self.copy_index.discard_speculative()
+            self.copy_index.extend(input_ids[0, len(self.copy_index) :].tolist())
+
+    def _extend(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Runs module 0 over the pending verified pairs; returns the draft feature of the last one."""
         draft = self.draft
         self.cache.crop(self.num_cached_pairs)
-        total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
-        new_pairs = total_pairs - self.num_cached_pairs
-        features = draft.fuse_features(hidden_states, length=new_pairs)
+        total_pairs = input_ids.shape[1] - 1
+        features = torch.cat(self._pending_features, dim=1)
+        self._pending_features, self._pending_pairs = [], 0
         token_embeds = draft.embed_pairs(input_ids, start=self.num_cached_pairs)
         positions = torch.arange(self.num_cached_pairs, total_pairs, device=draft.device)[None]
         hidden, new_kv = draft.run_module(0, token_embeds, features, positions, self.cache.get())
         self.cache.append(new_kv)
         self.num_cached_pairs = total_pairs
-        if self.copy_index is not None:
-            self.copy_index.discard_speculative()
-            self.copy_index.extend(input_ids[0, len(self.copy_index) :].tolist())
         return hidden[:, -1:]
 
     def _draft(

@@ -18,7 +18,7 @@ import torch
 
 from ..configuration_prism import DRAFT_LENGTH_SCHEDULES
 from ..cpu_linear import enable_fast_cpu_linears, quantize_cpu_linears_int8
-from ..generation_ouroboros import SMALL_LM_OPTIONS
+from ..generation_ouroboros import PRISM_DRAFT_OPTIONS, SMALL_LM_OPTIONS
 from ..reference_models import load_reference_model, resolve_dtype
 from .prompts import load_prompt_sets
 from .report import machine_metadata, write_results
@@ -145,7 +145,8 @@ class BenchmarkConfig:
             each with these `Ouroboros` options (e.g. `{"small_model_vocab": 32768}`, named
             `ouroboros-<small model>-small_model_vocab32768`; a `num_draft_tokens` or `draft_length_schedule` given
             here replaces the run's). Options of small causal LMs only (`SMALL_LM_OPTIONS`) are refused with
-            `ouroboros_prism`.
+            `ouroboros_prism`, options of PRISM drafts only (`PRISM_DRAFT_OPTIONS`, e.g. `{"pool_rounds": 3}`) with
+            `ouroboros_assistant`.
         num_draft_tokens (`int`, *optional*): initial draft length of PRISM drafts, the HF assistant and Ouroboros
             (default: the draft config's; HF's own for the assistant; 8 for Ouroboros).
         draft_length_schedule (`str`, *optional*): `"constant"`, `"heuristic"` or `"heuristic_transient"` for all
@@ -251,6 +252,14 @@ class BenchmarkConfig:
                     f"The Ouroboros variant {options} sets {', '.join(small_lm_only)}, which concern a small causal "
                     "LM, not a PRISM draft, and would run with each draft of ouroboros_prism too: benchmark such "
                     "variants in a run without ouroboros_prism."
+                )
+        for options in self.ouroboros_variants if self.ouroboros_assistant is not None else []:
+            prism_only = sorted(set(options) & PRISM_DRAFT_OPTIONS)
+            if prism_only:
+                raise ValueError(
+                    f"The Ouroboros variant {options} sets {', '.join(prism_only)}, which concern a PRISM draft, not "
+                    "a small causal LM, and would run with ouroboros_assistant too: benchmark such variants in a run "
+                    "without ouroboros_assistant."
                 )
         if self.draft_int8 and not self.drafts:
             raise ValueError("draft_int8 quantizes PRISM drafts: also give drafts.")
