@@ -396,7 +396,6 @@ class PooledPrismCandidateGenerator(PrismCandidateGenerator):
         self, input_ids: torch.LongTensor, budget: int
     ) -> tuple[torch.LongTensor, torch.FloatTensor | None]:
         """With `pool_rounds`: the pool's phrase alone when it takes the round (see the class docstring)."""
-        self._pool_round = False
         if self.assistant.pool_rounds is not None and not self._copy_streak_ahead():
             room = min(self.pool_round_tokens, budget)
             phrase = self.pool.draft(self.tokens, room, self.assistant.unchecked_min_key_length) if room > 0 else []

@@ -218,7 +218,6 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.num_cached_pairs = 0
         # fused target features of verified pairs that module 0 has not run over yet (see `_collect_features`)
         self._pending_features: list[torch.Tensor] = []
-        self._pending_pairs = 0
         self.copy_index = CopyIndex(draft_model.config.copy_max_ngram) if draft_model.config.copy_max_ngram else None
         self.copy_streak_tokens = draft_model.config.copy_streak_tokens if self.copy_index is not None else 0
         self.copy_streak_max_tokens = max(self.copy_streak_tokens, draft_model.config.copy_streak_max_tokens)
@@ -285,9 +284,9 @@ class PrismCandidateGenerator(CandidateGenerator):
         draft's next round runs module 0 over all pending pairs in one call.
         """
         total_pairs = input_ids.shape[1] - 1  # pair p = (feature after token p, token p + 1)
-        new_pairs = total_pairs - self.num_cached_pairs - self._pending_pairs
+        pending = sum(features.shape[1] for features in self._pending_features)
+        new_pairs = total_pairs - self.num_cached_pairs - pending
         self._pending_features.append(self.draft.fuse_features(hidden_states, length=new_pairs))
-        self._pending_pairs += new_pairs
 
     def _sync_copy_index(self, input_ids: torch.LongTensor) -> None:
         """Drops the copy index's speculative tokens and adds the accepted ones."""
@@ -301,7 +300,7 @@ class PrismCandidateGenerator(CandidateGenerator):
         self.cache.crop(self.num_cached_pairs)
         total_pairs = input_ids.shape[1] - 1
         features = torch.cat(self._pending_features, dim=1)
-        self._pending_features, self._pending_pairs = [], 0
+        self._pending_features = []
         token_embeds = draft.embed_pairs(input_ids, start=self.num_cached_pairs)
         positions = torch.arange(self.num_cached_pairs, total_pairs, device=draft.device)[None]
         hidden, new_kv = draft.run_module(0, token_embeds, features, positions, self.cache.get())
